@@ -1,0 +1,151 @@
+"""Crash-safe checkpoints.
+
+Layout: RUN_DIR/checkpoints/step_00000100/{meta.json, model.pt, optim.pt, trainer.pt, rank*.pt}
+and RUN_DIR/checkpoints/latest (a one-line pointer). A checkpoint is written into a hidden
+temporary folder, every file is fsynced, the folder is renamed into place (atomic on POSIX), and
+only then is `latest` replaced (write-temp + fsync + rename). So `latest` only ever names a
+complete checkpoint; a crash mid-save leaves at most a stray temp folder, which is ignored and
+cleaned up by the next save. Old checkpoints are deleted only after the new one is complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import UserError
+
+STEP_RE = re.compile(r"^step_(\d{8})$")
+META = "meta.json"
+
+
+class CheckpointError(UserError):
+    pass
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def torch_save_synced(obj: Any, path: str) -> None:
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def ckpt_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_complete(run_dir: str) -> list[int]:
+    root = ckpt_root(run_dir)
+    if not os.path.isdir(root):
+        return []
+    steps = []
+    for name in os.listdir(root):
+        m = STEP_RE.match(name)
+        if m and os.path.isfile(os.path.join(root, name, META)):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def latest_path(run_dir: str) -> Optional[str]:
+    """The checkpoint named by `latest`, verified complete; None when there is none."""
+    root = ckpt_root(run_dir)
+    ptr = os.path.join(root, "latest")
+    if not os.path.isfile(ptr):
+        return None
+    with open(ptr) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not STEP_RE.match(name) or not os.path.isfile(os.path.join(path, META)):
+        raise CheckpointError(
+            f"{ptr} names '{name}', which is not a complete checkpoint. Point it at one of "
+            f"{[step_dir_name(s) for s in list_complete(run_dir)]} or start a fresh run directory")
+    return path
+
+
+def save(run_dir: str, step: int, write_files: Callable[[str], None], meta: dict, keep: int,
+         is_writer: bool = True, barrier: Callable[[], None] = lambda: None) -> str:
+    """Write a checkpoint for `step` through `write_files(tmp_dir)` (called on every rank, each
+    writing its own files), then publish it atomically from the writer rank."""
+    root = ckpt_root(run_dir)
+    final = os.path.join(root, step_dir_name(step))
+    tmp = os.path.join(root, f".tmp_{step_dir_name(step)}")
+    if is_writer:
+        os.makedirs(root, exist_ok=True)
+        for name in os.listdir(root):  # leftovers of an interrupted save
+            if name.startswith(".tmp_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        os.makedirs(tmp)
+    barrier()
+    try:
+        write_files(tmp)
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint for step {step} in {root}: {e.strerror or e}. The previous "
+            f"checkpoint is intact; free disk space or fix permissions, then resume with --resume") from None
+    finally:
+        barrier()
+    if is_writer:
+        try:
+            write_atomic(os.path.join(tmp, META), json.dumps(dict(meta, step=step)).encode())
+            if os.path.exists(final):  # a re-save of the same step (e.g. after a resume)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            write_atomic(os.path.join(root, "latest"), step_dir_name(step).encode())
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(
+                f"could not publish checkpoint for step {step}: {e.strerror or e}. The previous "
+                f"checkpoint is intact; free disk space, then resume with --resume") from None
+        for old in list_complete(run_dir)[:-keep]:
+            shutil.rmtree(os.path.join(root, step_dir_name(old)), ignore_errors=True)
+    barrier()
+    return final
+
+
+def load_file(path: str, name: str) -> Any:
+    full = os.path.join(path, name)
+    if not os.path.isfile(full):
+        raise CheckpointError(f"checkpoint file missing: {full}. The checkpoint is incomplete; "
+                              f"resume from another one or start a fresh run directory")
+    try:
+        return torch.load(full, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is corruption
+        raise CheckpointError(f"checkpoint file {full} is corrupt ({type(e).__name__}). Delete "
+                              f"that checkpoint folder and resume from an earlier one") from None
+
+
+def read_meta(path: str) -> dict:
+    with open(os.path.join(path, META)) as f:
+        return json.load(f)

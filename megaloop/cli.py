@@ -1,0 +1,168 @@
+"""The `megaloop` command line. Subcommands import their machinery lazily so `--help` is instant.
+
+User mistakes (bad config, missing file, corrupt data, impossible layout) print one line that
+names the problem and the fix, and exit with status 2, without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+USAGE = """megaloop <command> [args]
+
+commands:
+  train       pretrain a looped LM:          megaloop train CONFIG.yaml [--set key=value ...] [--resume]
+  eval        val loss at several r:         megaloop eval RUN_DIR --recur 1,2,4,8
+  params      parameters and FLOPs:          megaloop params CONFIG.yaml [--flops 1e18] [--json]
+  tokenizer   train a sentencepiece model:   megaloop tokenizer --input FILES --out PREFIX --vocab-size N
+  preprocess  text -> token dataset:         megaloop preprocess --input FILES --tokenizer M --out-dir DIR
+  sweep       plan / run / collect a grid:   megaloop sweep {plan,run,slurm,collect} ...
+  fit         fit the scaling law:           megaloop fit TABLE.csv|RUN_DIRS... [--json]
+  capacity    recurrence-equivalent size:    megaloop capacity --phi 0.46 --n-once X --n-rec Y --r 4
+  export      consolidated safetensors:      megaloop export RUN_DIR --out DIR
+  generate    sample text from a run:        megaloop generate RUN_DIR --prompt TEXT
+  checkpoint  inspect / convert checkpoints: megaloop checkpoint {info,convert} ...
+
+Run `megaloop <command> --help` for the options of one command."""
+
+
+def _user_errors() -> tuple:
+    from .errors import UserError
+    errors: list = [UserError]
+    for mod, name in (("megaloop.data.errors", "DatasetError"), ("megaloop.analysis.table", "FitInputError")):
+        try:
+            errors.append(getattr(__import__(mod, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def cmd_train(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop train", description="Pretrain a looped language model.")
+    ap.add_argument("config", help="YAML config (see configs/)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set model.num_recur=8 (repeatable)")
+    ap.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest complete checkpoint")
+    args = ap.parse_args(argv)
+    from .config import load_config
+    from .train import train
+    cfg = load_config(args.config, args.overrides)
+    summary = train(cfg, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        run_dir = os.path.abspath(cfg.train.run_dir)
+        print(f"\nvalidation loss {summary['val_loss']:.4f} nats/token at r={summary['r']}"
+              + (f" (unigram entropy of the validation split: {summary['unigram_entropy']:.4f}; "
+                 f"{summary['unigram_entropy'] - summary['val_loss']:.3f} nats below it)" if "unigram_entropy" in summary else ""))
+        if len(summary["val_loss_by_r"]) > 1:
+            print("val loss by r: " + ", ".join(f"r={r}: {v:.4f}" for r, v in summary["val_loss_by_r"].items()))
+        print(f"run directory: {run_dir}\n  config.yaml, metrics.jsonl, summary.json, checkpoints/ "
+              f"(latest: {open(os.path.join(run_dir, 'checkpoints', 'latest')).read().strip()})")
+    return 0
+
+
+def cmd_eval(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop eval", description="Validation loss of a run at several recurrence counts.")
+    ap.add_argument("run_dir")
+    ap.add_argument("--recur", default=None, help="comma-separated r values, e.g. 1,2,4,8 (default: the trained r)")
+    ap.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default train.eval_tokens)")
+    args = ap.parse_args(argv)
+    from .errors import UserError
+    from .train import evaluate_run
+    recur = []
+    if args.recur:
+        try:
+            recur = [int(r) for r in args.recur.split(",") if r]
+        except ValueError:
+            raise UserError(f"--recur expects comma-separated integers, got {args.recur!r}") from None
+        if not recur or min(recur) < 1:
+            raise UserError(f"--recur values must be >= 1, got {args.recur!r}")
+    if not recur:
+        from .config import load_config
+        cfg_path = os.path.join(args.run_dir, "config.yaml")
+        if not os.path.isfile(cfg_path):
+            raise UserError(f"{args.run_dir} is not a run directory (no config.yaml)")
+        recur = [load_config(cfg_path).model.num_recur]
+    evaluate_run(args.run_dir, recur, args.tokens)
+    return 0
+
+
+def cmd_params(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop params", description="Parameter counts and loop-aware FLOPs per token.")
+    ap.add_argument("config")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--flops", type=float, default=None, help="a compute budget: print the tokens it buys")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    from .accounting import count_params
+    from .config import load_config
+    cfg = load_config(args.config, args.overrides, raw={"train": {}})
+    c = count_params(cfg.model)
+    out = c.as_dict()
+    budget = args.flops if args.flops is not None else cfg.train.target_flops
+    if budget:
+        out["budget_flops"], out["budget_tokens"] = budget, c.tokens_for(budget)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    m = cfg.model
+    print(f"looped model: d_model={m.d_model}, {m.n_prelude} prelude + {m.n_recur_block} x r={m.num_recur} "
+          f"recurrent + {m.n_coda} coda blocks, injection={m.input_injection}, bptt_k={m.bptt_k}")
+    rows = [("N_once (prelude + coda + outer norms)", c.n_once), ("N_rec (recurrent group + injection)", c.n_rec),
+            ("  prelude", c.prelude), ("  recurrent group", c.recur_group), ("  coda", c.coda),
+            ("  injection", c.injection), ("  outer norms", c.outer_norms),
+            ("embedding (excluded)", c.embedding), ("LM head (excluded)", c.head), ("total", c.total),
+            ("N_once + r N_rec (unrolled)", c.effective_compute_params)]
+    for name, v in rows:
+        print(f"  {name:<40} {v:>16,}")
+    print(f"  {'FLOPs per token (training)':<40} {c.flops_per_token:>16,.0f}")
+    if budget:
+        print(f"  {'tokens for %.3g FLOPs' % budget:<40} {out['budget_tokens']:>16,}")
+    return 0
+
+
+def _delegate(module: str, func: str) -> Callable[[list[str]], int]:
+    def run(argv: list[str]) -> int:
+        return getattr(__import__(module, fromlist=[func]), func)(argv)
+    return run
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "params": cmd_params,
+    "tokenizer": _delegate("megaloop.data.cli", "tokenizer_main"),
+    "preprocess": _delegate("megaloop.data.cli", "preprocess_main"),
+    "fit": _delegate("megaloop.analysis.cli", "fit_main"),
+    "capacity": _delegate("megaloop.analysis.cli", "capacity_main"),
+    "sweep": _delegate("megaloop.sweep.cli", "sweep_main"),
+    "export": _delegate("megaloop.export", "export_main"),
+    "generate": _delegate("megaloop.export", "generate_main"),
+    "checkpoint": _delegate("megaloop.export", "checkpoint_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"megaloop: unknown command '{cmd}'.\n\n{USAGE}", file=sys.stderr)
+        return 2
+    errors = _user_errors()
+    try:
+        return int(COMMANDS[cmd](rest) or 0)
+    except errors as e:
+        print(f"megaloop {cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"megaloop {cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

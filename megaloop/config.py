@@ -1,0 +1,377 @@
+"""One typed config tree, loaded from YAML, overridden with `--set a.b=c`, validated once.
+
+Everything downstream receives a validated `Config`; nothing inward re-checks user input.
+Every user mistake raises `ConfigError` with a message that names the key and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A user-facing configuration mistake: printed without a traceback by the CLI."""
+
+
+INJECTION_MODES = ("linear", "additive", "passthrough", "hyperconnect")
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_head: int = 2
+    n_kv_head: Optional[int] = None          # None = n_head (no GQA)
+    head_dim: Optional[int] = None           # None = d_model // n_head
+    vocab_size: int = 4096
+    seq_len: int = 256
+    n_prelude: int = 2
+    n_recur_block: int = 2
+    n_coda: int = 2
+    num_recur: int = 4
+    bptt_k: Optional[int] = None             # None = full backprop through all recurrences
+    input_injection: str = "linear"
+    num_lanes: int = 2
+    logit_softcap: Optional[float] = 15.0
+    mlp_ratio: int = 4
+    norm_eps: float = 1e-6
+    rope_base: float = 10000.0
+    checkpoint_recurrence: bool = False      # recompute each pass through the group in backward
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def hdim(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def grad_recurrences(self) -> int:
+        """g: how many recurrences carry gradients (the last ones)."""
+        return self.num_recur if self.bptt_k is None else min(self.bptt_k, self.num_recur)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    precision: str = "fp32"                  # fp32 | bf16
+    engine: str = "auto"                     # auto | torch | deepspeed (auto: deepspeed when distributed)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "muon"                       # muon | adamw
+    lr: float = 0.02                         # Muon matrix lr (muon) or the single peak lr (adamw)
+    embed_lr: float = 0.2                    # AdamW groups under muon, scaled by (d_model/512)^-0.5
+    head_lr: float = 0.004
+    norm_lr: float = 0.005
+    lane_lr: float = 0.01
+    betas: tuple = (0.8, 0.95)
+    eps: float = 1e-10
+    weight_decay: float = 0.0
+    momentum: float = 0.95                   # Muon
+    ns_steps: int = 5                        # Muon Newton-Schulz iterations
+    warmup_steps: int = 0
+    final_lr_frac: float = 0.1
+    grad_clip: Optional[float] = 1.0         # None or 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: Optional[int] = None
+    tokens: Optional[int] = None
+    target_flops: Optional[float] = None
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 1337
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 0                      # 0 = only at the end
+    eval_tokens: int = 65536                 # validation tokens per evaluation
+    eval_recur: list = field(default_factory=list)  # extra r values evaluated at the end
+    save_every: int = 0                      # 0 = only at the end
+    keep_checkpoints: int = 2
+    device: str = "auto"                     # auto | cpu | cuda
+    compile: bool = False
+    max_bad_steps: int = 3                   # consecutive non-finite steps before stopping
+    threads: int = 0                         # torch CPU threads, 0 = torch default
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    corpus: list = field(default_factory=lambda: ["data/corpus/*.txt.gz"])  # raw text: .txt, .jsonl (.gz ok)
+    text_key: str = "text"                   # JSON-lines field that holds the text
+    cache_dir: str = "data/cache"            # tokenizer and datasets built from `corpus` when missing
+    tokenizer: Optional[str] = None          # sentencepiece .model; None = built from corpus into cache_dir
+    tokenizer_type: str = "unigram"          # unigram | bpe
+    train: Optional[list] = None             # [{path: PREFIX, weight: W}] of .bin/.idx; None = built from corpus
+    valid: Optional[str] = None              # PREFIX of the validation dataset; None = built from corpus
+    valid_fraction: float = 0.02             # share of documents held out (deterministic)
+    workers: int = 2
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "megaloop"
+    wandb_mode: str = "offline"              # offline works without network
+    peak_flops: Optional[float] = None       # device peak FLOP/s for MFU; None = table or measured
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    kernels: str = "auto"                    # auto | triton | torch
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- building
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated type, or raise a ConfigError naming `where`."""
+    origin = get_origin(tp)
+    if origin is Union:  # Optional[X]
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
+            return None
+        return _coerce(value, args[0], where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value)
+            except ValueError:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+            if f.is_integer():
+                return int(f)
+        if isinstance(value, int):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return out
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    if tp in (list, tuple) or origin in (list, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(value) if tp is tuple else list(value)
+    return value
+
+
+def _build(cls, data: dict, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(
+            f"unknown config key '{key}'. Valid keys under '{prefix.rstrip('.') or 'the top level'}': "
+            f"{', '.join(sorted(known))}"
+        )
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, data[f.name] or {}, f"{prefix}{f.name}.")
+        else:
+            kwargs[f.name] = _coerce(data[f.name], tp, f"{prefix}{f.name}")
+    return cls(**kwargs)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """['model.d_model=128', 'train.steps=5'] -> nested dict (values parsed as YAML scalars)."""
+    out: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                raw: Optional[dict] = None) -> Config:
+    """Load YAML (or a dict), apply --set overrides, validate. Raises ConfigError on any mistake."""
+    data: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. configs/default.yaml")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
+    if raw is not None:
+        data = _merge(data, raw)
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str) -> None:
+    d = cfg.to_dict()
+    d["optim"]["betas"] = list(d["optim"]["betas"])
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
+    _need(m.d_model > 0, f"model.d_model must be positive, got {m.d_model}")
+    _need(m.n_head > 0, f"model.n_head must be positive, got {m.n_head}")
+    if m.head_dim is None:
+        _need(m.d_model % m.n_head == 0,
+              f"model.n_head={m.n_head} does not divide model.d_model={m.d_model}: choose n_head so that "
+              f"d_model / n_head is a whole head dimension (or set model.head_dim)")
+    _need(m.hdim % 2 == 0, f"head dimension {m.hdim} must be even for rotary embeddings")
+    _need(m.kv_heads > 0 and m.n_head % m.kv_heads == 0,
+          f"model.n_kv_head={m.n_kv_head} must divide model.n_head={m.n_head} (grouped-query attention)")
+    _need(m.vocab_size >= 8, f"model.vocab_size must be at least 8, got {m.vocab_size}")
+    _need(m.seq_len > 0, f"model.seq_len must be positive, got {m.seq_len}")
+    for k in ("n_prelude", "n_coda"):
+        _need(getattr(m, k) >= 0, f"model.{k} must be >= 0, got {getattr(m, k)}")
+    _need(m.n_recur_block >= 1, f"model.n_recur_block must be >= 1, got {m.n_recur_block}")
+    _need(m.num_recur >= 1, f"model.num_recur (r) must be >= 1, got {m.num_recur}")
+    if m.bptt_k is not None:
+        _need(1 <= m.bptt_k <= m.num_recur,
+              f"model.bptt_k={m.bptt_k} must be between 1 and model.num_recur={m.num_recur} "
+              f"(or null for full backprop)")
+    _need(m.input_injection in INJECTION_MODES,
+          f"model.input_injection={m.input_injection!r} is unknown: use one of {', '.join(INJECTION_MODES)}")
+    if m.input_injection == "hyperconnect":
+        _need(m.num_lanes >= 2, f"model.num_lanes must be >= 2 for hyperconnect, got {m.num_lanes}")
+        _need(m.bptt_k is None or m.bptt_k == m.num_recur,
+              "hyperconnect needs full backprop (model.bptt_k null): its per-recurrence lane "
+              "parameters in detached recurrences would never get gradients")
+    if m.logit_softcap is not None:
+        _need(m.logit_softcap > 0, f"model.logit_softcap must be positive or null, got {m.logit_softcap}")
+    _need(m.mlp_ratio >= 1, f"model.mlp_ratio must be >= 1, got {m.mlp_ratio}")
+
+    _need(p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got tp={p.tp} pp={p.pp}")
+    _need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+    _need(p.precision in ("fp32", "bf16"), f"parallel.precision must be fp32 or bf16, got {p.precision!r}")
+    _need(p.engine in ("auto", "torch", "deepspeed"),
+          f"parallel.engine must be auto, torch or deepspeed, got {p.engine!r}")
+    if p.tp > 1:
+        _need(m.n_head % p.tp == 0 and m.kv_heads % p.tp == 0,
+              f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and the kv heads={m.kv_heads}")
+
+    _need(o.name in ("muon", "adamw"), f"optim.name must be muon or adamw, got {o.name!r}")
+    _need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _need(0.0 <= o.final_lr_frac <= 1.0, f"optim.final_lr_frac must be in [0, 1], got {o.final_lr_frac}")
+    _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _need(o.grad_clip is None or o.grad_clip >= 0, f"optim.grad_clip must be >= 0 or null, got {o.grad_clip}")
+    _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+
+    budgets = [k for k in ("steps", "tokens", "target_flops") if getattr(t, k) is not None]
+    _need(len(budgets) == 1,
+          "set exactly one of train.steps, train.tokens, train.target_flops "
+          f"(got {', '.join(budgets) if budgets else 'none'})")
+    for k in budgets:
+        _need(getattr(t, k) > 0, f"train.{k} must be positive, got {getattr(t, k)}")
+    _need(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    _need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    _need(t.log_every >= 1, f"train.log_every must be >= 1, got {t.log_every}")
+    for k in ("eval_every", "save_every"):
+        _need(getattr(t, k) >= 0, f"train.{k} must be >= 0, got {getattr(t, k)}")
+    _need(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _need(t.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {t.device!r}")
+    try:
+        t.eval_recur = [int(r) for r in t.eval_recur]
+    except (TypeError, ValueError):
+        raise ConfigError(f"train.eval_recur must be a list of integers, got {t.eval_recur!r}") from None
+    _need(all(r >= 1 for r in t.eval_recur), f"train.eval_recur values must be >= 1, got {t.eval_recur}")
+    _need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+
+    _need(d.tokenizer_type in ("unigram", "bpe"), f"data.tokenizer_type must be unigram or bpe, got {d.tokenizer_type!r}")
+    _need(0.0 < d.valid_fraction < 1.0, f"data.valid_fraction must be in (0, 1), got {d.valid_fraction}")
+    _need(d.workers >= 1, f"data.workers must be >= 1, got {d.workers}")
+    if d.train is not None:
+        for i, item in enumerate(d.train):
+            if isinstance(item, str):
+                d.train[i] = item = {"path": item, "weight": 1.0}
+            _need(isinstance(item, dict) and "path" in item,
+                  f"data.train[{i}] must be {{path: PREFIX, weight: W}}, got {item!r}")
+            _need(set(item) <= {"path", "weight"}, f"data.train[{i}] has unknown keys {sorted(set(item) - {'path', 'weight'})}")
+            w = item.setdefault("weight", 1.0)
+            _need(isinstance(w, (int, float)) and w > 0 and math.isfinite(w),
+                  f"data.train[{i}].weight must be a positive number, got {w!r}")
+    _need(cfg.kernels in ("auto", "triton", "torch"), f"kernels must be auto, triton or torch, got {cfg.kernels!r}")

@@ -1,0 +1,298 @@
+"""The looped language model, top to bottom.
+
+    tokens -> embedding -> RMSNorm -> prelude blocks (once)
+           -> recurrent group of n_recur_block blocks, run num_recur (r) times,
+              with input injection between passes and RMSNorm (norm_recur) after each pass
+           -> coda blocks (once) -> RMSNorm -> untied LM head -> logit softcap -> cross-entropy
+
+Per-element work (norms, rotary + QK-norm, ReLU^2, the recurrence step, the fused head loss)
+goes through `megaloop.kernels`, which picks a fused Triton kernel on CUDA and the PyTorch
+reference elsewhere. Parallelism is applied from outside (megaloop.parallel): tensor parallelism
+swaps the linears and the head, pipeline parallelism calls the stage methods below one at a time.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from . import kernels as K
+from .config import ModelConfig
+
+try:  # optional fast path on CUDA; torch SDPA otherwise
+    from flash_attn import flash_attn_func  # type: ignore
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    flash_attn_func = None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learnable scale (initialised to ones)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return K.rms_norm(x, self.weight, self.eps)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [seq_len, head_dim/2] in fp32 for the half-split rotary convention."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """q [B, T, Hq, D], k/v [B, T, Hk, D] -> [B, T, Hq, D]. Flash-attn on CUDA when importable."""
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return flash_attn_func(q, k, v, causal=True)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.size(1) != q.size(1))
+    return y.transpose(1, 2)
+
+
+class Attention(nn.Module):
+    """Causal self-attention: RoPE, then parameter-free QK-norm, GQA, no biases.
+
+    Head counts are read from the weight shapes at run time, so a tensor-parallel shard of the
+    projections (fewer local heads) runs through the same code.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, hd = cfg.d_model, cfg.hdim
+        self.head_dim, self.eps = hd, cfg.norm_eps
+        self.wq = nn.Linear(d, cfg.n_head * hd, bias=False)
+        self.wk = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_head * hd, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)
+        k = self.wk(x).view(B, T, -1, self.head_dim)
+        v = self.wv(x).view(B, T, -1, self.head_dim)
+        q, k = K.qk_norm_rope(q, k, cos[:T], sin[:T], self.eps)
+        y = causal_attention(q, k, v.to(q.dtype))
+        return self.wo(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """ReLU^2 MLP, no biases."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(K.relu_squared(self.fc(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; the residual add before the MLP norm is fused."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a = self.attn(self.norm1(x), cos, sin)
+        y, h = K.add_rms_norm(a, x, self.norm2.weight, self.norm2.eps)
+        return h + self.mlp(y)
+
+
+class Injection(nn.Module):
+    """How the prelude output e enters each pass through the recurrent group.
+
+    linear: u = W [e ; s], W (d x 2d) initialised to [I | 0], s starts as e
+    additive: u = s + e, s starts at 0;  passthrough: u = s, s starts as e
+    hyperconnect: N lanes start as e; pass i reads u = alpha_i . lanes and writes
+                  lanes <- M_i lanes + beta_i s; lanes are summed before the coda.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.mode = cfg.input_injection
+        d = cfg.d_model
+        self.weight = nn.Parameter(torch.empty(d, 2 * d)) if self.mode == "linear" else None
+        if self.mode == "hyperconnect":
+            R, N = cfg.num_recur, cfg.num_lanes
+            self.alpha = nn.Parameter(torch.empty(R, N))
+            self.mix = nn.Parameter(torch.empty(R, N, N))
+            self.beta = nn.Parameter(torch.empty(R, N))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            d = self.weight.size(0)
+            self.weight.zero_()
+            self.weight[:, :d].copy_(torch.eye(d))
+        if self.mode == "hyperconnect":
+            R, N = self.alpha.shape
+            self.alpha.copy_(F.one_hot(torch.arange(R) % N, N).float())
+            self.mix.copy_(torch.eye(N).expand(R, N, N))
+            self.beta.fill_(1.0)
+
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(e) if self.mode == "additive" else e
+
+
+class LMHead(nn.Module):
+    """Untied head + logit softcap + cross-entropy (fused and chunked in megaloop.kernels)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.softcap = cfg.logit_softcap
+        self.vocab_size = cfg.vocab_size
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, self.weight).float()
+        if self.softcap is not None:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return logits
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over targets != -100."""
+        return K.softcap_cross_entropy(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.softcap)
+
+
+class LoopedLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        self.norm_emb = RMSNorm(d, cfg.norm_eps)
+        self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
+        self.recur = nn.ModuleList(Block(cfg) for _ in range(cfg.n_recur_block))
+        self.injection = Injection(cfg)
+        self.norm_recur = RMSNorm(d, cfg.norm_eps)
+        self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
+        self.norm_final = RMSNorm(d, cfg.norm_eps)
+        self.head = LMHead(cfg)
+        cos, sin = rotary_tables(cfg.seq_len, cfg.hdim, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The reference study's init: embeddings N(0, 1), head N(0, 1e-3), block matrices
+        uniform with std 1/sqrt(d) (MLP output 1/sqrt(4d)), injection [I | 0], norms 1."""
+        d = self.cfg.d_model
+        nn.init.normal_(self.embed.weight, std=1.0)
+        nn.init.normal_(self.head.weight, std=1e-3)
+        for block in self.blocks():
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.attn.wo, block.mlp.fc):
+                bound = math.sqrt(3.0 / d)
+                nn.init.uniform_(lin.weight, -bound, bound)
+            bound = math.sqrt(3.0 / block.mlp.proj.in_features)
+            nn.init.uniform_(block.mlp.proj.weight, -bound, bound)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+        self.injection.reset_parameters()
+
+    def blocks(self):
+        return [*self.prelude, *self.recur, *self.coda]
+
+    # ------------------------------------------------------------------ stages
+    def rope(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if T > self.rope_cos.size(0):  # generation past the training length
+            cos, sin = rotary_tables(T, self.cfg.hdim, self.cfg.rope_base, self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos, sin
+        return self.rope_cos, self.rope_sin
+
+    def embed_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.norm_emb(self.embed(idx))
+
+    def run_blocks(self, blocks, x: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rope(x.size(1))
+        for block in blocks:
+            x = block(x, cos, sin)
+        return x
+
+    def run_recurrence(self, e: torch.Tensor, num_recur: Optional[int] = None) -> torch.Tensor:
+        """The recurrent group run r times on the prelude output e; returns the coda's input."""
+        r = num_recur or self.cfg.num_recur
+        if self.injection.mode == "hyperconnect":
+            return self._run_lanes(e, r)
+        # Truncated backprop: the first r - g passes run without autograd, so they keep no
+        # activations alive; only the last g = min(bptt_k, r) passes are differentiated.
+        g = r if self.cfg.bptt_k is None else min(self.cfg.bptt_k, r)
+        inj = self.injection
+        s = inj.initial_state(e)
+        u = None
+        for i in range(r):
+            detached = i < r - g
+            with torch.no_grad() if detached else nullcontext():
+                if u is None:  # first pass, or the first differentiated pass after detached ones
+                    u = K.inject(e, s, inj.mode, inj.weight)
+                h = self._group(u)
+                if i + 1 < r and (i + 1 < r - g) == detached:  # next pass in the same grad mode
+                    s, u = K.recur_norm_inject(h, e, self.norm_recur.weight, self.norm_recur.eps, inj.mode, inj.weight)
+                else:
+                    s, u = self.norm_recur(h), None
+        return s
+
+    def _run_lanes(self, e: torch.Tensor, r: int) -> torch.Tensor:
+        inj = self.injection
+        R = inj.alpha.size(0)  # per-recurrence parameters; reused cyclically if evaluated at r > R
+        lanes = e.unsqueeze(0).expand(inj.alpha.size(1), *e.shape)
+        for i in range(r):
+            u = K.hc_combine(lanes, inj.alpha[i % R])
+            s = self.norm_recur(self._group(u))
+            lanes = K.hc_update(lanes, s, inj.mix[i % R], inj.beta[i % R])
+        return lanes.sum(0)
+
+    def _group(self, u: torch.Tensor) -> torch.Tensor:
+        """One pass through the recurrent group, recomputed in backward if checkpoint_recurrence."""
+        if self.cfg.checkpoint_recurrence and torch.is_grad_enabled():
+            return checkpoint(self.run_blocks, self.recur, u, use_reentrant=False)
+        return self.run_blocks(self.recur, u)
+
+    def final_hidden(self, idx: torch.Tensor, num_recur: Optional[int] = None) -> torch.Tensor:
+        e = self.run_blocks(self.prelude, self.embed_tokens(idx))
+        x = self.run_recurrence(e, num_recur)
+        return self.norm_final(self.run_blocks(self.coda, x))
+
+    # ------------------------------------------------------------------ entry points
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                num_recur: Optional[int] = None) -> torch.Tensor:
+        """targets given: the mean loss (fused head); otherwise the softcapped fp32 logits."""
+        h = self.final_hidden(idx, num_recur)
+        if targets is None:
+            return self.head.logits(h)
+        return self.head.loss(h, targets)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: Optional[int] = None, num_recur: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation; recomputes the window (no KV cache)."""
+        for _ in range(max_new_tokens):
+            window = idx[:, -self.cfg.seq_len:]
+            logits = self(window, num_recur=num_recur)[:, -1]
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], 1)
+        return idx

@@ -1,0 +1,302 @@
+"""`megaloop train`: the pretraining loop, from a validated config to a finished run directory.
+
+RUN_DIR/config.yaml     the full resolved config
+RUN_DIR/metrics.jsonl   one JSON object per log step
+RUN_DIR/summary.json    n_once, n_rec, r, tokens, flops, val_loss, val_loss_by_r, ...
+RUN_DIR/checkpoints/    complete checkpoints only, plus `latest`
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .accounting import count_params
+from .config import Config, ConfigError, load_config, save_config
+from .errors import UserError
+from .model import LoopedLM
+from .optim import lr_factor
+
+# Config sections whose change makes a resumed run a different experiment.
+RESUME_MUST_MATCH = ("model", "optim.name", "train.micro_batch_size", "train.grad_accum", "train.seed",
+                     "data", "parallel.precision")
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use train.device=cpu or auto")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(want)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(cfg: Config) -> LoopedLM:
+    """Same seed -> same initial weights on every rank and under every layout."""
+    torch.manual_seed(cfg.train.seed)
+    return LoopedLM(cfg.model)
+
+
+def compile_blocks(model: LoopedLM) -> None:
+    """Compile each block's forward on its own: a different num_recur at evaluation does not
+    recompile anything, and state-dict keys stay unchanged (no _orig_mod prefix)."""
+    for block in model.blocks():
+        block.forward = torch.compile(block.forward, dynamic=False)
+
+
+@dataclass
+class Budget:
+    steps: int
+    tokens_per_step: int
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+
+def plan_budget(cfg: Config, flops_per_token: float, dp_size: int) -> Budget:
+    t = cfg.train
+    tps = t.micro_batch_size * t.grad_accum * cfg.model.seq_len * dp_size
+    if t.steps is not None:
+        return Budget(t.steps, tps)
+    tokens = t.tokens if t.tokens is not None else t.target_flops / flops_per_token
+    steps = int(tokens // tps)
+    if steps < 1:
+        raise ConfigError(
+            f"the budget buys {int(tokens)} tokens, less than one step ({tps} tokens: micro_batch_size x "
+            f"grad_accum x seq_len x data-parallel size). Raise the budget or shrink the batch")
+    return Budget(steps, tps)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def check_resume_compatible(saved: dict, cfg: Config) -> None:
+    now, before = _flatten(cfg.to_dict()), _flatten(saved)
+    changed = [k for k in now if k.startswith(RESUME_MUST_MATCH) and k in before
+               and json.dumps(before[k], default=str) != json.dumps(now[k], default=str)
+               and not k.startswith("data.workers")]
+    if changed:
+        k = changed[0]
+        raise UserError(
+            f"cannot resume: {k} was {before[k]!r} in the saved run and is {now[k]!r} now. "
+            f"Resume with the run's own config (RUN_DIR/config.yaml) or start a new run_dir")
+
+
+def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Optional[str]:
+    """Validate the run directory before anything is written. Returns the checkpoint to resume."""
+    run_dir = cfg.train.run_dir
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"train.run_dir={run_dir} exists and is not a directory; choose another run_dir")
+    latest = ckpt.latest_path(run_dir) if os.path.isdir(run_dir) else None
+    has_run = os.path.isfile(os.path.join(run_dir, "config.yaml")) or latest is not None
+    if has_run and not resume:
+        raise UserError(
+            f"{run_dir} already holds a run. Pass --resume to continue it, or set train.run_dir to a new "
+            f"folder (nothing was changed)")
+    if resume and latest is not None:
+        saved = load_config(os.path.join(run_dir, "config.yaml")).to_dict() \
+            if os.path.isfile(os.path.join(run_dir, "config.yaml")) else ckpt.read_meta(latest).get("config", {})
+        check_resume_compatible(saved, cfg)
+    if is_main:
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            probe = os.path.join(run_dir, f".write_test{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise UserError(f"cannot write to train.run_dir={run_dir}: {e.strerror}. Choose a writable folder") from None
+    return latest
+
+
+class MetricsLog:
+    """Append-only JSONL; on resume, lines past the resumed step are dropped so the file
+    describes one unbroken run."""
+
+    def __init__(self, path: str, resume_step: int, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled and resume_step >= 0 and os.path.isfile(path):
+            with open(path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            ckpt.write_atomic(path, "".join(keep).encode())
+        elif enabled and resume_step < 0 and os.path.isfile(path):
+            os.remove(path)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def train(cfg: Config, resume: bool = False, log=print) -> dict:
+    from .data.loader import PackedLoader, eval_batches
+    from .data.prepare import ensure_prepared
+    from .data.preprocess import unigram_entropy
+    from .mfu import peak_flops
+    from .parallel import build_engine
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg)
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
+    is_main = engine.is_main
+    try:
+        latest = prepare_run_dir(cfg, resume, is_main)
+        engine.barrier()
+        data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if is_main else (lambda *a: None))
+        counts = count_params(cfg.model)
+        budget = plan_budget(cfg, counts.flops_per_token, engine.dp_size)
+        loader = PackedLoader([p for p, _ in data.train], [w for _, w in data.train], cfg.model.seq_len,
+                              cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
+        if cfg.train.compile:
+            compile_blocks(engine.model if hasattr(engine.model, "blocks") else model)
+        step = 0
+        if latest is not None:
+            engine.load_files(latest)
+            state = ckpt.load_file(latest, "trainer.pt")
+            step = state["step"]
+            loader.load_state_dict(state["loader"])
+            log(f"resumed from {latest} at step {step}")
+        if is_main:
+            save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
+            log(f"model: N_once={counts.n_once:,} N_rec={counts.n_rec:,} r={cfg.model.num_recur} "
+                f"embedding={counts.embedding:,} head={counts.head:,} FLOPs/token={counts.flops_per_token:.3e}")
+            log(f"budget: {budget.steps} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens "
+                f"({budget.tokens * counts.flops_per_token:.3e} FLOPs) on {device}")
+        metrics = MetricsLog(os.path.join(cfg.train.run_dir, "metrics.jsonl"), step if latest else -1, is_main)
+        peak = cfg.logging.peak_flops or peak_flops(device, cfg.parallel.precision)
+        valid = lambda: eval_batches(data.valid, cfg.model.seq_len, cfg.train.micro_batch_size,  # noqa: E731
+                                     cfg.train.eval_tokens)
+
+        last_time, last_tokens = time.perf_counter(), step * budget.tokens_per_step
+        bad_in_a_row, skipped_total, stats = 0, 0, None
+        start = time.perf_counter()
+        bar = _progress(cfg, budget.steps, step, is_main)
+        while step < budget.steps:
+            factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac)
+            batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
+            stats = engine.train_step(batches, factor)
+            step += 1
+            if stats.skipped:
+                bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
+                log(f"step {step}: non-finite loss or gradient (loss={stats.loss}, grad_norm={stats.grad_norm}); "
+                    f"update skipped ({bad_in_a_row} in a row)")
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise UserError(
+                        f"training diverged: {bad_in_a_row} non-finite steps in a row, the last at step {step}. "
+                        f"The last good checkpoint is intact ({ckpt.latest_path(cfg.train.run_dir) or 'none yet'}); "
+                        f"lower optim.lr or raise optim.warmup_steps and resume")
+            else:
+                bad_in_a_row = 0
+            tokens = step * budget.tokens_per_step
+            if step % cfg.train.log_every == 0 or step == budget.steps:
+                now = time.perf_counter()
+                tps = (tokens - last_tokens) / max(now - last_time, 1e-9)
+                last_time, last_tokens = now, tokens
+                rec = dict(step=step, tokens=tokens, loss=stats.loss, lr=factor * cfg.optim.lr,
+                           grad_norm=stats.grad_norm, tokens_per_s=tps,
+                           mfu=tps * counts.flops_per_token / peak if peak else None,
+                           skipped_steps=skipped_total, elapsed_s=now - start)
+                metrics.write(rec)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tps:,.0f}")
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < budget.steps:
+                vl = engine.eval_loss(valid())
+                metrics.write(dict(step=step, tokens=tokens, val_loss=vl))
+            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < budget.steps:
+                _save(cfg, engine, loader, step, counts)
+            if bar is not None:
+                bar.update(1)
+        if bar is not None:
+            bar.close()
+        _save(cfg, engine, loader, step, counts)
+
+        val_loss = engine.eval_loss(valid())
+        by_r = {str(cfg.model.num_recur): val_loss}
+        for r in cfg.train.eval_recur:
+            if str(r) not in by_r:
+                by_r[str(r)] = engine.eval_loss(valid(), num_recur=r)
+        summary = dict(
+            run=os.path.basename(os.path.normpath(cfg.train.run_dir)), n_once=counts.n_once, n_rec=counts.n_rec,
+            r=cfg.model.num_recur, bptt_k=cfg.model.bptt_k, input_injection=cfg.model.input_injection,
+            d_model=cfg.model.d_model, tokens=budget.tokens, steps=budget.steps,
+            flops=budget.tokens * counts.flops_per_token, flops_per_token=counts.flops_per_token,
+            n_embedding=counts.embedding, n_head=counts.head, train_loss=stats.loss if stats else None,
+            val_loss=val_loss, val_loss_by_r=by_r, skipped_steps=skipped_total,
+            wall_time_s=time.perf_counter() - start,
+        )
+        if is_main:
+            summary["unigram_entropy"] = unigram_entropy(data.valid)
+            ckpt.write_atomic(os.path.join(cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+        return summary
+    finally:
+        engine.close()
+
+
+def _save(cfg: Config, engine, loader, step: int, counts) -> None:
+    def write(path: str) -> None:
+        engine.save_files(path)
+        if engine.is_main:
+            ckpt.torch_save_synced({"step": step, "loader": loader.state_dict()}, os.path.join(path, "trainer.pt"))
+    ckpt.save(cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},
+              keep=cfg.train.keep_checkpoints, is_writer=engine.is_main, barrier=engine.barrier)
+
+
+def _progress(cfg: Config, total: int, done: int, is_main: bool):
+    if not (cfg.train.progress and is_main):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+def evaluate_run(run_dir: str, recur: list[int], max_tokens: Optional[int] = None, log=print) -> dict:
+    """`megaloop eval`: load the latest checkpoint of a run and measure val loss at several r."""
+    from .data.loader import eval_batches
+    from .data.prepare import ensure_prepared
+    from .engine import LocalEngine
+
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{run_dir} is not a run directory (no config.yaml). Pass the train.run_dir of a run")
+    cfg = load_config(cfg_path)
+    latest = ckpt.latest_path(run_dir)
+    if latest is None:
+        raise UserError(f"{run_dir} has no complete checkpoint yet; train it first (megaloop train ... )")
+    device = resolve_device(cfg)
+    engine = LocalEngine(cfg, build_model(cfg), device)
+    engine.model.load_state_dict(ckpt.load_file(latest, "model.pt"))
+    data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log)
+    tokens = max_tokens or cfg.train.eval_tokens
+    by_r = {}
+    for r in recur:
+        by_r[str(r)] = engine.eval_loss(eval_batches(data.valid, cfg.model.seq_len, cfg.train.micro_batch_size, tokens), r)
+        log(f"r={r}: val_loss={by_r[str(r)]:.4f}")
+    summary_path = os.path.join(run_dir, "summary.json")
+    summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+    summary.setdefault("val_loss_by_r", {}).update(by_r)
+    ckpt.write_atomic(summary_path, json.dumps(summary, indent=2).encode())
+    return by_r

@@ -1,0 +1,41 @@
+"""megaloop: pretraining and measurement stack for looped (depth-recurrent) language models.
+
+`kernels/` and `analysis/` live at the top of the repository but install as
+`megaloop.kernels` and `megaloop.analysis`, so they cannot clash with the unrelated
+PyPI packages of the same names.
+"""
+from setuptools import setup
+
+setup(
+    name="megaloop",
+    version="0.1.0",
+    description="Pretraining and scaling-law measurement for looped language models",
+    python_requires=">=3.10",
+    packages=["megaloop", "megaloop.data", "megaloop.parallel", "megaloop.kernels", "megaloop.analysis"],
+    package_dir={
+        "megaloop": "megaloop",
+        "megaloop.kernels": "kernels",
+        "megaloop.analysis": "analysis",
+    },
+    # torch is deliberately unpinned here: setup.sh pins 2.13.0 on CPU machines, while a GPU
+    # cluster keeps the CUDA build it already has.
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "sentencepiece>=0.2",
+        "safetensors",
+        "scipy",
+        "statsmodels",
+        "matplotlib",
+        "pandas",
+    ],
+    extras_require={
+        "distributed": ["deepspeed>=0.15"],
+        "gpu": ["triton>=3.0", "flash-attn"],
+        "logging": ["tensorboard", "wandb"],
+        "dev": ["pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel"],
+    },
+    entry_points={"console_scripts": ["megaloop=megaloop.cli:main"]},
+)
