@@ -1,0 +1,144 @@
+"""A lossless sentencepiece tokenizer: training from raw corpora and a small wrapper.
+
+Lossless means decode(encode(x)) == x for every string x. sentencepiece only gives that with
+  * normalization_rule_name="identity" (no NFKC: it would rewrite e.g. full-width characters),
+  * remove_extra_whitespaces=False (else runs of spaces collapse),
+  * add_dummy_prefix=False (else a space is invented before the text),
+  * byte_fallback=True (characters outside the vocabulary become UTF-8 byte pieces, never <unk>).
+Training sees text line by line, so "\\n" never occurs in it: it is added as a user-defined piece
+so a newline costs one token. The end-of-document id is sentencepiece's eos id (there is no bos).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+from typing import Iterable, Iterator, Sequence
+
+import sentencepiece as spm
+
+from .documents import iter_documents
+from .errors import TokenizerError
+
+MODEL_TYPES = ("unigram", "bpe")
+# sentencepiece's unigram trainer gives different pieces for different thread counts, so the
+# count is fixed (not taken from the machine) to keep training deterministic given the inputs.
+TRAIN_THREADS = 4
+SEED = 1234
+
+
+def _training_sentences(files: Sequence[str], text_key: str, max_sentence_length: int) -> Iterator[str]:
+    """Non-empty lines of every document; lines longer than the limit are cut into pieces.
+
+    sentencepiece silently skips sentences over max_sentence_length bytes; cutting keeps their text
+    in the statistics. A slice of max_sentence_length // 4 characters is at most that many bytes.
+    """
+    step = max(1, max_sentence_length // 4)
+    for doc in iter_documents(files, text_key):
+        for line in doc.split("\n"):
+            if not line:
+                continue
+            if len(line.encode("utf-8")) <= max_sentence_length:
+                yield line
+            else:
+                for i in range(0, len(line), step):
+                    yield line[i:i + step]
+
+
+def train_tokenizer(files: Iterable[str], out_prefix: str, vocab_size: int, model_type: str = "unigram",
+                    text_key: str = "text", max_sentence_length: int = 16384,
+                    max_sentences: int = 10_000_000, character_coverage: float = 0.9995) -> str:
+    """Train a lossless sentencepiece model on the documents of `files`; return `out_prefix.model`.
+
+    Deterministic given the files (content and order) and the arguments. At most `max_sentences`
+    lines are used (a seeded sample beyond that). The model is written atomically.
+    """
+    files = list(files)
+    if model_type not in MODEL_TYPES:
+        raise TokenizerError(f"unknown tokenizer type {model_type!r}: use one of {', '.join(MODEL_TYPES)}")
+    if vocab_size < 300:
+        raise TokenizerError(f"vocab size {vocab_size} is too small: the 256 byte-fallback pieces, the special "
+                             f"ids and the corpus characters need at least ~300 (use e.g. 512 or more)")
+    model = io.BytesIO()
+    spm.set_random_generator_seed(SEED)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_sentences(files, text_key, max_sentence_length),
+            model_writer=model, vocab_size=vocab_size, model_type=model_type,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+            split_by_whitespace=True, user_defined_symbols=["\n"],
+            unk_id=0, eos_id=1, bos_id=-1, pad_id=-1,
+            character_coverage=character_coverage, max_sentence_length=max_sentence_length,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            num_threads=TRAIN_THREADS, minloglevel=2,
+        )
+    except RuntimeError as e:
+        msg = str(e)
+        m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
+        if m:
+            raise TokenizerError(f"vocab size {vocab_size} is too small for this corpus: it needs at least "
+                                 f"{int(m.group(2)) + 16} (byte pieces + distinct characters)") from None
+        m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+        if m:
+            raise TokenizerError(f"vocab size {vocab_size} is too large for this small corpus: use at most "
+                                 f"{m.group(2)} or add more text") from None
+        raise TokenizerError(f"sentencepiece training failed on {len(files)} file(s): {msg}") from None
+    path = f"{out_prefix}.model"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+class Tokenizer:
+    """A loaded sentencepiece model. `eos_id` marks the end of each document in datasets."""
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise TokenizerError(f"tokenizer model not found: {self.path}. Train one with `megaloop tokenizer "
+                                 f"--input FILES --out PREFIX --vocab-size N` (or leave data.tokenizer unset "
+                                 f"to build it from data.corpus)")
+        with open(self.path, "rb") as f:
+            blob = f.read()
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=blob)
+        except (RuntimeError, OSError, TypeError) as e:
+            raise TokenizerError(f"{self.path} is not a valid sentencepiece model ({e}). It may be truncated or "
+                                 f"corrupt: re-train it with `megaloop tokenizer`") from None
+        if self.sp.vocab_size() <= 0:
+            raise TokenizerError(f"{self.path} is not a valid sentencepiece model (empty vocabulary): "
+                                 f"re-train it with `megaloop tokenizer`")
+        if self.sp.eos_id() < 0:
+            raise TokenizerError(f"{self.path} has no end-of-document (eos) id. Train the tokenizer with "
+                                 f"`megaloop tokenizer`, which reserves one")
+        # 64-bit fingerprint of the model file: datasets record it to detect a tokenizer mismatch.
+        self.fingerprint = int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.sp.vocab_size())
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.sp.eos_id())
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Accept lists, numpy arrays and tensors alike; sentencepiece wants Python ints.
+        return self.sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
