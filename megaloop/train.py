@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import faults
 from .accounting import count_params
 from .config import Config, ConfigError, load_config, save_config
 from .errors import UserError
@@ -199,7 +200,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         while step < budget.steps:
             factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac)
             batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
-            stats = engine.train_step(batches, factor)
+            stats = engine.train_step(batches, factor, inject_nan=faults.armed("nan", step + 1))
             step += 1
             if stats.skipped:
                 bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
@@ -231,6 +232,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                 _save(cfg, engine, loader, step, counts)
             if bar is not None:
                 bar.update(1)
+            faults.maybe_kill("step", step)
         if bar is not None:
             bar.close()
         _save(cfg, engine, loader, step, counts)
@@ -260,6 +262,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
 def _save(cfg: Config, engine, loader, step: int, counts) -> None:
     def write(path: str) -> None:
         engine.save_files(path)
+        faults.maybe_kill("save", step)
         if engine.is_main:
             ckpt.torch_save_synced({"step": step, "loader": loader.state_dict()}, os.path.join(path, "trainer.pt"))
     ckpt.save(cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},

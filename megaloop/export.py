@@ -1,0 +1,124 @@
+"""Export, generation and checkpoint inspection.
+
+`megaloop export RUN_DIR --out DIR` writes DIR/model.safetensors (consolidated weights of the plain
+single-process model, whatever layout trained it), DIR/config.yaml and DIR/tokenizer.model.
+`load_pretrained` reads either such a folder or a run directory (its latest checkpoint), so
+`megaloop eval` and `megaloop generate` work on both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config, load_config
+from .errors import UserError
+from .model import LoopedLM
+
+
+def _tokenizer_for(cfg: Config, log=lambda *a: None) -> str:
+    from .data.prepare import ensure_prepared
+    return ensure_prepared(cfg.data, cfg.model.vocab_size, log=log).tokenizer_path
+
+
+def load_pretrained(path: str, device: str = "cpu") -> tuple[LoopedLM, Config, Optional[str]]:
+    """(model in eval mode, config, tokenizer path or None) from an export folder or a run dir."""
+    cfg_path = os.path.join(path, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise UserError(f"{path} is neither a run directory nor an export folder (no config.yaml)")
+    cfg = load_config(cfg_path)
+    model = LoopedLM(cfg.model)
+    weights = os.path.join(path, "model.safetensors")
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+        try:
+            state = load_file(weights)
+        except Exception as e:  # noqa: BLE001 - any parse failure is a corrupt file
+            raise UserError(f"{weights} is corrupt ({e}); re-export it with megaloop export") from None
+        tok = os.path.join(path, "tokenizer.model")
+        tok = tok if os.path.isfile(tok) else None
+    else:
+        latest = ckpt.latest_path(path)
+        if latest is None:
+            raise UserError(f"{path} has no complete checkpoint yet; train it first")
+        state, tok = ckpt.load_file(latest, "model.pt"), None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"the weights in {path} do not fit its config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), cfg, tok
+
+
+def export(run_dir: str, out: str, force: bool = False) -> str:
+    model, cfg, _ = load_pretrained(run_dir)
+    if os.path.exists(out) and os.listdir(out) and not force:
+        raise UserError(f"{out} exists and is not empty; choose another --out or pass --force")
+    from safetensors.torch import save_file
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export_", dir=parent)
+    try:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"),
+                  metadata={"format": "megaloop", "source": os.path.abspath(run_dir)})
+        shutil.copy(os.path.join(run_dir, "config.yaml"), os.path.join(tmp, "config.yaml"))
+        shutil.copy(_tokenizer_for(cfg), os.path.join(tmp, "tokenizer.model"))
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop export", description="Consolidated safetensors weights of a run.")
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", required=True, help="output folder (model.safetensors, config.yaml, tokenizer.model)")
+    ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    args = ap.parse_args(argv)
+    print(f"exported to {export(args.run_dir, args.out, args.force)}")
+    return 0
+
+
+def generate_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop generate", description="Continue a prompt with a trained model.")
+    ap.add_argument("path", help="a run directory or an export folder")
+    ap.add_argument("--prompt", default="", help="text to continue")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--recur", type=int, default=None, help="recurrences at inference (default: the trained r)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.recur is not None and args.recur < 1:
+        raise UserError(f"--recur must be >= 1, got {args.recur}")
+    from .data.tokenizer import Tokenizer
+    model, cfg, tok_path = load_pretrained(args.path)
+    tok = Tokenizer(tok_path or _tokenizer_for(cfg))
+    ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
+    idx = torch.tensor([ids], dtype=torch.long)
+    gen = torch.Generator().manual_seed(args.seed)
+    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.recur, generator=gen)
+    print(args.prompt + tok.decode(out[0, len(ids) if args.prompt else 1:].tolist()))
+    return 0
+
+
+def checkpoint_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop checkpoint", description="Inspect the checkpoints of a run.")
+    sub = ap.add_subparsers(dest="action", required=True)
+    info = sub.add_parser("info", help="list complete checkpoints and the latest")
+    info.add_argument("run_dir")
+    args = ap.parse_args(argv)
+    steps = ckpt.list_complete(args.run_dir)
+    latest = ckpt.latest_path(args.run_dir)
+    print(json.dumps({"run_dir": args.run_dir, "complete": steps,
+                      "latest": os.path.basename(latest) if latest else None,
+                      "meta": {k: v for k, v in ckpt.read_meta(latest).items() if k != "config"} if latest else None}))
+    return 0
