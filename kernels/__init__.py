@@ -1,0 +1,30 @@
+"""Fused Triton kernels for the looped block, each with a PyTorch reference (megaloop.kernels).
+
+Every public function dispatches per call (see ``dispatch``): Triton on CUDA tensors when triton
+is importable (or forced with MEGALOOP_KERNELS=triton / set_backend('triton'), which also runs on
+CPU under TRITON_INTERPRET=1), otherwise the PyTorch reference. Triton is optional.
+"""
+from .dispatch import backend_for, get_backend, set_backend, triton_available
+from .qk_norm_rope import qk_norm_rope, qk_norm_rope_reference
+from .recurrence import (
+    hc_combine,
+    hc_combine_reference,
+    hc_update,
+    hc_update_reference,
+    inject,
+    inject_reference,
+    recur_norm_inject,
+    recur_norm_inject_reference,
+)
+from .relu_squared import relu_squared, relu_squared_reference
+from .rms_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from .softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference
+
+__all__ = [
+    "set_backend", "get_backend", "backend_for", "triton_available",
+    "rms_norm", "add_rms_norm", "qk_norm_rope", "relu_squared",
+    "recur_norm_inject", "inject", "hc_combine", "hc_update", "softcap_cross_entropy",
+    "rms_norm_reference", "add_rms_norm_reference", "qk_norm_rope_reference", "relu_squared_reference",
+    "recur_norm_inject_reference", "inject_reference", "hc_combine_reference", "hc_update_reference",
+    "softcap_cross_entropy_reference",
+]

@@ -1,0 +1,292 @@
+"""Fused LM head + logit softcap + cross-entropy, chunked over rows, optionally vocab-parallel.
+
+    softcap_cross_entropy(hidden, weight, targets, softcap, ignore_index=-100, tp_group=None,
+                          vocab_start=0, vocab_valid=None, chunk_size=None) -> loss
+
+loss = mean over non-ignored rows of  logsumexp(z) - z[target],  z = softcap*tanh(h W^T / softcap)
+(softcap None: z = h W^T), z computed in fp32 from the logits matmul in the input dtype.
+
+- hidden [N, d] (or [..., d]), weight [V_local, d] = this rank's LM-head rows, targets [N] (or
+  [...]) int64 GLOBAL vocab ids; ignore_index rows add nothing. If every row is ignored the
+  loss is 0 (F.cross_entropy would return nan).
+- Rows are processed in chunks of ``chunk_size`` so only a [chunk, V_local] logits block exists
+  at a time. The backward is done in the same pass: per chunk the logits block is overwritten
+  with dloss/dlogits, then grad_hidden[chunk] = dlogits @ W and grad_weight += dlogits^T @ h
+  (accumulated in fp32). Both are stored and returned in backward scaled by grad_output.
+  Under torch.no_grad (or when neither input needs a gradient) only the loss is computed.
+- Vocab-parallel (tp_group of size > 1): local column j is global id vocab_start + j; per chunk
+  the row max is all-reduced (MAX), then the rescaled sum of exp and the target logit (taken
+  on the rank that owns it) in one SUM all-reduce. grad_hidden is this rank's partial sum (the
+  caller all-reduces it); grad_weight is for the local shard.
+- Columns with global id >= vocab_valid are padding: logit -inf, zero gradient (also without
+  tensor parallelism).
+
+Backends: Triton (a per-chunk kernel doing the softcap, online max/sum-exp, target pick and the
+in-place gradient of the logits) or the same chunked algorithm in plain torch. The unfused
+reference ``softcap_cross_entropy_reference`` (F.linear -> softcap -> F.cross_entropy) is for
+tests.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import backend_for, interpret_mode, lazy_jit, next_pow2
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover
+    triton = tl = None
+
+cast_out = None  # bound by dispatch.LazyKernel
+
+
+# ----------------------------------------------------------------------------- unfused reference
+def softcap_cross_entropy_reference(hidden, weight, targets, softcap, ignore_index=-100, vocab_valid=None):
+    """Plain single-process formula: F.linear -> fp32 softcap -> mask padding -> F.cross_entropy."""
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    if vocab_valid is not None and vocab_valid < logits.shape[-1]:
+        pad = torch.arange(logits.shape[-1], device=logits.device) >= vocab_valid
+        logits = logits.masked_fill(pad, float("-inf"))
+    return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index)
+
+
+# ----------------------------------------------------------------------------- triton kernel
+def _softcap_ce_kernel(
+    LOGITS, TGT, LSE, M_OUT, SE_OUT, ZT_OUT, SCALE,
+    n_rows, V, stride_l, local_valid, vocab_start, ignore_index, cap,
+    HAS_CAP: tl.constexpr, DO_STATS: tl.constexpr, DO_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < n_rows
+    rows64 = rows.to(tl.int64)
+    tgt = tl.load(TGT + rows, mask=rmask, other=0)
+    valid = rmask & (tgt != ignore_index)
+    tloc = tgt - vocab_start
+    base = LOGITS + rows64[:, None] * stride_l
+    if DO_STATS:
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        se = tl.zeros([BLOCK_M], tl.float32)
+        zt = tl.zeros([BLOCK_M], tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            lmask = rmask[:, None] & (cols < V)[None, :]
+            l = tl.load(base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                x = l / cap
+                t = tl.exp(-2.0 * tl.abs(x))
+                th = (1.0 - t) / (1.0 + t)
+                z = cap * tl.where(x < 0, -th, th)
+            else:
+                z = l
+            ok = rmask[:, None] & (cols < local_valid)[None, :]
+            z = tl.where(ok, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            se = se * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
+            m = m_new
+            hit = ok & (cols[None, :] == tloc[:, None]) & valid[:, None]
+            zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
+        tl.store(M_OUT + rows, m, mask=rmask)
+        tl.store(SE_OUT + rows, se, mask=rmask)
+        tl.store(ZT_OUT + rows, zt, mask=rmask)
+        lse = m + tl.log(se)
+    else:
+        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
+    if DO_GRAD:
+        scale = tl.load(SCALE)
+        rscale = tl.where(valid, scale, 0.0)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            lmask = rmask[:, None] & (cols < V)[None, :]
+            l = tl.load(base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
+            ok = rmask[:, None] & (cols < local_valid)[None, :]
+            if HAS_CAP:
+                x = l / cap
+                t = tl.exp(-2.0 * tl.abs(x))
+                th = (1.0 - t) / (1.0 + t)
+                th = tl.where(x < 0, -th, th)
+                z = cap * th
+            else:
+                z = l
+            p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
+            hit = ok & (cols[None, :] == tloc[:, None]) & valid[:, None]
+            g = p - tl.where(hit, 1.0, 0.0)
+            if HAS_CAP:
+                g = g * (1.0 - th * th)
+            g = g * rscale[:, None]
+            tl.store(base + cols[None, :], cast_out(g, LOGITS.dtype.element_ty), mask=lmask)
+
+
+_ce_kernel = lazy_jit(_softcap_ce_kernel)
+
+
+def _triton_chunk(logits, tgt, softcap, local_valid, vocab_start, ignore_index, scale, phase, lse=None):
+    """phase: 'stats' -> (m, se, zt); 'grad' (needs lse); 'fused' -> (m, se, zt) + grad in place."""
+    C, V = logits.shape
+    dev = logits.device
+    block_v = min(next_pow2(V), 1 << 14 if interpret_mode() else 4096)
+    target = (1 << 16) if interpret_mode() else 4096
+    block_m = max(1, min(next_pow2(C), target // block_v))
+    grid = (triton.cdiv(C, block_m),)
+    do_stats = phase in ("stats", "fused")
+    do_grad = phase in ("grad", "fused")
+    m = torch.empty(C, device=dev, dtype=torch.float32) if do_stats else None
+    se = torch.empty_like(m) if do_stats else None
+    zt = torch.empty_like(m) if do_stats else None
+    dummy = scale
+    _ce_kernel[grid](
+        logits, tgt, lse if lse is not None else dummy,
+        m if do_stats else dummy, se if do_stats else dummy, zt if do_stats else dummy, scale,
+        C, V, logits.stride(0), int(local_valid), int(vocab_start), int(ignore_index),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_CAP=softcap is not None, DO_STATS=do_stats, DO_GRAD=do_grad,
+        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=8 if block_m * block_v >= 4096 else 4,
+    )
+    return m, se, zt
+
+
+# ----------------------------------------------------------------------------- torch chunk math
+def _torch_capped(logits, softcap, local_valid):
+    z = logits.to(torch.float32, copy=True)  # never alias the logits buffer
+    th = None
+    if softcap is not None:
+        th = torch.tanh(z / softcap)
+        z = softcap * th
+    if local_valid < z.shape[1]:
+        z[:, local_valid:] = float("-inf")
+    return z, th
+
+
+def _torch_chunk(logits, tgt, softcap, local_valid, vocab_start, ignore_index, scale, phase, lse=None):
+    C, V = logits.shape
+    z, th = _torch_capped(logits, softcap, local_valid)
+    valid = tgt != ignore_index
+    tloc = tgt - vocab_start
+    owned = valid & (tloc >= 0) & (tloc < local_valid)
+    idx = torch.where(owned, tloc, torch.zeros_like(tloc)).unsqueeze(1)
+    m = se = zt = None
+    if phase in ("stats", "fused"):
+        m = z.max(dim=1).values
+        m_safe = torch.where(torch.isinf(m) & (m < 0), torch.zeros_like(m), m)
+        se = torch.exp(z - m_safe[:, None]).sum(1)
+        zt = torch.where(owned, z.gather(1, idx).squeeze(1), torch.zeros_like(m))
+        lse = m + torch.log(se)
+    if phase in ("grad", "fused"):
+        g = torch.exp(z - lse[:, None])
+        g.scatter_add_(1, idx, -owned.to(g.dtype).unsqueeze(1))
+        if th is not None:
+            g.mul_(1.0 - th * th)
+        if local_valid < V:
+            g[:, local_valid:] = 0.0
+        g.mul_(torch.where(valid, scale, torch.zeros_like(scale)).unsqueeze(1))
+        logits.copy_(g)
+    return m, se, zt
+
+
+# ----------------------------------------------------------------------------- driver
+def _default_chunk(n_rows, d, V):
+    # Keep a chunk's logits about as large as the hidden states (Liger's heuristic), 256..n_rows.
+    ratio = max(1, math.ceil(V / max(1, d)))
+    return max(1, min(n_rows, max(256, next_pow2(math.ceil(n_rows / ratio)))))
+
+
+def _tp_size(group):
+    if group is None:
+        return 1
+    import torch.distributed as dist
+
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+class SoftcapCEFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, softcap, ignore_index, tp_group, vocab_start, vocab_valid,
+                chunk_size, use_triton, need_grad):
+        d = hidden.shape[-1]
+        h2 = hidden.reshape(-1, d)
+        tg = targets.reshape(-1)
+        N, V = h2.shape[0], weight.shape[0]
+        if tg.shape[0] != N:
+            raise ValueError(f"targets has {tg.shape[0]} rows, hidden has {N}")
+        tp = _tp_size(tp_group) > 1
+        local_valid = V if vocab_valid is None else max(0, min(V, int(vocab_valid) - int(vocab_start)))
+        chunk = int(chunk_size) if chunk_size else _default_chunk(N, d, V)
+        need_h = need_grad and ctx.needs_input_grad[0]
+        need_w = need_grad and ctx.needs_input_grad[1]
+        do_grad = need_h or need_w
+        chunk_fn = _triton_chunk if use_triton else _torch_chunk
+
+        n_valid = (tg != ignore_index).sum()
+        scale = (1.0 / n_valid.clamp(min=1).to(torch.float32)).reshape(1)
+        loss_sum = torch.zeros((), device=h2.device, dtype=torch.float32)
+        gh = torch.empty_like(h2) if need_h else None
+        gw = torch.zeros((V, d), device=h2.device, dtype=torch.float32) if need_w else None
+        tgc = tg.contiguous()
+        for i0 in range(0, N, chunk):
+            i1 = min(N, i0 + chunk)
+            hc = h2[i0:i1]
+            t = tgc[i0:i1]
+            logits = hc @ weight.t()  # [C, V] in the input dtype
+            if tp:
+                import torch.distributed as dist
+
+                m, se, zt = chunk_fn(logits, t, softcap, local_valid, vocab_start, ignore_index, scale, "stats")
+                m_g = m.clone()
+                dist.all_reduce(m_g, op=dist.ReduceOp.MAX, group=tp_group)
+                m_safe = torch.where(torch.isinf(m_g) & (m_g < 0), torch.zeros_like(m_g), m_g)
+                both = torch.stack([se * torch.exp(m - m_safe), zt])
+                dist.all_reduce(both, op=dist.ReduceOp.SUM, group=tp_group)
+                lse = m_safe + torch.log(both[0])
+                zt = both[1]
+                if do_grad:
+                    chunk_fn(logits, t, softcap, local_valid, vocab_start, ignore_index, scale, "grad", lse=lse)
+            else:
+                m, se, zt = chunk_fn(logits, t, softcap, local_valid, vocab_start, ignore_index, scale,
+                                     "fused" if do_grad else "stats")
+                lse = m + torch.log(se)
+            loss_sum += torch.where(t != ignore_index, lse - zt, torch.zeros_like(lse)).sum()
+            if do_grad:
+                # logits now holds dloss/dlogits (already divided by the number of valid rows)
+                if need_h:
+                    torch.mm(logits, weight, out=gh[i0:i1])
+                if need_w:
+                    if weight.dtype == torch.float32 and logits.dtype == torch.float32:
+                        gw.addmm_(logits.t(), hc)
+                    else:
+                        gw.add_(torch.mm(logits.t(), hc.to(logits.dtype)))
+            del logits
+        loss = loss_sum * scale[0]
+        ctx.save_for_backward(gh if need_h else None, gw if need_w else None)
+        ctx.shapes = (hidden.shape, weight.dtype, need_h, need_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, go):
+        gh, gw = ctx.saved_tensors
+        h_shape, w_dtype, need_h, need_w = ctx.shapes
+        dh = dw = None
+        if need_h and ctx.needs_input_grad[0]:
+            dh = (gh * go.to(gh.dtype)).view(h_shape)
+        if need_w and ctx.needs_input_grad[1]:
+            dw = (gw * go.float()).to(w_dtype)
+        return dh, dw, None, None, None, None, None, None, None, None, None
+
+
+def softcap_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                          softcap: Optional[float], ignore_index: int = -100, tp_group=None,
+                          vocab_start: int = 0, vocab_valid: Optional[int] = None,
+                          chunk_size: Optional[int] = None) -> torch.Tensor:
+    """Mean cross-entropy of softcap(hidden @ weight.T) against targets, without full logits."""
+    use_triton = backend_for(hidden) == "triton"
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return SoftcapCEFn.apply(hidden, weight, targets, softcap, ignore_index, tp_group, vocab_start,
+                             vocab_valid, chunk_size, use_triton, need_grad)
