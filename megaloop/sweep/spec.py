@@ -1,0 +1,284 @@
+"""A sweep file: one YAML that describes an iso-depth grid, parsed and validated in one place.
+
+    extends: other.yaml        # optional: start from another sweep file (variants are replaced, the
+                               # rest deep-merged), so a probe restates only what differs
+    name: iso_depth
+    base: {...}                # a partial megaloop config applied to every run
+    grid:
+      head_dim: 128
+      n_prelude: 2
+      n_coda: 2
+      total_recur_depth: 16    # n_recur_block = total_recur_depth / r: the same depth for every r
+      r: [1, 2, 4, 8]
+      width_multiple: 64       # d_model = width_multiple * size rounded up to round_to
+      round_to: 128
+      input_injection: linear
+      input_injection_r1: passthrough   # r = 1 is a plain transformer: no adapter
+      budgets: [{flops: 4.64e17, sizes: [6, 8, 10, 12]}, ...]
+    variants:                  # each variant is the grid again with a few changes
+      baseline: {}
+      truncbptt: {bptt_k: ceil_half, r: [2, 4, 8], budgets: 4}   # budgets: first N, or flops values
+      hyperconnect: {input_injection: hyperconnect, num_lanes: 2, overrides: {optim: {...}}}
+    name_format: "{variant}_r{r}_s{size}_c{flops_tag}"
+    resources: {gpus: 8}       # GPUs per run: fixes the data-parallel size, so the tokens per step
+
+Every mistake raises ConfigError naming the key, before anything is written.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+import yaml
+
+from ..config import ConfigError, ModelConfig
+
+# Model keys the grid decides; setting them in `base` or a variant would silently break the design.
+GRID_MODEL_KEYS = ("d_model", "n_head", "n_kv_head", "head_dim", "n_prelude", "n_recur_block", "n_coda",
+                   "num_recur")
+# Train keys the sweep decides per run.
+GRID_TRAIN_KEYS = ("steps", "tokens", "target_flops", "run_dir")
+TOP_KEYS = ("extends", "name", "description", "base", "grid", "variants", "name_format", "resources")
+DEFAULT_NAME_FORMAT = "{variant}_r{r}_s{size}_c{flops_tag}"
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    flops: float
+    sizes: tuple[int, ...]
+
+
+@dataclass
+class GridSpec:
+    head_dim: int = 128
+    n_prelude: int = 2
+    n_coda: int = 2
+    total_recur_depth: int = 16
+    r: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    width_multiple: int = 64
+    round_to: int = 128
+    input_injection: str = "linear"
+    input_injection_r1: Optional[str] = "passthrough"   # None: r = 1 uses input_injection too
+    budgets: list[BudgetSpec] = field(default_factory=list)
+
+
+# `bptt_k` in a variant: a fixed k, null (full backprop), or a rule of r.
+BpttRule = Union[None, int, str]
+BPTT_RULES = {"ceil_half": lambda r: math.ceil(r / 2), "full": lambda r: None}
+
+
+@dataclass
+class VariantSpec:
+    name: str
+    r: Optional[list[int]] = None            # None = every r of the grid
+    budgets: Optional[list[float]] = None    # None = every budget of the grid
+    bptt_k: BpttRule = None
+    model: dict = field(default_factory=dict)      # other model keys (input_injection, num_lanes, ...)
+    overrides: dict = field(default_factory=dict)  # a partial config (any section) for this variant
+
+    def k_for(self, r: int) -> Optional[int]:
+        if isinstance(self.bptt_k, str):
+            return BPTT_RULES[self.bptt_k](r)
+        return None if self.bptt_k is None else min(self.bptt_k, r)
+
+
+@dataclass
+class Resources:
+    gpus: int = 1          # GPUs per run (one node); data-parallel size = gpus / (tp * pp)
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    source: str
+    base: dict
+    grid: GridSpec
+    variants: list[VariantSpec]
+    name_format: str = DEFAULT_NAME_FORMAT
+    resources: Resources = field(default_factory=Resources)
+    raw: dict = field(default_factory=dict)   # the merged YAML, kept next to the plan for provenance
+
+
+# ----------------------------------------------------------------------------- reading
+
+def merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_sweep_yaml(path: str, _seen: tuple = ()) -> dict:
+    """The YAML with `extends` resolved (relative to the file), variants replaced, the rest merged."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"sweep file not found: {path}. Pass a sweep YAML, e.g. configs/sweeps/demo.yaml")
+    real = os.path.realpath(path)
+    if real in _seen:
+        raise ConfigError(f"{path}: `extends` forms a cycle ({' -> '.join(_seen + (real,))})")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a sweep file is a mapping with base:, grid:, variants:")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    parent_path = os.path.join(os.path.dirname(path), str(parent))
+    merged = read_sweep_yaml(parent_path, _seen + (real,))
+    if "variants" in data:
+        merged.pop("variants", None)  # a probe names its own variants; it does not add to the parent's
+    return merge(merged, data)
+
+
+def _num(value: Any, where: str, kind: type = float) -> Any:
+    """YAML 1.1 reads `1e18` as a string; accept it, reject anything that is not a number."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if not math.isfinite(out):
+        raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+    if kind is int:
+        if not out.is_integer():
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(out)
+    return out
+
+
+def _int_list(value: Any, where: str) -> list[int]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of integers, got {value!r}")
+    return [_num(v, f"{where}[{i}]", int) for i, v in enumerate(value)]
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return value
+
+
+def _parse_grid(g: dict) -> GridSpec:
+    known = {f.name for f in fields(GridSpec)}
+    unknown = sorted(set(g) - known)
+    if unknown:
+        raise ConfigError(f"unknown key 'grid.{unknown[0]}'. Valid keys under 'grid': {', '.join(sorted(known))}")
+    out = GridSpec()
+    for k in ("head_dim", "n_prelude", "n_coda", "total_recur_depth", "width_multiple", "round_to"):
+        if k in g:
+            setattr(out, k, _num(g[k], f"grid.{k}", int))
+    for k in ("head_dim", "total_recur_depth", "width_multiple", "round_to"):
+        if getattr(out, k) < 1:
+            raise ConfigError(f"grid.{k} must be >= 1, got {getattr(out, k)}")
+    if "r" in g:
+        out.r = _int_list(g["r"], "grid.r")
+    for k in ("input_injection", "input_injection_r1"):
+        if k in g:
+            setattr(out, k, None if g[k] is None else str(g[k]))
+    budgets = g.get("budgets")
+    if not isinstance(budgets, list) or not budgets:
+        raise ConfigError("grid.budgets: expected a list like [{flops: 1e18, sizes: [6, 8, 10]}, ...]")
+    for i, b in enumerate(budgets):
+        if not isinstance(b, dict) or set(b) != {"flops", "sizes"}:
+            raise ConfigError(f"grid.budgets[{i}]: expected {{flops: F, sizes: [s, ...]}}, got {b!r}")
+        flops = _num(b["flops"], f"grid.budgets[{i}].flops")
+        if flops <= 0:
+            raise ConfigError(f"grid.budgets[{i}].flops must be positive, got {b['flops']!r}")
+        sizes = _int_list(b["sizes"], f"grid.budgets[{i}].sizes")
+        if min(sizes) < 1:
+            raise ConfigError(f"grid.budgets[{i}].sizes must be >= 1, got {sizes}")
+        out.budgets.append(BudgetSpec(flops, tuple(sizes)))
+    return out
+
+
+def _parse_variant(name: str, v: Any, grid: GridSpec) -> VariantSpec:
+    where = f"variants.{name}"
+    v = dict(_mapping(v, where))
+    out = VariantSpec(name=str(name))
+    if "r" in v:
+        out.r = _int_list(v.pop("r"), f"{where}.r")
+        missing = sorted(set(out.r) - set(grid.r))
+        if missing:
+            raise ConfigError(f"{where}.r lists r={missing[0]}, which grid.r {grid.r} does not have")
+    if "budgets" in v:
+        b = v.pop("budgets")
+        grid_flops = [x.flops for x in grid.budgets]
+        if isinstance(b, (int, float, str)) and not isinstance(b, bool):
+            n = _num(b, f"{where}.budgets", int)
+            if not 1 <= n <= len(grid_flops):
+                raise ConfigError(f"{where}.budgets={n}: means the first N grid budgets; N must be 1..{len(grid_flops)}")
+            out.budgets = grid_flops[:n]
+        else:
+            if not isinstance(b, list) or not b:
+                raise ConfigError(f"{where}.budgets: expected N (the first N grid budgets) or a list of grid flops")
+            out.budgets = []
+            for i, x in enumerate(b):
+                f = _num(x, f"{where}.budgets[{i}]")
+                match = [g for g in grid_flops if math.isclose(g, f, rel_tol=1e-9)]
+                if not match:
+                    raise ConfigError(f"{where}.budgets[{i}]={x!r} is not a grid budget ({', '.join(f'{g:g}' for g in grid_flops)})")
+                out.budgets.append(match[0])
+    if "bptt_k" in v:
+        k = v.pop("bptt_k")
+        if isinstance(k, str) and k in BPTT_RULES:
+            out.bptt_k = k
+        elif k is not None:
+            out.bptt_k = _num(k, f"{where}.bptt_k", int)
+            if out.bptt_k < 1:
+                raise ConfigError(f"{where}.bptt_k must be >= 1, null or one of {', '.join(BPTT_RULES)}")
+    out.overrides = _mapping(v.pop("overrides", None), f"{where}.overrides")
+    model_keys = {f.name for f in fields(ModelConfig)}
+    for k, val in v.items():
+        if k in GRID_MODEL_KEYS:
+            raise ConfigError(f"{where}.{k}: the grid sets model.{k} for every run; change grid: instead")
+        if k not in model_keys:
+            raise ConfigError(f"unknown key '{where}.{k}'. A variant takes r, budgets, bptt_k, overrides "
+                              f"and model keys ({', '.join(sorted(model_keys - set(GRID_MODEL_KEYS)))})")
+        out.model[k] = val
+    return out
+
+
+def _check_base(base: dict, where: str) -> None:
+    for k in GRID_MODEL_KEYS:
+        if k in _mapping(base.get("model"), f"{where}.model"):
+            raise ConfigError(f"{where}.model.{k}: the grid sets model.{k} for every run; remove it from {where}")
+    for k in GRID_TRAIN_KEYS:
+        if k in _mapping(base.get("train"), f"{where}.train"):
+            raise ConfigError(f"{where}.train.{k}: the sweep sets train.{k} per run (budget = grid flops, "
+                              f"run_dir = DIR/runs/NAME); remove it from {where}")
+
+
+def parse_sweep(data: dict, source: str = "<dict>") -> SweepSpec:
+    """Validate a sweep mapping (extends already resolved) into a SweepSpec."""
+    unknown = sorted(set(data) - set(TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level key '{unknown[0]}'. Valid keys: {', '.join(TOP_KEYS)}")
+    base = _mapping(data.get("base"), "base")
+    _check_base(base, "base")
+    grid = _parse_grid(_mapping(data.get("grid"), "grid"))
+    variants_raw = _mapping(data.get("variants"), "variants") or {"baseline": {}}
+    variants = [_parse_variant(str(n), v, grid) for n, v in variants_raw.items()]
+    for v in variants:
+        _check_base(v.overrides, f"variants.{v.name}.overrides")
+    res = _mapping(data.get("resources"), "resources")
+    unknown = sorted(set(res) - {"gpus"})
+    if unknown:
+        raise ConfigError(f"unknown key 'resources.{unknown[0]}'. Valid keys under 'resources': gpus")
+    resources = Resources(gpus=_num(res.get("gpus", 1), "resources.gpus", int))
+    if resources.gpus < 1:
+        raise ConfigError(f"resources.gpus must be >= 1, got {resources.gpus}")
+    name = str(data.get("name") or os.path.splitext(os.path.basename(source))[0])
+    return SweepSpec(name=name, source=source, base=base, grid=grid, variants=variants,
+                     name_format=str(data.get("name_format") or DEFAULT_NAME_FORMAT), resources=resources,
+                     raw=data)
+
+
+def load_sweep(path: str) -> SweepSpec:
+    return parse_sweep(read_sweep_yaml(path), source=path)
