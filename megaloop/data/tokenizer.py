@@ -7,6 +7,9 @@ Lossless means decode(encode(x)) == x for every string x. sentencepiece only giv
   * byte_fallback=True (characters outside the vocabulary become UTF-8 byte pieces, never <unk>).
 Training sees text line by line, so "\\n" never occurs in it: it is added as a user-defined piece
 so a newline costs one token. The end-of-document id is sentencepiece's eos id (there is no bos).
+One more gap: sentencepiece reads a literal U+2581 ("▁", its whitespace meta symbol) in the input
+as a space. `Tokenizer.encode` therefore emits that character as its three UTF-8 byte pieces,
+which decode back to it.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ MODEL_TYPES = ("unigram", "bpe")
 # count is fixed (not taken from the machine) to keep training deterministic given the inputs.
 TRAIN_THREADS = 4
 SEED = 1234
+META = "\u2581"
 
 
 def _training_sentences(files: Sequence[str], text_key: str, max_sentence_length: int) -> Iterator[str]:
@@ -128,10 +132,24 @@ class Tokenizer:
         return int(self.sp.eos_id())
 
     def encode(self, text: str) -> list[int]:
+        if META in text:
+            return self._encode_with_meta(text)
         return self.sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.sp.encode(list(texts))
+        out = self.sp.encode([t for t in texts if META not in t])
+        it = iter(out)
+        return [self._encode_with_meta(t) if META in t else next(it) for t in texts]
+
+    def _encode_with_meta(self, text: str) -> list[int]:
+        meta_ids = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in META.encode("utf-8")]
+        ids: list[int] = []
+        for i, part in enumerate(text.split(META)):
+            if i:
+                ids.extend(meta_ids)
+            if part:
+                ids.extend(self.sp.encode(part))
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         # Accept lists, numpy arrays and tensors alike; sentencepiece wants Python ints.
