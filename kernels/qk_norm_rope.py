@@ -38,10 +38,11 @@ def _cos_sin(cos, sin, T, half):
 def rope_norm_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
     B, T, H, D = x.shape
     half = D // 2
+    ct = torch.promote_types(x.dtype, torch.float32)
     c, s = _cos_sin(cos, sin, T, half)
-    c = c[None, :, None, :]
-    s = s[None, :, None, :]
-    xf = x.float()
+    c = c.to(ct)[None, :, None, :]
+    s = s.to(ct)[None, :, None, :]
+    xf = x.to(ct)
     x1, x2 = xf[..., :half], xf[..., half:]
     y = torch.cat([x1 * c + x2 * s, -x1 * s + x2 * c], dim=-1)
     y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + eps)

@@ -58,14 +58,16 @@ def _bshape(t, n_extra):
 
 def hc_combine_reference(lanes, alpha):
     lanes = _stack(lanes)
-    return (_bshape(alpha.float(), lanes.dim() - 1) * lanes.float()).sum(0).to(lanes.dtype)
+    ct = torch.promote_types(lanes.dtype, torch.float32)
+    return (_bshape(alpha.to(ct), lanes.dim() - 1) * lanes.to(ct)).sum(0).to(lanes.dtype)
 
 
 def hc_update_reference(lanes, s, M, beta):
     lanes = _stack(lanes)
     n_extra = lanes.dim() - 1
-    mixed = torch.tensordot(M.float(), lanes.float(), dims=([1], [0]))
-    return (mixed + _bshape(beta.float(), n_extra) * s.float().unsqueeze(0)).to(lanes.dtype)
+    ct = torch.promote_types(lanes.dtype, torch.float32)
+    mixed = torch.tensordot(M.to(ct), lanes.to(ct), dims=([1], [0]))
+    return (mixed + _bshape(beta.to(ct), n_extra) * s.to(ct).unsqueeze(0)).to(lanes.dtype)
 
 
 def _stack(lanes) -> torch.Tensor:

@@ -48,7 +48,8 @@ cast_out = None  # bound by dispatch.LazyKernel
 # ----------------------------------------------------------------------------- unfused reference
 def softcap_cross_entropy_reference(hidden, weight, targets, softcap, ignore_index=-100, vocab_valid=None):
     """Plain single-process formula: F.linear -> fp32 softcap -> mask padding -> F.cross_entropy."""
-    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight).float()
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap is not None:
         logits = softcap * torch.tanh(logits / softcap)
     if vocab_valid is not None and vocab_valid < logits.shape[-1]:
