@@ -206,10 +206,11 @@ def _started(run_dir: str) -> bool:
 def write_plan(spec: SweepSpec, runs: list[PlannedRun], out_dir: str, append: bool = False) -> dict:
     """Write configs and manifest. All conflicts are found before the first write."""
     old_rows: list[dict] = []
-    sources = [spec.source]
+    sources, name = [spec.source], spec.name
     if os.path.isfile(manifest_path(out_dir)):
         old = read_manifest(out_dir)
         old_rows, sources = old["runs"], list(dict.fromkeys(old.get("sources", []) + [spec.source]))
+        name = old.get("name") or name  # appending a probe keeps the sweep's name
         new_names = {r.run for r in runs}
         stale = [row["run"] for row in old_rows if row["run"] not in new_names]
         if stale and not append:
@@ -234,7 +235,7 @@ def write_plan(spec: SweepSpec, runs: list[PlannedRun], out_dir: str, append: bo
     for run in runs:
         os.makedirs(os.path.join(out_dir, "runs", run.run), exist_ok=True)
         save_config(run.cfg, os.path.join(out_dir, run.config))
-    manifest = {"format": MANIFEST_FORMAT, "name": spec.name, "sources": sources, "workdir": os.getcwd(),
+    manifest = {"format": MANIFEST_FORMAT, "name": name, "sources": sources, "workdir": os.getcwd(),
                 "runs": rows}
     _write_atomic(manifest_path(out_dir), json.dumps(manifest, indent=1) + "\n")
     _write_atomic(os.path.join(out_dir, "manifest.csv"), manifest_csv(rows))

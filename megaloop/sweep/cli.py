@@ -1,0 +1,135 @@
+"""`megaloop sweep {plan,run,slurm,collect}`: from one sweep file to the fit table.
+
+    megaloop sweep plan configs/sweeps/demo.yaml --out runs/demo_sweep
+    megaloop sweep run runs/demo_sweep                 # here, one run after another
+    megaloop sweep slurm runs/demo_sweep --partition gpu && bash runs/demo_sweep/submit.sh
+    megaloop sweep collect runs/demo_sweep             # -> runs/demo_sweep/fit_table.csv
+    megaloop fit runs/demo_sweep --plots runs/demo_sweep/plots
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+
+from ..errors import UserError
+
+USAGE = __doc__.split("\n\n", 1)[1]
+
+
+def _plan(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop sweep plan",
+                                 description="Expand a sweep file into run configs and a manifest.")
+    ap.add_argument("sweep", help="sweep YAML, e.g. configs/sweeps/iso_depth.yaml")
+    ap.add_argument("--out", required=True, help="sweep directory to write (manifest.csv/json, runs/NAME/config.yaml)")
+    ap.add_argument("--append", action="store_true",
+                    help="add these runs to a sweep directory that already holds other runs (e.g. a probe "
+                         "next to the reference grid)")
+    ap.add_argument("--list", action="store_true", help="print every planned run")
+    args = ap.parse_args(argv)
+    from .plan import expand, write_plan
+    from .spec import load_sweep
+    spec = load_sweep(args.sweep)
+    runs = expand(spec, args.out)
+    manifest = write_plan(spec, runs, args.out, append=args.append)
+    total = sum(r.target_flops for r in runs)
+    print(f"planned {len(runs)} runs of sweep {spec.name} into {args.out} "
+          f"({len(manifest['runs'])} in its manifest), {total:.3g} FLOPs in all")
+    by = Counter((r.variant, r.r) for r in runs)
+    print("  " + ", ".join(f"{v} r={r}: {n}" for (v, r), n in sorted(by.items())))
+    if args.list:
+        print(f"  {'run':<36} {'d_model':>7} {'N_once':>12} {'N_rec':>12} {'FLOPs/token':>12} {'tokens':>14} {'steps':>7}")
+        for r in runs:
+            print(f"  {r.run:<36} {r.d_model:>7} {r.n_once:>12,} {r.n_rec:>12,} {r.flops_per_token:>12.4g} "
+                  f"{r.tokens:>14,} {r.steps:>7,}")
+    print(f"  {os.path.join(args.out, 'manifest.csv')}; next: megaloop sweep run {args.out} "
+          f"(or: megaloop sweep slurm {args.out})")
+    return 0
+
+
+def _run(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop sweep run",
+                                 description="Train the sweep's runs on this machine, one after another. "
+                                             "Finished runs are skipped; interrupted ones resume.")
+    ap.add_argument("sweep_dir")
+    ap.add_argument("--only", default=None, help="comma-separated glob(s) of run names, e.g. 'baseline_r1_*'")
+    ap.add_argument("--max-runs", type=int, default=None, help="train at most N runs, then stop")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override passed to every run, e.g. train.threads=2 (must not change the "
+                         "experiment, or resuming fails)")
+    ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    args = ap.parse_args(argv)
+    if args.max_runs is not None and args.max_runs < 0:
+        raise UserError(f"--max-runs must be >= 0, got {args.max_runs}")
+    from .runner import run_sweep
+    rep = run_sweep(args.sweep_dir, args.only, args.max_runs, args.overrides, args.dry_run)
+    if not args.dry_run:
+        print(f"sweep run: {len(rep.finished)} trained, {len(rep.skipped)} already finished, "
+              f"{len(rep.failed)} failed, {len(rep.busy)} busy elsewhere in {rep.wall_s:.0f} s")
+        if rep.failed:
+            print("failed runs (see runs/NAME/FAILED and train.log; rerun to retry): " + ", ".join(rep.failed))
+        print(f"next: megaloop sweep collect {args.sweep_dir}")
+    return 1 if rep.failed else 0
+
+
+def _slurm(argv: list[str]) -> int:
+    from .slurm import SlurmOptions, write_slurm
+    d = SlurmOptions()
+    ap = argparse.ArgumentParser(prog="megaloop sweep slurm",
+                                 description="Write a SLURM array job (one task per run) and a submit script.")
+    ap.add_argument("sweep_dir")
+    ap.add_argument("--partition", default=None)
+    ap.add_argument("--account", default=None)
+    ap.add_argument("--qos", default=None)
+    ap.add_argument("--gpus-per-node", type=int, default=None,
+                    help="GPUs per run, one node each (default: the sweep's resources.gpus)")
+    ap.add_argument("--cpus-per-gpu", type=int, default=d.cpus_per_gpu)
+    ap.add_argument("--mem", default=None, help="memory per node, e.g. 0 (all) or 512G")
+    ap.add_argument("--max-parallel", type=int, default=None, help="at most N array tasks at once")
+    ap.add_argument("--tflops-per-gpu", type=float, default=d.tflops_per_gpu,
+                    help="peak TFLOP/s per GPU assumed for the time limits (default %(default)s)")
+    ap.add_argument("--mfu", type=float, default=d.mfu, help="assumed model FLOP utilisation (default %(default)s)")
+    ap.add_argument("--safety", type=float, default=d.safety, help="time-limit safety factor (default %(default)s)")
+    ap.add_argument("--overhead-min", type=float, default=d.overhead_min,
+                    help="minutes added per run for start-up, eval and checkpoints (default %(default)s)")
+    ap.add_argument("--env-setup", default=None,
+                    help="shell line run before training, e.g. 'module load cuda; source ~/venv/bin/activate'")
+    ap.add_argument("--sbatch", dest="extra_sbatch", action="append", default=[], metavar="OPTION",
+                    help="extra #SBATCH option, e.g. --sbatch=--exclusive (repeatable)")
+    ap.add_argument("--job-name", default=None)
+    args = ap.parse_args(argv)
+    opts = SlurmOptions(**{k: v for k, v in vars(args).items() if k != "sweep_dir"})
+    files = write_slurm(args.sweep_dir, opts)
+    print(f"wrote {files['sweep.sbatch']} ({files['tasks.tsv']}: one line per run)")
+    print(f"submit the unfinished runs (rerun any time; finished runs are skipped): bash {files['submit.sh']}")
+    return 0
+
+
+def _collect(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop sweep collect",
+                                 description="Gather the finished runs into the fit table; report the others.")
+    ap.add_argument("sweep_dir")
+    ap.add_argument("--out", default=None, help="table path (default SWEEP_DIR/fit_table.csv)")
+    ap.add_argument("--json", action="store_true", help="print the run statuses as JSON")
+    args = ap.parse_args(argv)
+    from .collect import collect, format_collection
+    c = collect(args.sweep_dir, args.out)
+    if args.json:
+        print(json.dumps(c.as_dict(), indent=1))
+    else:
+        print(format_collection(c))
+        print(f"next: megaloop fit {c.table_path}")
+    return 0
+
+
+SUBCOMMANDS = {"plan": _plan, "run": _run, "slurm": _slurm, "collect": _collect}
+
+
+def sweep_main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print("usage: megaloop sweep {plan,run,slurm,collect} ...\n\n" + USAGE)
+        return 0 if argv else 2
+    if argv[0] not in SUBCOMMANDS:
+        raise UserError(f"unknown sweep command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}")
+    return SUBCOMMANDS[argv[0]](argv[1:])

@@ -1,0 +1,135 @@
+"""`megaloop sweep collect`: every finished run of a sweep into the scaling-law table.
+
+DIR/fit_table.csv holds the DESIGN.md columns n_once, n_rec, r, tokens, loss (validation loss in
+nats, at the trained r) plus run, variant and flops, one row per finished, healthy run, in manifest
+order. Every other run is reported by status, so a researcher sees what the fit is missing:
+
+  finished    summary.json with a finite loss below the unigram entropy
+  diverged    the loss is non-finite or no better than predicting unigram frequencies, or the run
+              stopped on non-finite steps (its FAILED note says "diverged")
+  failed      the training process exited with an error (DIR/runs/NAME/FAILED)
+  running     locked by a live `megaloop sweep run` process on this host
+  incomplete  has checkpoints but no summary (interrupted; `sweep run` resumes it)
+  missing     never started
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ..errors import UserError
+from .plan import read_manifest
+from .runner import LOCK, _pid_alive
+
+TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "flops")
+STATUSES = ("finished", "diverged", "failed", "running", "incomplete", "missing")
+
+
+@dataclass
+class RunStatus:
+    run: str
+    status: str
+    reason: str = ""
+    row: Optional[dict] = None     # the fit-table row, for finished runs
+
+
+@dataclass
+class Collection:
+    name: str
+    table_path: Optional[str]
+    runs: list[RunStatus] = field(default_factory=list)
+
+    def by_status(self, status: str) -> list[RunStatus]:
+        return [r for r in self.runs if r.status == status]
+
+    def counts(self) -> dict[str, int]:
+        return {s: len(self.by_status(s)) for s in STATUSES}
+
+    def as_dict(self) -> dict:
+        return {"sweep": self.name, "table": self.table_path, "n_runs": len(self.runs), "counts": self.counts(),
+                "runs": {s: {r.run: r.reason for r in self.by_status(s)} for s in STATUSES if s != "finished"}}
+
+
+def _locked_here(run_dir: str) -> bool:
+    try:
+        host, pid = open(os.path.join(run_dir, LOCK)).read().split()
+    except (OSError, ValueError):
+        return False
+    return host == socket.gethostname() and _pid_alive(int(pid))
+
+
+def run_status(sweep_dir: str, row: dict) -> RunStatus:
+    name = row["run"]
+    run_dir = os.path.join(sweep_dir, "runs", name)
+    summary_path = os.path.join(run_dir, "summary.json")
+    if os.path.isfile(summary_path):
+        try:
+            with open(summary_path) as f:
+                s = json.load(f)
+            loss = float(s["val_loss"])
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return RunStatus(name, "failed", f"unreadable summary.json ({e})")
+        if not math.isfinite(loss):
+            return RunStatus(name, "diverged", f"val_loss is {loss}")
+        entropy = s.get("unigram_entropy")
+        if entropy is not None and loss >= float(entropy):
+            return RunStatus(name, "diverged", f"val_loss {loss:.4f} is not below the unigram entropy {float(entropy):.4f}")
+        table_row = {"n_once": s.get("n_once", row["n_once"]), "n_rec": s.get("n_rec", row["n_rec"]),
+                     "r": s.get("r", row["r"]), "tokens": s.get("tokens", row["tokens"]), "loss": loss,
+                     "run": name, "variant": row.get("variant", "baseline"),
+                     "flops": s.get("flops", row["target_flops"])}
+        skipped = s.get("skipped_steps") or 0
+        return RunStatus(name, "finished", f"{skipped} skipped step(s)" if skipped else "", table_row)
+    failed_path = os.path.join(run_dir, "FAILED")
+    if os.path.isfile(failed_path):
+        with open(failed_path, errors="replace") as f:
+            note = " ".join(ln.strip() for ln in f.readlines()[:2] if ln.strip())
+        return RunStatus(name, "diverged" if "diverged" in note else "failed", note)
+    if _locked_here(run_dir):
+        return RunStatus(name, "running", "locked by a live sweep process")
+    if os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return RunStatus(name, "incomplete", "has checkpoints, no summary: `megaloop sweep run` resumes it")
+    return RunStatus(name, "missing", "not started")
+
+
+def collect(sweep_dir: str, out: Optional[str] = None) -> Collection:
+    """Statuses of every run; writes the table of the finished ones (UserError when there are none)."""
+    manifest = read_manifest(sweep_dir)
+    result = Collection(name=manifest.get("name", ""), table_path=None,
+                        runs=[run_status(sweep_dir, row) for row in manifest["runs"]])
+    rows = [r.row for r in result.by_status("finished") if r.row is not None]
+    if not rows:
+        c = result.counts()
+        raise UserError(f"{sweep_dir}: none of its {len(result.runs)} runs has finished yet "
+                        f"({', '.join(f'{v} {k}' for k, v in c.items() if v)}). "
+                        f"Train them first: megaloop sweep run {sweep_dir}")
+    path = out or os.path.join(sweep_dir, "fit_table.csv")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+    result.table_path = path
+    return result
+
+
+def format_collection(c: Collection, limit: int = 10) -> str:
+    counts = c.counts()
+    lines = [f"sweep {c.name}: {len(c.runs)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k == "finished"),
+             f"fit table: {c.table_path} ({counts['finished']} runs)"]
+    for status in STATUSES[1:]:
+        runs = c.by_status(status)
+        if not runs:
+            continue
+        lines.append(f"{status}:")
+        lines += [f"  {r.run}: {r.reason}" for r in runs[:limit]]
+        if len(runs) > limit:
+            lines.append(f"  ... and {len(runs) - limit} more")
+    return "\n".join(lines)
