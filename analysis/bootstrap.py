@@ -1,0 +1,59 @@
+"""Bootstrap of the law fit: resample runs with replacement, refit all resamples in one batch.
+
+A resample is a vector of integer run multiplicities, which the summed Huber objective takes as
+weights, so B resamples x k starts are one (B*k, R) batch for the batched L-BFGS. Each resample
+is warm-started from the point estimate and from the point estimate with phi moved to a few
+other values (phi trades off against A/alpha, so a second basin along phi is the likely miss).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .law import N_BASE, PHI_MAX, LawData, batched_lbfgs, to_centred, to_raw
+
+
+def resample_weights(n_boot: int, strata: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """(n_boot, R) multiplicities; runs are resampled within each stratum (variant), so every
+    resample keeps each variant's run count."""
+    R = len(strata)
+    w = np.zeros((n_boot, R))
+    for s in np.unique(strata):
+        rows = np.flatnonzero(strata == s)
+        draws = rng.integers(0, rows.size, size=(n_boot, rows.size))
+        for b in range(n_boot):  # bincount per resample: cheap (n_boot x R)
+            w[b, rows] = np.bincount(draws[b], minlength=rows.size)
+    return w
+
+
+def bootstrap(data: LawData, delta: float, free: np.ndarray, raw_hat: np.ndarray, n_boot: int,
+              seed: int, strata: np.ndarray | None = None, phi_starts=(0.2, 0.8),
+              max_iter: int = 400, chunk: int = 4000) -> np.ndarray:
+    """Refit n_boot resamples; returns (n_boot, P) raw parameter vectors (best start each)."""
+    rng = np.random.default_rng(seed)
+    strata = np.zeros(len(data.log_l), int) if strata is None else np.asarray(strata)
+    w = resample_weights(n_boot, strata, rng)
+    starts = [raw_hat]
+    free_phi = free[N_BASE:]
+    if free_phi.any():
+        for p in phi_starts:  # same shared parameters, every free phi moved to p
+            s = raw_hat.copy()
+            s[N_BASE:][free_phi] = min(p, PHI_MAX)
+            starts.append(s)
+    starts_c = to_centred(np.array(starts), data)
+    k = len(starts_c)
+    out = np.empty((n_boot, len(raw_hat)))
+    per = max(1, chunk // k)
+    for lo in range(0, n_boot, per):  # chunks bound the memory of the (B*k, R) temporaries
+        hi = min(n_boot, lo + per)
+        wb = np.repeat(w[lo:hi], k, axis=0)
+        x0 = np.tile(starts_c, (hi - lo, 1))
+        x, f = batched_lbfgs(x0, data, delta, weights=wb, free=free, max_iter=max_iter)
+        f = np.where(np.isfinite(f), f, np.inf).reshape(hi - lo, k)
+        best = np.argmin(f, axis=1)
+        out[lo:hi] = to_raw(x.reshape(hi - lo, k, -1)[np.arange(hi - lo), best], data)
+    return out
+
+
+def percentile_ci(samples: np.ndarray, level: float = 0.95) -> list[float]:
+    lo, hi = np.nanpercentile(samples, [50 * (1 - level), 50 * (1 + level)])
+    return [float(lo), float(hi)]

@@ -1,0 +1,148 @@
+"""Loading and validating the scaling-law table (CSV, run directories, sweep directories)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+try:  # let the top-level CLI treat it like every other user error, when megaloop is importable
+    from megaloop.errors import UserError as _UserError
+except Exception:  # pragma: no cover - analysis used standalone
+    class _UserError(Exception):
+        pass
+
+REQUIRED = ("n_once", "n_rec", "r", "tokens", "loss")
+OPTIONAL_NUMERIC = ("flops",)
+
+
+class FitInputError(ValueError, _UserError):
+    """Bad fit input; the message names the offending rows. The CLI prints it and exits 2."""
+
+
+def _row_label(df: pd.DataFrame, i: int) -> str:
+    run = f" (run {df['run'].iloc[i]!r})" if "run" in df.columns else ""
+    return f"row {i + 1}{run}"
+
+
+def validate(df: pd.DataFrame, source: str = "table") -> pd.DataFrame:
+    """Check columns and values; return a clean copy with float columns. Raises FitInputError
+    listing every problem (all rows at once, so a user fixes the table in one pass)."""
+    df = df.copy()
+    df.columns = [str(c).strip() for c in df.columns]
+    if "val_loss" in df.columns and "loss" not in df.columns:
+        df = df.rename(columns={"val_loss": "loss"})
+    missing = [c for c in REQUIRED if c not in df.columns]
+    if missing:
+        raise FitInputError(f"{source}: missing column(s) {', '.join(missing)}; "
+                            f"need {', '.join(REQUIRED)} (optional: run, variant, flops)")
+    if len(df) == 0:
+        raise FitInputError(f"{source}: no runs")
+    problems: list[str] = []
+    for col in REQUIRED + tuple(c for c in OPTIONAL_NUMERIC if c in df.columns):
+        num = pd.to_numeric(df[col], errors="coerce")
+        raw = df[col]
+        for i in range(len(df)):
+            v = num.iloc[i]
+            if pd.isna(v):
+                what = "is missing/NaN" if pd.isna(raw.iloc[i]) or str(raw.iloc[i]).strip().lower() in (
+                    "nan", "") else f"is not a number ({raw.iloc[i]!r})"
+                problems.append(f"{_row_label(df, i)}: {col} {what}")
+            elif not np.isfinite(v):
+                problems.append(f"{_row_label(df, i)}: {col} is not finite ({v})")
+            elif col == "n_rec" and v < 0:
+                problems.append(f"{_row_label(df, i)}: n_rec must be >= 0, got {v:g}")
+            elif col == "r" and v < 1:
+                problems.append(f"{_row_label(df, i)}: r must be >= 1, got {v:g}")
+            elif col not in ("n_rec", "r") and v <= 0:
+                problems.append(f"{_row_label(df, i)}: {col} must be positive, got {v:g}")
+        df[col] = num.astype(float)
+    if "run" in df.columns:
+        df["run"] = df["run"].astype(str)
+        dup = df["run"].duplicated(keep=False)
+        for name in pd.unique(df.loc[dup, "run"]):
+            rows = ", ".join(str(i + 1) for i in np.flatnonzero(df["run"].to_numpy() == name))
+            problems.append(f"rows {rows}: duplicate run {name!r}")
+    else:
+        dup = df.duplicated(keep=False)
+        if dup.any():
+            problems.append(f"rows {', '.join(str(i + 1) for i in np.flatnonzero(dup))}: duplicate runs "
+                            "(identical rows)")
+        df.insert(0, "run", [f"row{i + 1}" for i in range(len(df))])
+    if "variant" in df.columns:
+        bad = df["variant"].isna()
+        for i in np.flatnonzero(bad):
+            problems.append(f"{_row_label(df, i)}: variant is empty")
+        df["variant"] = df["variant"].astype(str)
+    if problems:
+        head = f"{source}: {len(problems)} problem(s) in the table:\n  "
+        raise FitInputError(head + "\n  ".join(problems))
+    return df.reset_index(drop=True)
+
+
+def _read_summary(path: Path) -> dict:
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FitInputError(f"{path}: cannot read summary.json ({exc})") from None
+    if not isinstance(s, dict):
+        raise FitInputError(f"{path}: summary.json is not a JSON object")
+    row = {k: s.get(k) for k in ("run", "n_once", "n_rec", "r", "tokens", "flops", "variant")
+           if s.get(k) is not None}
+    row["loss"] = s.get("val_loss", s.get("loss"))
+    row.setdefault("run", path.parent.name)
+    return row
+
+
+def _manifest_variants(root: Path) -> dict[str, str]:
+    """Optional DIR/manifest.json: a list of {run, variant} (or {"runs": [...]})."""
+    mf = root / "manifest.json"
+    if not mf.is_file():
+        return {}
+    try:
+        m = json.loads(mf.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FitInputError(f"{mf}: cannot read manifest ({exc})") from None
+    runs = m.get("runs", []) if isinstance(m, dict) else m
+    return {str(x["run"]): str(x["variant"]) for x in runs
+            if isinstance(x, dict) and "run" in x and "variant" in x}
+
+
+def load_table(sources: Sequence[str | Path]) -> pd.DataFrame:
+    """One CSV, or any mix of run directories / sweep directories (searched recursively for
+    summary.json). Returns a validated DataFrame."""
+    paths = [Path(s) for s in sources]
+    if not paths:
+        raise FitInputError("no input given: pass a CSV table or run directories")
+    for p in paths:
+        if not p.exists():
+            raise FitInputError(f"{p}: no such file or directory")
+    if len(paths) == 1 and paths[0].is_file():
+        p = paths[0]
+        try:
+            df = pd.read_csv(p, skipinitialspace=True)
+        except Exception as exc:  # pandas raises many types for malformed CSVs
+            raise FitInputError(f"{p}: cannot parse as CSV ({exc})") from None
+        return validate(df, str(p))
+    rows = []
+    for p in paths:
+        if p.is_file():
+            if p.name != "summary.json":
+                raise FitInputError(f"{p}: give one CSV table, or run/sweep directories")
+            rows.append(_read_summary(p))
+            continue
+        variants = _manifest_variants(p)
+        found = sorted(p.rglob("summary.json"))
+        if not found:
+            raise FitInputError(f"{p}: no summary.json found under this directory")
+        for f in found:
+            row = _read_summary(f)
+            if "variant" not in row and row["run"] in variants:
+                row["variant"] = variants[row["run"]]
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    if "variant" in df.columns:
+        df["variant"] = df["variant"].fillna("baseline")
+    return validate(df, "run directories")
