@@ -149,12 +149,12 @@ def _cast_out_native(x, dtype):
 
 
 def _cast_out_interp(x, dtype):
-    # The interpreter converts fp32 -> bf16 by truncation; add the round-to-nearest-even bias
-    # to the bits first so the result matches a GPU (and torch) rounding.
+    # The interpreter converts fp32 -> bf16 by truncation (and mishandles subnormals, zero
+    # included). Round to nearest even in the integer domain instead, as a GPU and torch do.
     if dtype == tl.bfloat16:
         bits = x.to(tl.float32).to(tl.uint32, bitcast=True)
         bits = bits + (((bits >> 16) & 1) + 0x7FFF)
-        return bits.to(tl.float32, bitcast=True).to(dtype)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)
 
 

@@ -99,7 +99,7 @@ def _softcap_ce_kernel(
         tl.store(M_OUT + rows, m, mask=rmask)
         tl.store(SE_OUT + rows, se, mask=rmask)
         tl.store(ZT_OUT + rows, zt, mask=rmask)
-        lse = m + tl.log(se)
+        lse = m + tl.log(tl.where(se > 0, se, 1.0))  # se == 0 only on padding rows
     else:
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
     if DO_GRAD:
