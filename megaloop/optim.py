@@ -6,9 +6,10 @@ momentum) or kind="adamw" (embeddings, head, norm scales, hyperconnect lanes). B
 optimizer keeps the training loop, checkpoints and DeepSpeed's client-optimizer path simple.
 
 Muon needs whole matrices: Newton-Schulz on a shard is a different operation. It is therefore
-correct with plain data parallelism and ZeRO stage 0 (every rank holds full gradients), and
-under tensor parallelism only because each rank orthogonalises its own shard (see
-megaloop/parallel for what is allowed where).
+correct with plain data parallelism and ZeRO stage 0 (every rank holds full gradients); under
+tensor parallelism each shard (marked `tp_split_dim` by megaloop.parallel) is gathered to its
+whole matrix first. ZeRO >= 1 hands optimisers flat partitions, so Muon is refused there (see
+megaloop/parallel/engines.py).
 """
 from __future__ import annotations
 
@@ -34,6 +35,20 @@ def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
     return x.T if transposed else x
 
 
+def _newton_schulz_tp(update: torch.Tensor, dim: int, tp_group, steps: int) -> tuple[torch.Tensor, int, int]:
+    """Muon on a tensor-parallel shard (megaloop.parallel marks shards with `tp_split_dim`):
+    Newton-Schulz of a shard is not the shard of Newton-Schulz, so gather the whole matrix over
+    the TP group, orthogonalise it (every TP rank does the same work) and keep this rank's slice.
+    Returns the slice and the whole matrix's shape."""
+    import torch.distributed as dist
+
+    n, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    parts = [torch.empty_like(update) for _ in range(n)]
+    dist.all_gather(parts, update.contiguous(), group=tp_group)
+    full = torch.cat(parts, dim)
+    return newton_schulz(full, steps).chunk(n, dim)[rank], full.size(0), full.size(1)
+
+
 class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups: list[dict]):
         for g in param_groups:
@@ -56,9 +71,12 @@ class MuonAdamW(torch.optim.Optimizer):
             mom = group["momentum"]
             buf.mul_(mom).add_(p.grad.float())
             update = p.grad.float().add(buf, alpha=mom)  # Nesterov
-            o = newton_schulz(update, group["ns_steps"])
+            if getattr(p, "tp_split_dim", None) is not None:
+                o, rows, cols = _newton_schulz_tp(update, p.tp_split_dim, p.tp_group, group["ns_steps"])
+            else:
+                o, (rows, cols) = newton_schulz(update, group["ns_steps"]), p.shape
             # Scale so the update RMS is comparable across shapes (tall matrices get more).
-            scale = math.sqrt(max(1.0, p.size(0) / p.size(1)))
+            scale = math.sqrt(max(1.0, rows / cols))
             if group.get("weight_decay", 0.0):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(o.to(p.dtype), alpha=-group["lr"] * scale)

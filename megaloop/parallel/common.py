@@ -1,0 +1,87 @@
+"""What the distributed engines share: rank bookkeeping, barriers, and consolidated checkpoints.
+
+model.pt is always the plain LoopedLM state dict (whole tensors, vocab padding trimmed), gathered
+to rank 0, so evaluation, export and resuming under another layout's model weights do not care
+how the run was parallelised.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config
+from .state import ParallelState
+from .tensor_parallel import full_tensor, shard_of
+
+VOCAB_PARAMS = ("embed.weight", "head.weight")
+
+
+class DistributedEngineBase:
+    def __init__(self, cfg: Config, st: ParallelState):
+        self.cfg, self.st = cfg, st
+        lay = st.layout
+        self.rank = lay.rank
+        self.is_main = lay.rank == 0
+        self.dp_rank, self.dp_size = lay.dp_rank, lay.dp
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def all_reduce_flag(self, flag: bool) -> bool:
+        """True on every rank if it is True on any rank."""
+        t = torch.tensor([1.0 if flag else 0.0], device=getattr(self, "device", torch.device("cpu")))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def close(self) -> None:
+        # Destroying the group at exit avoids occasional aborts at shutdown (see REFERENCES).
+        from . import state
+        if dist.is_initialized():
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
+        state.destroy()
+
+
+def consolidate_state_dict(model: torch.nn.Module, names: list[str], vocab: int,
+                           st: ParallelState) -> Optional[dict]:
+    """Whole tensors of `names` (this rank's share of the model) gathered to global rank 0.
+    Collective over the world; returns the merged state dict on rank 0, None elsewhere."""
+    lay = st.layout
+    params = dict(model.named_parameters())
+    mine = {}
+    for n in names:  # same order on every TP rank of a stage: full_tensor all-gathers over TP
+        t = full_tensor(params[n], vocab if n in VOCAB_PARAMS else None)
+        if lay.tp_rank == 0 and lay.dp_rank == 0:
+            mine[n] = t.cpu().clone()
+    gathered = [None] * lay.world if lay.rank == 0 else None
+    dist.gather_object(mine, gathered, dst=0)
+    if lay.rank != 0:
+        return None
+    merged = {}
+    for part in gathered:
+        merged.update(part)
+    order = [n for n in model.state_dict().keys()]
+    return {n: merged[n] for n in order if n in merged}
+
+
+def load_consolidated(model: torch.nn.Module, names: list[str], full: dict, path: str) -> None:
+    """Copy this rank's slices of a consolidated state dict into its (sharded) parameters."""
+    from ..checkpoint import CheckpointError
+
+    params = dict(model.named_parameters())
+    missing = [n for n in params if n not in full]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} does not fit this model (missing {missing[0]}); the config's "
+                              f"model shape differs from the run that wrote it")
+    with torch.no_grad():
+        for n in names:
+            p = params[n]
+            src = shard_of(p, full[n])
+            if src.shape != p.shape:
+                raise CheckpointError(f"checkpoint {path}: {n} has shape {tuple(full[n].shape)}, which does not "
+                                      f"fit this model; the config's model shape differs from the saved run")
+            p.copy_(src.to(p.device, p.dtype))

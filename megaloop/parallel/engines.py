@@ -1,0 +1,126 @@
+"""Building a distributed engine: read the launcher's environment, validate the layout on every
+rank *before* any collective (so a bad layout is one clear error per rank, never a hang), start
+torch.distributed, create the process groups, and pick the engine.
+
+Engines (both implement megaloop.engine's interface):
+  - TorchEngine (megaloop.parallel.torch_engine): TP x PP x DP with ZeRO stage 0, Muon or AdamW.
+    Pipeline parallelism runs here (torch.distributed.pipelining, 1F1B).
+  - DeepSpeedEngine (megaloop.parallel.deepspeed_engine): TP x DP with ZeRO stages 0-3, pp = 1.
+parallel.engine=auto picks DeepSpeed when pp = 1 and ZeRO >= 1, the torch engine otherwise.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError
+from . import state
+from .pipeline import check_pipeline
+from .state import Layout, make_layout
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    rank: int
+    world: int
+    local_rank: int
+    source: str  # torchrun | slurm
+
+
+def rendezvous_from_env(env=None) -> Rendezvous:
+    """Rank, world size and local rank from torchrun / the deepspeed launcher (RANK, WORLD_SIZE,
+    LOCAL_RANK) or from `srun` started directly (SLURM_PROCID, SLURM_STEP_NUM_TASKS,
+    SLURM_LOCALID). MASTER_ADDR and MASTER_PORT must be set either way."""
+    env = os.environ if env is None else env
+    if "WORLD_SIZE" in env:
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        source = "torchrun"
+        rank, world = env.get("RANK", "0"), env["WORLD_SIZE"]
+        local = env.get("LOCAL_RANK", "0")
+    elif "SLURM_STEP_NUM_TASKS" in env or "SLURM_NTASKS" in env:
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not env.get(k)]
+        source = "slurm"
+        rank = env.get("SLURM_PROCID", "0")
+        world = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+        local = env.get("SLURM_LOCALID", "0")
+    else:
+        return Rendezvous(0, 1, 0, "single")
+    if missing:
+        hint = ("export MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) and "
+                "MASTER_PORT in the batch script (launch/slurm/*.sbatch do)") if source == "slurm" else \
+            "launch with torchrun or launch/torchrun.sh, which set them"
+        raise ConfigError(f"distributed launch ({source}) without the rendezvous variable(s) "
+                          f"{', '.join(missing)}: {hint}")
+    try:
+        return Rendezvous(int(rank), int(world), int(local), source)
+    except ValueError:
+        raise ConfigError(f"malformed rank variables from {source}: rank={rank!r} world={world!r}") from None
+
+
+def choose_engine(cfg: Config) -> str:
+    p = cfg.parallel
+    if p.engine != "auto":
+        return p.engine
+    return "deepspeed" if p.pp == 1 and p.zero_stage >= 1 else "torch"
+
+
+def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
+    """Every check that needs the world size. Pure: runs before torch.distributed starts."""
+    p, m = cfg.parallel, cfg.model
+    layout = make_layout(world, p.tp, p.pp, rank)
+    if m.n_head % p.tp or m.kv_heads % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide the attention heads (model.n_head={m.n_head}, "
+                          f"kv heads={m.kv_heads}): each TP rank holds whole heads. Choose tp among the "
+                          f"common divisors, or change the head counts")
+    if (m.mlp_ratio * m.d_model) % p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} must divide the MLP width {m.mlp_ratio * m.d_model}")
+    if m.vocab_size < p.tp:
+        raise ConfigError(f"parallel.tp={p.tp} exceeds model.vocab_size={m.vocab_size}")
+    check_pipeline(m, p.pp)
+    kind = choose_engine(cfg)
+    if kind == "deepspeed" and p.pp > 1:
+        raise ConfigError(f"parallel.engine=deepspeed runs pp=1 only (got parallel.pp={p.pp}); pipeline "
+                          f"parallelism runs on parallel.engine=torch (or auto) with zero_stage=0")
+    if kind == "torch" and p.zero_stage > 0:
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs DeepSpeed: set parallel.engine=deepspeed "
+                          f"(or auto) with parallel.pp=1, or use zero_stage=0")
+    if p.zero_stage >= 1 and cfg.optim.name == "muon":
+        raise ConfigError(
+            f"optim.name=muon with parallel.zero_stage={p.zero_stage}: ZeRO hands the optimiser flat "
+            f"partitions of the weights, but Muon's Newton-Schulz needs whole matrices. Use "
+            f"optim.name=adamw with ZeRO, or parallel.zero_stage=0 for Muon")
+    if kind == "deepspeed":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError:
+            raise ConfigError("parallel.engine=deepspeed but DeepSpeed is not installed: "
+                              "DS_BUILD_OPS=0 pip install deepspeed (or pip install -e .[distributed])") from None
+    return layout
+
+
+def init_torch_distributed(rdv: Rendezvous, device: torch.device, timeout_s: int = 600) -> None:
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method="env://", rank=rdv.rank, world_size=rdv.world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def build_distributed_engine(cfg: Config, model: torch.nn.Module, device: torch.device):
+    rdv = rendezvous_from_env()
+    layout = validate_layout(cfg, rdv.world, rdv.rank)  # before any collective: errors on every rank
+    if device.type == "cuda":
+        device = torch.device("cuda", rdv.local_rank)
+    init_torch_distributed(rdv, device)
+    st = state.initialize(layout)
+    if choose_engine(cfg) == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine
+        return DeepSpeedEngine(cfg, model, device, st)
+    from .torch_engine import TorchEngine
+    return TorchEngine(cfg, model, device, st)

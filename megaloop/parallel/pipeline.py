@@ -1,0 +1,217 @@
+"""Pipeline parallelism for the looped model: units, balanced stages, and the stage forward.
+
+The model is cut into *units*: each prelude block, each recurrence pass (the whole recurrent
+group run once, with its injection and norm_recur), each coda block. The embedding rides with
+the first unit and the final norm + head with the last. Units are split into `pp` contiguous
+stages balanced by block count, so the r recurrences are unrolled across stages: at r = 4 with
+prelude 2 / group 4 / coda 2 on pp = 4, every stage runs about 5 blocks.
+
+Every stage that runs at least one pass holds a copy of the recurrent group (blocks, injection,
+norm_recur): these are tied weights. Their gradients are summed across those stages after each
+backward (the job DeepSpeed's TiedLayerSpec does), so the copies receive identical updates.
+
+Between stages a stage sends a tuple: (x,) in the prelude and coda, (state, aux) inside the
+recurrence, where aux is the prelude output e (linear/additive/passthrough injection) or the
+hyperconnect lanes. Passes before the last bptt_k run under no_grad, as in the model.
+
+Training uses torch.distributed.pipelining's 1F1B schedule over the step's micro-batches;
+evaluation (any num_recur) uses a forward-only relay below, with the passes of the requested r
+spread over the stages that hold the recurrent group.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .. import kernels as K
+from ..config import ConfigError, ModelConfig
+
+
+@dataclass(frozen=True)
+class Unit:
+    kind: str   # "prelude" | "pass" | "coda"
+    index: int  # block index (prelude/coda) or recurrence index (pass)
+
+
+def units_for(cfg: ModelConfig, num_recur: Optional[int] = None) -> list[Unit]:
+    r = num_recur or cfg.num_recur
+    return ([Unit("prelude", i) for i in range(cfg.n_prelude)] + [Unit("pass", i) for i in range(r)]
+            + [Unit("coda", i) for i in range(cfg.n_coda)])
+
+
+def _weight(u: Unit, cfg: ModelConfig) -> int:
+    return cfg.n_recur_block if u.kind == "pass" else 1
+
+
+def partition(weights: list[int], parts: int) -> list[tuple[int, int]]:
+    """Contiguous split of `weights` into `parts` non-empty ranges minimising the heaviest part
+    (exact dynamic programme; unit counts are small)."""
+    n = len(weights)
+    prefix = [0]
+    for w in weights:
+        prefix.append(prefix[-1] + w)
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(parts + 1)]
+    cut = [[0] * (n + 1) for _ in range(parts + 1)]
+    best[0][0] = 0
+    for k in range(1, parts + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                cost = max(best[k - 1][i], prefix[j] - prefix[i])
+                if cost < best[k][j]:
+                    best[k][j], cut[k][j] = cost, i
+    bounds, j = [], n
+    for k in range(parts, 0, -1):
+        i = cut[k][j]
+        bounds.append((i, j))
+        j = i
+    return bounds[::-1]
+
+
+def check_pipeline(cfg: ModelConfig, pp: int) -> None:
+    n = len(units_for(cfg))
+    if pp > n:
+        raise ConfigError(
+            f"parallel.pp={pp} is more pipeline stages than the model has pipeline units ({n}: "
+            f"{cfg.n_prelude} prelude blocks + {cfg.num_recur} recurrences + {cfg.n_coda} coda blocks). "
+            f"Use parallel.pp <= {n}")
+
+
+@dataclass
+class StagePlan:
+    stage: int
+    pp: int
+    units: list[Unit]
+    recur_stages: list[int]   # stages that run passes (and hold the tied recurrent group)
+
+    @property
+    def first(self) -> bool:
+        return self.stage == 0
+
+    @property
+    def last(self) -> bool:
+        return self.stage == self.pp - 1
+
+    @property
+    def holds_recurrence(self) -> bool:
+        return self.stage in self.recur_stages
+
+
+def plan_stages(cfg: ModelConfig, pp: int) -> list[StagePlan]:
+    check_pipeline(cfg, pp)
+    units = units_for(cfg)
+    bounds = partition([_weight(u, cfg) for u in units], pp)
+    per = [units[a:b] for a, b in bounds]
+    recur = [s for s, us in enumerate(per) if any(u.kind == "pass" for u in us)]
+    return [StagePlan(s, pp, per[s], recur) for s in range(pp)]
+
+
+def eval_units(plan: StagePlan, cfg: ModelConfig, num_recur: int) -> list[Unit]:
+    """This stage's units for a forward at any r: prelude/coda as in training, the r passes
+    split evenly over the stages that hold the recurrent group."""
+    out = [u for u in plan.units if u.kind == "prelude"]
+    if plan.holds_recurrence:
+        k, n = plan.recur_stages.index(plan.stage), len(plan.recur_stages)
+        out += [Unit("pass", i) for i in range(k * num_recur // n, (k + 1) * num_recur // n)]
+    return out + [u for u in plan.units if u.kind == "coda"]
+
+
+def owned_prefixes(plan: StagePlan) -> tuple[str, ...]:
+    """State-dict name prefixes of the parameters this stage uses."""
+    out = [f"{u.kind}.{u.index}." for u in plan.units if u.kind in ("prelude", "coda")]
+    if plan.first:
+        out += ["embed.", "norm_emb."]
+    if plan.holds_recurrence:
+        out += ["recur.", "injection.", "norm_recur."]
+    if plan.last:
+        out += ["norm_final.", "head."]
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- stage compute
+def run_units(model: nn.Module, units: list[Unit], carry: tuple, first: bool, last: bool,
+              num_recur: int) -> tuple:
+    """Run `units` of a LoopedLM on the carried tuple; mirrors LoopedLM.final_hidden."""
+    cfg = model.cfg
+    if first:
+        x, aux = model.embed_tokens(carry[0]), None
+    else:
+        x, aux = carry[0], (carry[1] if len(carry) > 1 else None)
+    inj = model.injection
+    g = num_recur if cfg.bptt_k is None else min(cfg.bptt_k, num_recur)
+    for u in units:
+        if u.kind == "prelude":
+            x = model.run_blocks([model.prelude[u.index]], x)
+        elif u.kind == "coda":
+            x = model.run_blocks([model.coda[u.index]], x)
+        else:
+            i = u.index
+            with torch.no_grad() if i < num_recur - g else nullcontext():
+                if i == 0:  # x is the prelude output e: start the recurrence state
+                    aux = x.unsqueeze(0).expand(inj.alpha.size(1), *x.shape) if inj.mode == "hyperconnect" else x
+                    x = x if inj.mode == "hyperconnect" else inj.initial_state(x)
+                if inj.mode == "hyperconnect":
+                    R = inj.alpha.size(0)
+                    s = model.norm_recur(model._group(K.hc_combine(aux, inj.alpha[i % R])))
+                    aux, x = K.hc_update(aux, s, inj.mix[i % R], inj.beta[i % R]), s
+                else:
+                    x = model.norm_recur(model._group(K.inject(aux, x, inj.mode, inj.weight)))
+            if i == num_recur - 1:  # leaving the recurrence: only the coda input travels on
+                x = aux.sum(0) if inj.mode == "hyperconnect" else x
+                aux = None
+    if last:
+        return (model.norm_final(x),)
+    # A fresh view, so a carried tensor is never the received input buffer itself.
+    return (x,) if aux is None else (x, aux.view_as(aux))
+
+
+class StageModule(nn.Module):
+    """One pipeline stage as a module for torch.distributed.pipelining."""
+
+    def __init__(self, model: nn.Module, plan: StagePlan, autocast):
+        super().__init__()
+        self.model, self.plan, self.autocast = model, plan, autocast
+
+    def forward(self, *carry):
+        with self.autocast():
+            out = run_units(self.model, self.plan.units, carry, self.plan.first, self.plan.last,
+                            self.model.cfg.num_recur)
+        return out[0] if len(out) == 1 else out
+
+
+# ----------------------------------------------------------------------------- forward-only relay
+_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def send_tuple(tensors: tuple, dst: int, device: torch.device, max_header: int = 64) -> None:
+    """Blocking send of a short tuple of float tensors; a fixed-size header (count, then dtype,
+    ndim and shape of each) goes first so the receiver can allocate."""
+    header = [len(tensors)]
+    for t in tensors:
+        header += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+    buf = torch.zeros(max_header, dtype=torch.long, device=device)
+    buf[0] = len(header)
+    buf[1: 1 + len(header)] = torch.tensor(header, device=device)
+    dist.send(buf, dst)
+    for t in tensors:
+        dist.send(t.detach().contiguous(), dst)
+
+
+def recv_tuple(src: int, device: torch.device, max_header: int = 64) -> tuple:
+    buf = torch.zeros(max_header, dtype=torch.long, device=device)
+    dist.recv(buf, src)
+    header = buf[1: 1 + int(buf[0])].tolist()
+    n, pos, out = header[0], 1, []
+    for _ in range(n):
+        dtype, ndim = _DTYPES[header[pos]], header[pos + 1]
+        shape = header[pos + 2: pos + 2 + ndim]
+        pos += 2 + ndim
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, src)
+        out.append(t)
+    return tuple(out)

@@ -1,0 +1,338 @@
+"""Megatron-style tensor parallelism on plain tensors.
+
+Each sharded weight is an ordinary `nn.Parameter` holding this rank's slice (so DeepSpeed ZeRO
+and our optimiser see plain tensors) and carries two attributes:
+  - `tp_split_dim`: the dimension it was cut along (0: output rows, 1: input columns), used to
+    gather it back (checkpoints, Muon's Newton-Schulz) and to count it once in the grad norm;
+  - `tp_group`: the process group of its shards.
+The modules keep the plain model's parameter names (`weight`), so a state dict maps 1:1 to
+shards and `apply_tensor_parallel` can slice a fully built model: every layout starts from the
+same initial weights as the single-process run.
+
+Attention's q, k, v and the MLP input are column-parallel (whole heads per rank); the attention
+and MLP outputs are row-parallel (partial sums all-reduced). Activations between blocks stay
+replicated, so norms, the injection adapter and hyperconnect lanes run unchanged and get
+identical gradients on every TP rank (the backward all-reduce in `copy_to_tp_region` sums the
+partial input gradients of the column-parallel layers). The model is dropout-free, so no RNG
+state has to be coordinated; `RNGTracker` is there for code that adds randomness under TP.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels as K
+
+
+# ----------------------------------------------------------------------------- communication ops
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+class _CopyToTP(torch.autograd.Function):
+    """Identity forward; all-reduce the gradient (each rank holds a partial input gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """All-reduce forward (sum of partial results); identity backward."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.contiguous().clone()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    """Concatenate the ranks' slices along the last dim; backward keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.chunk(_size(ctx.group), -1)[_rank(ctx.group)].contiguous(), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    """Keep this rank's slice of the last dim; backward gathers the slices."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.chunk(_size(group), -1)[_rank(group)].contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        parts = [torch.empty_like(g) for _ in range(_size(ctx.group))]
+        dist.all_gather(parts, g.contiguous(), group=ctx.group)
+        return torch.cat(parts, -1), None
+
+
+def copy_to_tp_region(x, group):
+    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp_region(x, group):
+    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_tp_region(x, group):
+    return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
+
+
+def scatter_to_tp_region(x, group):
+    return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
+
+
+# ----------------------------------------------------------------------------- RNG
+class RNGTracker:
+    """Named RNG states for randomness under TP: the "model-parallel" state is seeded per TP rank
+    (different dropout masks on different shards of a sharded activation), while the default
+    generator stays identical across TP ranks (same masks on replicated activations)."""
+
+    def __init__(self) -> None:
+        self.states: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, seed: int) -> None:
+        prev = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states[name] = torch.get_rng_state()
+        torch.set_rng_state(prev)
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel"):
+        prev = torch.get_rng_state()
+        torch.set_rng_state(self.states[name])
+        try:
+            yield
+        finally:
+            self.states[name] = torch.get_rng_state()
+            torch.set_rng_state(prev)
+
+
+RNG_TRACKER = RNGTracker()
+
+
+def seed_tp_rng(seed: int, tp_rank: int) -> None:
+    RNG_TRACKER.add("model-parallel", seed + 2718 + tp_rank)
+
+
+# ----------------------------------------------------------------------------- layers
+def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    return full.detach().chunk(size, dim)[rank].clone().contiguous()
+
+
+def _mark(p: nn.Parameter, dim: int, group) -> nn.Parameter:
+    p.tp_split_dim = dim
+    p.tp_group = group
+    return p
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x W_local^T with W cut along its output rows; the input is replicated."""
+
+    def __init__(self, full_weight: torch.Tensor, group):
+        super().__init__()
+        self.group = group
+        self.weight = _mark(nn.Parameter(_shard(full_weight, 0, _rank(group), _size(group))), 0, group)
+        self.in_features, self.out_features = full_weight.size(1), self.weight.size(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(copy_to_tp_region(x, self.group), self.weight)
+
+
+class RowParallelLinear(nn.Module):
+    """y = sum_ranks x_local W_local^T with W cut along its input columns."""
+
+    def __init__(self, full_weight: torch.Tensor, group):
+        super().__init__()
+        self.group = group
+        self.weight = _mark(nn.Parameter(_shard(full_weight, 1, _rank(group), _size(group))), 1, group)
+        self.in_features, self.out_features = self.weight.size(1), full_weight.size(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_from_tp_region(F.linear(x, self.weight), self.group)
+
+
+def padded_vocab(vocab: int, tp: int) -> int:
+    """The vocab rounded up so every TP rank holds the same number of rows."""
+    return -(-vocab // tp) * tp
+
+
+def _pad_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    # Padding rows are zeros: their ids never occur as inputs and are masked out of the loss,
+    # so they get zero gradients and zero AdamW updates and stay zero.
+    return torch.cat([w.detach(), w.new_zeros(rows - w.size(0), w.size(1))]) if rows > w.size(0) else w.detach()
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds a contiguous block of (padded) vocab rows; lookups of ids outside the
+    block give zeros and the partial embeddings are all-reduced."""
+
+    def __init__(self, full_weight: torch.Tensor, group):
+        super().__init__()
+        tp, rank = _size(group), _rank(group)
+        self.group, self.vocab_size = group, full_weight.size(0)
+        padded = _pad_rows(full_weight, padded_vocab(self.vocab_size, tp))
+        self.weight = _mark(nn.Parameter(_shard(padded, 0, rank, tp)), 0, group)
+        self.vocab_start = rank * self.weight.size(0)
+        self.embedding_dim = full_weight.size(1)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        local = idx - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.size(0))
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        return reduce_from_tp_region(out, self.group)
+
+
+class _VocabParallelSoftcapCE(torch.autograd.Function):
+    """Mean cross-entropy of softcapped logits whose vocab is split across the TP group.
+
+    The max and the sum of exponentials are all-reduced, so each rank only materialises its own
+    [tokens, V/tp] block. Returns this rank's partial grad of the hidden states (the caller's
+    copy_to_tp_region sums them)."""
+
+    @staticmethod
+    def forward(ctx, h, w, targets, softcap, group, vocab_start, vocab_valid, ignore_index):
+        z = F.linear(h, w).float()
+        c = softcap * torch.tanh(z / softcap) if softcap else z
+        cols = torch.arange(vocab_start, vocab_start + w.size(0), device=h.device)
+        c = c.masked_fill((cols >= vocab_valid).unsqueeze(0), float("-inf"))
+        m = c.max(-1).values
+        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+        e = torch.exp(c - m.unsqueeze(-1))
+        s = e.sum(-1)
+        dist.all_reduce(s, group=group)
+        local_t = targets - vocab_start
+        mine = (local_t >= 0) & (local_t < w.size(0))
+        ct = c.gather(1, local_t.clamp(0, w.size(0) - 1).unsqueeze(1)).squeeze(1)
+        ct = torch.where(mine, ct, torch.zeros_like(ct))
+        dist.all_reduce(ct, group=group)
+        valid = targets != ignore_index
+        n = valid.sum().clamp(min=1)
+        per = (torch.log(s) + m - ct) * valid
+        ctx.save_for_backward(h, w, e / s.unsqueeze(-1), local_t, mine & valid, valid, z)
+        ctx.softcap, ctx.n = softcap, n
+        return per.sum() / n
+
+    @staticmethod
+    def backward(ctx, g):
+        h, w, p, local_t, mine, valid, z = ctx.saved_tensors
+        grad = p * valid.unsqueeze(-1)
+        rows = mine.nonzero().squeeze(1)
+        grad[rows, local_t[rows]] -= 1.0
+        grad = grad * (g / ctx.n)
+        if ctx.softcap:
+            grad = grad * (1 - torch.tanh(z / ctx.softcap) ** 2)
+        grad = grad.to(h.dtype)
+        return grad @ w, grad.t() @ h, None, None, None, None, None, None
+
+
+def _kernel_supports_tp() -> bool:
+    try:
+        return "tp_group" in inspect.signature(K.softcap_cross_entropy).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+def vocab_parallel_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                                 softcap: Optional[float], group, vocab_start: int, vocab_valid: int,
+                                 ignore_index: int = -100) -> torch.Tensor:
+    """h [N, d] replicated, weight [V/tp, d] local shard -> mean loss over non-ignored targets."""
+    h = copy_to_tp_region(h, group)
+    if _kernel_supports_tp():  # the fused, chunked kernel (megaloop.kernels)
+        return K.softcap_cross_entropy(h, weight, targets, softcap, ignore_index=ignore_index, tp_group=group,
+                                       vocab_start=vocab_start, vocab_valid=vocab_valid)
+    return _VocabParallelSoftcapCE.apply(h, weight, targets, softcap, group, vocab_start, vocab_valid, ignore_index)
+
+
+class VocabParallelHead(nn.Module):
+    """The untied LM head with its (padded) vocab rows split across the TP group."""
+
+    def __init__(self, full_weight: torch.Tensor, softcap: Optional[float], group):
+        super().__init__()
+        tp, rank = _size(group), _rank(group)
+        self.group, self.softcap, self.vocab_size = group, softcap, full_weight.size(0)
+        padded = _pad_rows(full_weight, padded_vocab(self.vocab_size, tp))
+        self.weight = _mark(nn.Parameter(_shard(padded, 0, rank, tp)), 0, group)
+        self.vocab_start = rank * self.weight.size(0)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        z = F.linear(copy_to_tp_region(h, self.group), self.weight).float()
+        if self.softcap is not None:
+            z = self.softcap * torch.tanh(z / self.softcap)
+        return gather_from_tp_region(z, self.group)[..., : self.vocab_size]
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1),
+                                            self.softcap, self.group, self.vocab_start, self.vocab_size)
+
+
+# ----------------------------------------------------------------------------- model surgery
+def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
+    """Swap the linears, embedding and head of a built LoopedLM for TP shards of its weights."""
+    if _size(group) == 1:
+        return model
+    for block in model.blocks():
+        a, m = block.attn, block.mlp
+        a.wq, a.wk, a.wv = (ColumnParallelLinear(lin.weight, group) for lin in (a.wq, a.wk, a.wv))
+        a.wo = RowParallelLinear(a.wo.weight, group)
+        m.fc = ColumnParallelLinear(m.fc.weight, group)
+        m.proj = RowParallelLinear(m.proj.weight, group)
+    model.embed = VocabParallelEmbedding(model.embed.weight, group)
+    model.head = VocabParallelHead(model.head.weight, model.head.softcap, group)
+    return model
+
+
+def full_tensor(p: torch.Tensor, vocab: Optional[int] = None) -> torch.Tensor:
+    """The whole tensor behind a TP shard (all-gather over its group; collective), vocab padding
+    trimmed when `vocab` is given. Plain tensors come back unchanged."""
+    dim, group = getattr(p, "tp_split_dim", None), getattr(p, "tp_group", None)
+    t = p.detach()
+    if dim is None or _size(group) == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    full = torch.cat(parts, dim)
+    return full[:vocab] if vocab is not None and dim == 0 else full
+
+
+def shard_of(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of `full` for the shard `p` (pads vocab rows the way the layers do)."""
+    dim, group = getattr(p, "tp_split_dim", None), getattr(p, "tp_group", None)
+    if dim is None or _size(group) == 1:
+        return full
+    if dim == 0 and full.size(0) < p.size(0) * _size(group):  # vocab padding
+        full = _pad_rows(full, p.size(0) * _size(group))
+    return _shard(full, dim, _rank(group), _size(group))

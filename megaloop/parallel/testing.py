@@ -1,0 +1,154 @@
+"""Equality harness for parallel layouts: a tiny looped model trained a few steps on a fixed batch.
+
+`python -m megaloop.parallel.testing --out DIR [--set k=v ...] [--steps N] [--save-at S] [--resume CKPT]`
+runs on one process (LocalEngine) or under any launcher (one process per rank: RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT). Rank 0 writes DIR/result.json (per-step loss and grad norm) and the
+consolidated DIR/final/model.pt. `spawn` starts N such processes on a free port (gloo on CPU) for
+the tests and the benchmark.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Optional
+
+import torch
+
+TINY = {
+    "model": dict(d_model=32, n_head=4, n_kv_head=2, vocab_size=101, seq_len=16, n_prelude=1, n_recur_block=1,
+                  n_coda=1, num_recur=2, input_injection="linear"),
+    "optim": dict(name="muon", lr=0.02, grad_clip=1.0, warmup_steps=0, final_lr_frac=0.1),
+    "train": dict(steps=5, micro_batch_size=2, grad_accum=2, seed=1234, progress=False, device="cpu"),
+}
+
+
+def fixed_batches(cfg, dp_size: int, seed: int = 7) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The step's global batch: dp_size * grad_accum micro-batches, the same every step."""
+    g = torch.Generator().manual_seed(seed)
+    n = dp_size * cfg.train.grad_accum
+    B, T, V = cfg.train.micro_batch_size, cfg.model.seq_len, cfg.model.vocab_size
+    toks = torch.randint(0, V, (n, B, T + 1), generator=g)
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in toks]
+
+
+def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Optional[int] = None,
+        resume: Optional[str] = None, threads: int = 1) -> dict:
+    from ..config import config_from_dict, parse_overrides, _merge
+    from ..optim import lr_factor
+    from ..train import build_model, seed_everything
+    from . import build_engine
+
+    torch.set_num_threads(threads)
+    cfg = config_from_dict(_merge(TINY, parse_overrides(overrides)))
+    steps = steps or cfg.train.steps
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg)
+    t0 = time.perf_counter()
+    engine = build_engine(cfg, model, torch.device("cpu"))
+    start = 0
+    if resume:
+        engine.load_files(resume)
+        start = save_at or 0
+    batches = fixed_batches(cfg, engine.dp_size)
+    ga = cfg.train.grad_accum
+    mine = batches[engine.dp_rank * ga:(engine.dp_rank + 1) * ga]
+    losses, norms, times = [], [], []
+    try:
+        for step in range(start, steps):
+            t = time.perf_counter()
+            st = engine.train_step(mine, lr_factor(step, steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac))
+            times.append(time.perf_counter() - t)
+            losses.append(st.loss)
+            norms.append(st.grad_norm)
+            if save_at is not None and step + 1 == save_at and not resume:
+                _save(engine, os.path.join(out, f"ckpt_{save_at}"))
+        eval_loss = engine.eval_loss(batches[:2])
+        _save(engine, os.path.join(out, "final"))
+        peak = _peak_rss_mb()
+        result = dict(losses=losses, grad_norms=norms, eval_loss=eval_loss, step_times=times,
+                      setup_s=time.perf_counter() - t0 - sum(times), peak_rss_mb=peak)
+        if engine.is_main:
+            with open(os.path.join(out, "result.json"), "w") as f:
+                json.dump(result, f)
+        with open(os.path.join(out, f"rank{getattr(engine, 'rank', 0)}.json"), "w") as f:
+            json.dump(dict(step_times=times, peak_rss_mb=peak), f)
+        return result
+    finally:
+        engine.close()
+
+
+def _save(engine, path: str) -> None:
+    if engine.is_main:
+        os.makedirs(path, exist_ok=True)
+    engine.barrier()
+    engine.save_files(path)
+    engine.barrier()
+
+
+def _peak_rss_mb() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(nproc: int, out: str, overrides: list[str], extra: Optional[list[str]] = None,
+          timeout: float = 300, env: Optional[dict] = None) -> list[subprocess.CompletedProcess]:
+    """Start `nproc` ranks of this module (torchrun-style env, free port); wait for all."""
+    port = free_port()
+    procs = []
+    os.makedirs(out, exist_ok=True)
+    for rank in range(nproc):
+        e = dict(os.environ, **(env or {}))
+        e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
+                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+                 DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+        cmd = [sys.executable, "-m", "megaloop.parallel.testing", "--out", out, *(extra or [])]
+        for o in overrides:
+            cmd += ["--set", o]
+        procs.append(subprocess.Popen(cmd, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    done = []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            stdout, _ = p.communicate(timeout=max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            stdout, _ = p.communicate()
+            done.append(subprocess.CompletedProcess(p.args, -9, stdout, ""))
+            continue
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, ""))
+    return done
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from ..errors import UserError
+
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--set", action="append", default=[], dest="overrides")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--save-at", type=int)
+    ap.add_argument("--resume")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args(argv)
+    try:
+        run(a.out, a.overrides, a.steps, a.save_at, a.resume, a.threads)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
