@@ -17,6 +17,9 @@ import numpy as np
 import pandas as pd
 import statsmodels.api as sm
 
+# vertices further than this fraction of the sampled log-N range outside it stay out of the frontier
+FRONTIER_MARGIN = 0.25
+
 
 def budget_column(df: pd.DataFrame) -> pd.Series:
     """Compute budget per run, rounded to 3 significant digits (groups runs of one budget)."""
@@ -36,13 +39,16 @@ def fit_parabola(x: np.ndarray, y: np.ndarray, n_samples: int = 4000, seed: int 
     c0, c1, c2 = (float(v) for v in res.params)
     out: dict[str, Any] = {"coef": [c0, c1, c2], "x_center": xm, "n_points": int(len(x)),
                            "N_opt": None, "L_opt": None, "N_opt_ci": None, "L_opt_ci": None,
-                           "curvature_ok": c2 > 0, "extrapolated": None}
+                           "curvature_ok": c2 > 0, "extrapolated": None, "on_frontier": False}
     if c2 <= 0:
         return out  # no minimum inside: the budget's sizes do not bracket the optimum
     xs = -c1 / (2 * c2)
     out["N_opt"] = math.exp(xs + xm)
     out["L_opt"] = c0 - c1 * c1 / (4 * c2)
     out["extrapolated"] = not (xc.min() <= xs <= xc.max())
+    # a vertex far outside the sampled sizes is the parabola's guess, not a measurement
+    margin = FRONTIER_MARGIN * (xc.max() - xc.min())
+    out["on_frontier"] = bool(xc.min() - margin <= xs <= xc.max() + margin)
     cov = np.asarray(res.cov_params(), float)
     if res.df_resid > 0 and np.all(np.isfinite(cov)):
         rng = np.random.default_rng(seed)
@@ -76,7 +82,7 @@ def isoflop(df: pd.DataFrame, seed: int = 0) -> dict[str, Any]:
     frontier = []
     fkeys = keys[:-1]
     for fk in sorted({tuple(g[k] for k in fkeys) for g in groups}):
-        pts = [g for g in groups if tuple(g[k] for k in fkeys) == fk and g.get("N_opt")]
+        pts = [g for g in groups if tuple(g[k] for k in fkeys) == fk and g.get("on_frontier")]
         pts.sort(key=lambda g: g["budget"])
         entry: dict[str, Any] = dict(zip(fkeys, fk))
         entry["points"] = [{"budget": g["budget"], "N_opt": g["N_opt"], "L_opt": g["L_opt"],
@@ -103,6 +109,9 @@ def format_isoflop(iso: dict[str, Any]) -> str:
             lci = "" if p["L_opt_ci"] is None else f" [{p['L_opt_ci'][0]:.4f}, {p['L_opt_ci'][1]:.4f}]"
             lines.append(f"    C={p['budget']:.3g}: N*={p['N_opt']:.3g}{nci}  L*={p['L_opt']:.4f}{lci}")
     skipped = [g for g in iso["groups"] if not g.get("N_opt")]
+    far = [g for g in iso["groups"] if g.get("N_opt") and not g.get("on_frontier")]
     if skipped:
         lines.append(f"  ({len(skipped)} group(s) without a minimum: too few sizes or no curvature)")
+    if far:
+        lines.append(f"  ({len(far)} group(s) whose vertex lies far outside the sampled sizes: left off the frontier)")
     return "\n".join(lines)
