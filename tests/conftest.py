@@ -12,17 +12,19 @@ WORDS = ("the king queen castle night sword love death crown heart speak lord la
 def write_corpus(folder, n_docs=60, seed=0):
     """Deterministic pseudo-English documents with some structure, gzip-compressed."""
     rng = random.Random(seed)
+    vocab = WORDS + ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+                     for _ in range(400)]
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "tiny.txt.gz")
     docs = []
     for d in range(n_docs):
         lines = []
         for _ in range(rng.randint(8, 20)):
-            w = [rng.choice(WORDS) for _ in range(rng.randint(4, 12))]
+            w = [rng.choice(vocab) for _ in range(rng.randint(4, 12))]
             lines.append(" ".join(w).capitalize() + rng.choice([".", "!", "?", ","]))
         docs.append(f"Document {d}\n\n" + "\n".join(lines))
     with gzip.open(path, "wt") as f:
-        f.write("\n\n\n".join(docs))
+        f.write("\n\f\n".join(docs))  # form feed line = document boundary
     return path
 
 
@@ -41,9 +43,9 @@ def tiny_raw(corpus, cache, run_dir, **train):
              eval_tokens=512, save_every=0, progress=False)
     t.update(train)
     return {
-        "model": dict(d_model=32, n_head=2, vocab_size=256, seq_len=32, n_prelude=1, n_recur_block=1,
+        "model": dict(d_model=32, n_head=2, vocab_size=384, seq_len=32, n_prelude=1, n_recur_block=1,
                       n_coda=1, num_recur=2),
         "optim": dict(name="muon", lr=0.02, warmup_steps=2),
         "train": t,
-        "data": dict(corpus=[corpus], cache_dir=cache, workers=1),
+        "data": dict(corpus=[corpus], cache_dir=cache, workers=1, valid_fraction=0.1),
     }
