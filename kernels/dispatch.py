@@ -144,11 +144,11 @@ def num_sms(device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------- lazy jit
-def _cast_out_native(x, dtype):
+def _cast_out_native(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
-def _cast_out_interp(x, dtype):
+def _cast_out_interp(x, dtype: tl.constexpr):
     # The interpreter converts fp32 -> bf16 by truncation (and mishandles subnormals, zero
     # included). Round to nearest even in the integer domain instead, as a GPU and torch do.
     if dtype == tl.bfloat16:
