@@ -108,13 +108,21 @@ def _law_data(df: pd.DataFrame, phi_index: np.ndarray, n_phi: int) -> LawData:
 
 
 def _fit_point(df: pd.DataFrame, phi_index: np.ndarray, names: list[str], ident: list[bool],
-               delta: float, extra_starts: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+               delta: float, extra_starts: np.ndarray | None = None,
+               warm: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """Grid-started fit; with `warm` (a previous estimate on nearly the same runs) only that
+    point and its phi-grid variants are used as starts."""
     K = len(names)
     data = _law_data(df, phi_index, K)
     free = np.array([True] * N_BASE + ident)
     fixed = np.array([np.nan if i else PINNED_PHI for i in ident])
-    grid = start_grid(K, PHI_GRID, fixed_phi=fixed)
-    return multistart_fit(data, delta, free, grid, extra_starts=extra_starts)
+    if warm is None:
+        grid = start_grid(K, PHI_GRID, fixed_phi=fixed)
+        return multistart_fit(data, delta, free, grid, extra_starts=extra_starts)
+    starts = np.repeat(warm[None], len(PHI_GRID) + 1, axis=0)
+    for i, p in enumerate(PHI_GRID):
+        starts[i + 1, N_BASE:][np.array(ident)] = p
+    return multistart_fit(data, delta, free, starts, schedule=((200, 4), (1000, 4)))
 
 
 def _residuals(df: pd.DataFrame, raw: np.ndarray, phi_index: np.ndarray, K: int) -> np.ndarray:
@@ -149,7 +157,7 @@ def fit_law(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
     if bad.any() and not keep_diverged and (~bad).sum() >= 8:
         # refit without them: a diverged run is a failed experiment, not a point on the law
         df, phi_index = df[~bad].reset_index(drop=True), phi_index[~bad]
-        raw, obj = _fit_point(df, phi_index, names, ident, delta, raw[None])
+        raw, obj = _fit_point(df, phi_index, names, ident, delta, warm=raw)
         pred = _residuals(df, raw, phi_index, len(names))
     elif bad.any():
         for d in diverged:

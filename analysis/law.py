@@ -27,6 +27,7 @@ from scipy.optimize import minimize
 PHI_MAX = 1.5
 N_BASE = 5  # a_c, b_c, e, alpha, beta; phis follow
 BASE_NAMES = ("a", "b", "e", "alpha", "beta")
+CHUNK = 1024  # starts per batch: large enough to amortise Python overhead, small enough for cache
 
 
 @dataclass
@@ -350,7 +351,12 @@ def multistart_fit(data: LawData, delta: float, free: np.ndarray, grid_raw: np.n
     if extra_starts is not None and len(extra_starts):
         x = np.concatenate([x, to_centred(np.atleast_2d(extra_starts), data)])
     for stage, (iters, keep) in enumerate(schedule):
-        x, f = batched_lbfgs(x, data32 if stage == 0 else data, delta, free=free, max_iter=iters)
+        d = data32 if stage == 0 else data
+        # starts are independent: chunks of ~1k keep the (S, R) temporaries in cache
+        parts = [batched_lbfgs(x[i:i + CHUNK], d, delta, free=free, max_iter=iters)
+                 for i in range(0, len(x), CHUNK)]
+        x = np.concatenate([p[0] for p in parts])
+        f = np.concatenate([p[1] for p in parts])
         f = np.where(np.isfinite(f), f, np.inf)
         order = np.argsort(f)[:keep]
         x, f = x[order], f[order]
