@@ -66,6 +66,14 @@ def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
     return [np.asarray(ids, dtype=dtype) for ids in _TOKENIZER.encode_batch(texts)]
 
 
+def _context() -> mp.context.BaseContext:
+    """fork where available: spawn/forkserver children re-import the caller's __main__, which
+    re-runs any unguarded script that calls ensure_prepared (and would deadlock on its cache lock).
+    Workers only run sentencepiece and numpy, never touch torch or process groups inherited
+    from the parent, and exit without running its destructors, so forking a trainer is safe."""
+    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+
+
 def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
     buf: list[str] = []
     size = 0
@@ -104,9 +112,7 @@ def preprocess(files: Sequence[str], tokenizer_path: str, out_dir: str, valid_fr
     try:
         chunks = _chunks(iter_documents(files, text_key))
         if workers > 1:
-            # spawn, not fork: callers (the trainer) may hold threads or process groups that a
-            # forked child would inherit in a broken state.
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,))
+            pool = _context().Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,))
             results = pool.imap(_encode_chunk, chunks)  # imap keeps input order
         else:
             _init_worker(tokenizer_path)
