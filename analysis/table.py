@@ -93,6 +93,10 @@ def _read_summary(path: Path) -> dict:
            if s.get(k) is not None}
     row["loss"] = s.get("val_loss", s.get("loss"))
     row.setdefault("run", path.parent.name)
+    lacking = [k for k in ("n_once", "n_rec", "r", "tokens") if k not in row]
+    lacking += ["val_loss"] if row["loss"] is None else []
+    if lacking:
+        row["_problem"] = f"{path}: summary.json lacks {', '.join(lacking)}"
     return row
 
 
@@ -142,6 +146,9 @@ def load_table(sources: Sequence[str | Path]) -> pd.DataFrame:
             if "variant" not in row and row["run"] in variants:
                 row["variant"] = variants[row["run"]]
             rows.append(row)
+    problems = [r["_problem"] for r in rows if "_problem" in r]
+    if problems:
+        raise FitInputError(f"{len(problems)} run(s) cannot be used:\n  " + "\n  ".join(problems))
     df = pd.DataFrame(rows)
     if "variant" in df.columns:
         df["variant"] = df["variant"].fillna("baseline")
