@@ -2,21 +2,22 @@
 DeepSpeed ZeRO. `build_engine` picks the engine for the launch environment and the config."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..config import Config, ConfigError
 
 
 def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    from .engines import rendezvous_from_env
+    return rendezvous_from_env().world
 
 
 def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device):
+    """LocalEngine for one process; otherwise the distributed engine (after validating the layout
+    against the world size on every rank, before any collective)."""
     from ..engine import LocalEngine
 
-    world = world_size_from_env()
+    world = world_size_from_env()  # also raises when a rendezvous variable is missing
     p = cfg.parallel
     if world == 1 and p.tp == 1 and p.pp == 1 and p.engine != "deepspeed":
         return LocalEngine(cfg, model, device)

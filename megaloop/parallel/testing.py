@@ -37,13 +37,17 @@ def fixed_batches(cfg, dp_size: int, seed: int = 7) -> list[tuple[torch.Tensor, 
 
 
 def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Optional[int] = None,
-        resume: Optional[str] = None, threads: int = 1) -> dict:
-    from ..config import config_from_dict, parse_overrides, _merge
+        resume: Optional[str] = None, threads: int = 1, keep_group: bool = False) -> dict:
+    """Train the tiny model; with save_at, also checkpoint after that step; with resume, load the
+    checkpoint and run the remaining steps. keep_group leaves torch.distributed up for another run
+    in the same processes (the harness runs several layouts per launch to pay imports once)."""
+    from ..config import _merge, config_from_dict, parse_overrides
     from ..optim import lr_factor
     from ..train import build_model, seed_everything
-    from . import build_engine
+    from . import build_engine, state
 
     torch.set_num_threads(threads)
+    os.makedirs(out, exist_ok=True)
     cfg = config_from_dict(_merge(TINY, parse_overrides(overrides)))
     steps = steps or cfg.train.steps
     seed_everything(cfg.train.seed)
@@ -79,7 +83,18 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
             json.dump(dict(step_times=times, peak_rss_mb=peak), f)
         return result
     finally:
-        engine.close()
+        if keep_group:
+            engine.barrier()
+            state.destroy()
+        else:
+            engine.close()
+
+
+def run_many(jobs: list[dict], threads: int = 1) -> None:
+    """Several runs in one launch: [{out, overrides, save_at?, resume?}, ...]."""
+    for i, job in enumerate(jobs):
+        run(job["out"], job.get("overrides", []), job.get("steps"), job.get("save_at"), job.get("resume"),
+            threads, keep_group=i + 1 < len(jobs))
 
 
 def _save(engine, path: str) -> None:
@@ -141,9 +156,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--save-at", type=int)
     ap.add_argument("--resume")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", help="JSON file with a list of runs (then --out is only a log folder)")
     a = ap.parse_args(argv)
     try:
-        run(a.out, a.overrides, a.steps, a.save_at, a.resume, a.threads)
+        if a.jobs:
+            with open(a.jobs) as f:
+                run_many(json.load(f), a.threads)
+        else:
+            run(a.out, a.overrides, a.steps, a.save_at, a.resume, a.threads)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
