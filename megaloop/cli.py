@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(COMMANDS[cmd](rest) or 0)
     except errors as e:
-        print(f"megaloop {cmd}: error: {e}", file=sys.stderr)
+        print(f"megaloop {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print(f"megaloop {cmd}: interrupted", file=sys.stderr)

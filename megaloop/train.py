@@ -105,8 +105,8 @@ def check_resume_compatible(saved: dict, cfg: Config) -> None:
             f"Resume with the run's own config (RUN_DIR/config.yaml) or start a new run_dir")
 
 
-def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Optional[str]:
-    """Validate the run directory before anything is written. Returns the checkpoint to resume."""
+def check_run_dir(cfg: Config, resume: bool) -> Optional[str]:
+    """Validate the run directory without writing anything. Returns the checkpoint to resume."""
     run_dir = cfg.train.run_dir
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"train.run_dir={run_dir} exists and is not a directory; choose another run_dir")
@@ -120,16 +120,18 @@ def prepare_run_dir(cfg: Config, resume: bool, is_main: bool) -> Optional[str]:
         saved = load_config(os.path.join(run_dir, "config.yaml")).to_dict() \
             if os.path.isfile(os.path.join(run_dir, "config.yaml")) else ckpt.read_meta(latest).get("config", {})
         check_resume_compatible(saved, cfg)
-    if is_main:
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            probe = os.path.join(run_dir, f".write_test{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise UserError(f"cannot write to train.run_dir={run_dir}: {e.strerror}. Choose a writable folder") from None
     return latest
+
+
+def create_run_dir(run_dir: str) -> None:
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write to train.run_dir={run_dir}: {e.strerror}. Choose a writable folder") from None
 
 
 class MetricsLog:
@@ -166,11 +168,14 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
     is_main = engine.is_main
     try:
-        latest = prepare_run_dir(cfg, resume, is_main)
-        engine.barrier()
-        data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if is_main else (lambda *a: None))
+        # Everything that can be wrong is checked before the run directory is touched.
+        latest = check_run_dir(cfg, resume)
         counts = count_params(cfg.model)
         budget = plan_budget(cfg, counts.flops_per_token, engine.dp_size)
+        data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if is_main else (lambda *a: None))
+        if is_main:
+            create_run_dir(cfg.train.run_dir)
+        engine.barrier()
         loader = PackedLoader([p for p, _ in data.train], [w for _, w in data.train], cfg.model.seq_len,
                               cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
         if cfg.train.compile:
