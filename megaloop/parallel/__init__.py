@@ -19,7 +19,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device):
 
     world = world_size_from_env()  # also raises when a rendezvous variable is missing
     p = cfg.parallel
-    if world == 1 and p.tp == 1 and p.pp == 1 and p.engine != "deepspeed":
+    if world == 1 and p.tp == 1 and p.pp == 1:  # ZeRO has nothing to shard on one process
         return LocalEngine(cfg, model, device)
     if world == 1:
         raise ConfigError(

@@ -71,7 +71,6 @@ def choose_engine(cfg: Config) -> str:
 def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
     """Every check that needs the world size. Pure: runs before torch.distributed starts."""
     p, m = cfg.parallel, cfg.model
-    layout = make_layout(world, p.tp, p.pp, rank)
     if m.n_head % p.tp or m.kv_heads % p.tp:
         raise ConfigError(f"parallel.tp={p.tp} must divide the attention heads (model.n_head={m.n_head}, "
                           f"kv heads={m.kv_heads}): each TP rank holds whole heads. Choose tp among the "
@@ -81,6 +80,7 @@ def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
     if m.vocab_size < p.tp:
         raise ConfigError(f"parallel.tp={p.tp} exceeds model.vocab_size={m.vocab_size}")
     check_pipeline(m, p.pp)
+    layout = make_layout(world, p.tp, p.pp, rank)
     kind = choose_engine(cfg)
     if kind == "deepspeed" and p.pp > 1:
         raise ConfigError(f"parallel.engine=deepspeed runs pp=1 only (got parallel.pp={p.pp}); pipeline "
