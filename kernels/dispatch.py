@@ -91,13 +91,29 @@ def backend_for(tensor: torch.Tensor) -> str:
             f"megaloop kernels backend 'triton' was requested but triton cannot be imported "
             f"({_triton_error}); install triton or use backend 'auto'/'torch'"
         )
-    if not tensor.is_cuda and not interpret_mode():
-        raise RuntimeError(
-            "megaloop kernels backend 'triton' on a CPU tensor needs the Triton interpreter: "
-            "set TRITON_INTERPRET=1 before triton is imported, move the tensor to CUDA, or use "
-            "backend 'auto'/'torch'"
-        )
+    if not tensor.is_cuda:
+        if not interpret_mode():
+            raise RuntimeError(
+                "megaloop kernels backend 'triton' on a CPU tensor needs the Triton interpreter: "
+                "set TRITON_INTERPRET=1 before triton is imported, move the tensor to CUDA, or use "
+                "backend 'auto'/'torch'"
+            )
+        if not _interpreter_loaded():
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 is set but triton was imported before it was: the interpreter "
+                "cannot run. Set TRITON_INTERPRET=1 before anything imports triton."
+            )
     return "triton"
+
+
+def _interpreter_loaded() -> bool:
+    """True when triton's own library functions were built for the interpreter (import order)."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        return isinstance(triton_modules()[1].sum, InterpretedFunction)
+    except Exception:  # a triton layout we do not know: do not block
+        return True
 
 
 # ----------------------------------------------------------------------------- launch sizing

@@ -48,3 +48,148 @@ def ref_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def atol_for(dtype: torch.dtype) -> float:
     return 1e-5 if dtype == torch.float32 else 2e-3
+
+
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.int64: "*i64",
+        torch.int32: "*i32"}
+
+
+@contextlib.contextmanager
+def compile_only(arch: int = 90, n_sms: int = 132):
+    """Within the block, every Triton launch of the ops is compiled for CUDA sm_<arch> (through
+    ptxas, no GPU needed) with the GPU launch sizes, instead of being run. Outputs are left
+    uninitialised. Yields a list that receives (kernel name, constexprs, error or None).
+    """
+    import sys
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from . import dispatch
+
+    target = GPUTarget("cuda", arch, 32)
+    results = []
+    seen = set()
+
+    def getitem(self, grid):
+        jf = self._get()
+
+        def launch(*args, **kw):
+            opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+            values = dict(zip(jf.arg_names, args))
+            values.update(kw)
+            sig, consts = {}, {}
+            for i, name in enumerate(jf.arg_names):
+                v = values[name]
+                if jf.params[i].is_constexpr:
+                    sig[name], consts[name] = "constexpr", v
+                elif isinstance(v, torch.Tensor):
+                    sig[name] = _PTR[v.dtype]
+                elif isinstance(v, bool):
+                    sig[name] = "i1"
+                elif isinstance(v, int):
+                    sig[name] = "i64" if abs(v) >= 2 ** 31 else "i32"
+                elif isinstance(v, float):
+                    sig[name] = "fp32"
+                else:
+                    raise TypeError(f"{jf.fn.__name__}: argument {name} of type {type(v)}")
+            key = (jf.fn.__name__, tuple(sorted(sig.items())), tuple(sorted((k, str(v)) for k, v in consts.items())),
+                   tuple(sorted(opts.items())))
+            if key in seen:
+                return
+            seen.add(key)
+            try:
+                triton.compile(ASTSource(jf, sig, consts), target=target, options=opts)
+                results.append((jf.fn.__name__, consts, None))
+            except Exception as exc:
+                results.append((jf.fn.__name__, consts, f"{type(exc).__name__}: {exc}"))
+
+        return launch
+
+    mods = [sys.modules[f"{__package__}.{n}"] for n in ("rms_norm", "qk_norm_rope", "relu_squared", "recurrence",
+                                                         "softcap_ce")]
+    saved = [(dispatch.LazyKernel, "__getitem__", dispatch.LazyKernel.__getitem__),
+             (dispatch, "interpret_mode", dispatch.interpret_mode), (dispatch, "num_sms", dispatch.num_sms)]
+    for m in mods:
+        saved.append((m, "backend_for", m.backend_for))
+        if hasattr(m, "interpret_mode"):
+            saved.append((m, "interpret_mode", m.interpret_mode))
+    try:
+        dispatch.LazyKernel.__getitem__ = getitem
+        dispatch.interpret_mode = lambda: False
+        dispatch.num_sms = lambda device: n_sms
+        for m in mods:
+            m.backend_for = lambda t: "triton"
+            if hasattr(m, "interpret_mode"):
+                m.interpret_mode = lambda: False
+        yield results
+    finally:
+        for obj, name, val in saved:
+            setattr(obj, name, val)
+
+
+def compile_check(arch: int = 90):
+    """Compile every kernel, in the configurations the ops launch on a GPU, for sm_<arch>.
+
+    Needs a process where triton was imported WITHOUT TRITON_INTERPRET (the interpreter replaces
+    triton's own library functions at import). Returns [(kernel, constexprs, error or None)].
+    Run as ``python -m megaloop.kernels.testing [arch]`` to print the results as JSON.
+    """
+    # (import the functions: the package re-exports rms_norm etc. under the module names)
+    from .qk_norm_rope import qk_norm_rope
+    from .recurrence import hc_combine, hc_update, recur_norm_inject
+    from .relu_squared import relu_squared
+    from .rms_norm import add_rms_norm, rms_norm
+    from .softcap_ce import _triton_chunk
+
+    dt = torch.bfloat16
+
+    def run(f):
+        try:
+            f()
+        except Exception:
+            pass  # the outputs are uninitialised; only the compilations matter
+
+    def ones_like_all(ts):
+        return [torch.ones_like(t) for t in ts]
+
+    with compile_only(arch=arch) as results:
+        for d in (4096, 130):
+            x = torch.randn(64, d, dtype=dt, requires_grad=True)
+            r = torch.randn(64, d, dtype=dt, requires_grad=True)
+            w = torch.ones(d, dtype=dt, requires_grad=True)
+            run(lambda: rms_norm(x, w, 1e-6).sum().backward())
+            run(lambda: rms_norm(x, None, 1e-6).sum().backward())
+            run(lambda: torch.autograd.backward(list(add_rms_norm(x, r, w, 1e-6)), ones_like_all([x, x])))
+            run(lambda: torch.autograd.backward(list(recur_norm_inject(x, r, w, 1e-6, "additive")),
+                                                ones_like_all([x, x])))
+        x = torch.randn(64, 4096, dtype=dt, requires_grad=True)
+        run(lambda: relu_squared(x).sum().backward())
+        for n in (2, 3):
+            L = torch.randn(n, 64, 1024, dtype=dt, requires_grad=True)
+            s = torch.randn(64, 1024, dtype=dt, requires_grad=True)
+            a, M, b = (torch.ones(n, requires_grad=True), torch.eye(n, requires_grad=True),
+                       torch.ones(n, requires_grad=True))
+            run(lambda: hc_combine(L, a).float().sum().backward())
+            run(lambda: hc_update(L, s, M, b).float().sum().backward())
+        q = torch.randn(2, 16, 8, 128, dtype=dt, requires_grad=True)
+        k = torch.randn(2, 16, 2, 128, dtype=dt, requires_grad=True)
+        run(lambda: torch.autograd.backward(
+            list(qk_norm_rope(q, k, torch.ones(16, 64), torch.zeros(16, 64))), ones_like_all([q, k])))
+        for V, cap in ((32768, 15.0), (1001, None)):
+            lg, t, sc = torch.randn(64, V, dtype=dt), torch.zeros(64, dtype=torch.int64), torch.ones(1)
+            for phase in ("fused", "stats"):
+                run(lambda: _triton_chunk(lg, t, cap, V - 1, 0, -100, sc, phase))
+            run(lambda: _triton_chunk(lg, t, cap, V - 1, 0, -100, sc, "grad", lse=torch.zeros(64)))
+    return results
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("run the compile check without TRITON_INTERPRET")
+    res = compile_check(int(sys.argv[1]) if len(sys.argv) > 1 else 90)
+    print(json.dumps([{"kernel": n, "constexprs": {k: str(v) for k, v in c.items()}, "error": e} for n, c, e in res]))
