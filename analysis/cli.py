@@ -74,7 +74,9 @@ def fit_main(argv: list[str]) -> int:
         print(f"megaloop fit: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(report, indent=None, allow_nan=False, default=float))
+        from .fit import json_safe
+
+        print(json.dumps(json_safe(report), allow_nan=False))
     else:
         print(format_report(report))
         if args.plots:

@@ -15,6 +15,7 @@ import pandas as pd
 from .bootstrap import bootstrap, percentile_ci
 from .isoflop import isoflop
 from .law import N_BASE, LawData, multistart_fit, predict_log_loss, start_grid
+from .table import FitInputError
 
 PHI_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # where phi cannot be identified it is pinned here, which makes N_eff = n_once + r * n_rec
@@ -143,6 +144,10 @@ def fit_law(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
         names, phi_index = ["all"], np.zeros(len(df), int)
         idents = [phi_identifiability(df)]
     ident = [i for i, _ in idents]
+    n_free = N_BASE + sum(ident)
+    if len(df) <= n_free:
+        what = f"variant {df['variant'].iloc[0]!r}" if "variant" in df.columns and not joint else "the table"
+        raise FitInputError(f"{what} has {len(df)} runs; fitting {n_free} parameters needs at least {n_free + 1}")
     message = "; ".join(f"{n}: {m}" if joint else m for n, (i, m) in zip(names, idents) if not i)
     t0 = time.perf_counter()
     raw, obj = _fit_point(df, phi_index, names, ident, delta, extra_starts)
@@ -233,6 +238,21 @@ def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
             report["joint"] = j
     report["isoflop"] = isoflop(df, seed=seed)
     return report, fits
+
+
+def json_safe(obj: Any) -> Any:
+    """Report -> strict JSON: numpy scalars to Python, non-finite floats to null."""
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, (np.bool_, bool)):
+        return bool(obj)
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
+    return obj
 
 
 def _fmt_ci(v: float | None, ci: list[float] | None, fmt: str) -> str:

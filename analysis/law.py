@@ -81,10 +81,6 @@ class LawData:
         out.onehot = self.onehot.astype(dtype)
         return out
 
-    def subset(self, rows: np.ndarray) -> "LawData":
-        return LawData(self.n_once[rows], self.n_rec[rows], self.log_r[rows], self.log_d[rows],
-                       self.log_l[rows], self.phi_index[rows], self.n_phi)
-
 
 # ---------------------------------------------------------------------------------------------
 # conversions between centred internal parameters and the reported ones

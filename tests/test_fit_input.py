@@ -100,3 +100,13 @@ def test_run_directory_summary_missing_field_is_reported(tmp_path):
     (d / "summary.json").write_text(json.dumps({"run": "x", "n_once": 1, "n_rec": 0, "r": 1, "tokens": 5}))
     with pytest.raises(FitInputError, match="run1/summary.json: summary.json lacks val_loss"):
         load_table([d])
+
+
+def test_too_few_runs_and_joint_without_variants_exit_2(tmp_path, capsys):
+    """Fewer runs than parameters is a clear error; --joint without a variant column too."""
+    p = tmp_path / "small.csv"
+    GOOD.to_csv(p, index=False)
+    assert fit_main([str(p), "--bootstrap", "0"]) == 2
+    assert "needs at least" in capsys.readouterr().err
+    assert fit_main([str(p), "--joint"]) == 2
+    assert "--joint needs a variant column" in capsys.readouterr().err

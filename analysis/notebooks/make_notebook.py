@@ -31,7 +31,7 @@ df = load_table([table])
 df.groupby("r").size()"""),
     ("md", "## Fit (Huber on log loss, summed; grid-started batched L-BFGS; 95 % bootstrap intervals)"),
     ("code", """t0 = time.perf_counter()
-report, fits = analyse(df, delta=1e-3, n_boot=200, seed=0)
+report, fits = analyse(df, delta=1e-3, n_boot=100, seed=0)
 print(f"fit + bootstrap + iso-FLOP: {time.perf_counter() - t0:.1f} s")
 print(format_report(report))"""),
     ("md", "## Against the truth that generated the table"),
