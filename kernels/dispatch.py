@@ -10,8 +10,11 @@ the PyTorch reference. ``triton`` forces the Triton kernels; on a CPU tensor tha
 under the Triton interpreter (``TRITON_INTERPRET=1`` set before triton is imported), and
 raises a clear ``RuntimeError`` otherwise. ``torch`` always uses the reference.
 
-Triton is an optional dependency: nothing in this package imports it at module level except
-through :func:`triton_modules`, and every op works (reference path) without it.
+Triton is an optional dependency, imported lazily (by :func:`triton_modules`, on the first call
+that needs it), never when this package is imported: every op works (reference path) without
+it, and importing megaloop does not pin the interpreter choice (TRITON_INTERPRET must be set
+before triton is imported). Kernels are written as plain functions and jitted on first launch
+(:class:`LazyKernel`), which binds ``tl`` and the ``cast_out`` helper into their module.
 """
 from __future__ import annotations
 
@@ -23,10 +26,7 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 ENV_VAR = "MEGALOOP_KERNELS"
 
-try:  # optional; only the jitted helpers below use it
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    tl = None
+tl = None  # triton.language, bound by LazyKernel on the first launch
 
 _configured = "auto"
 _triton_cache: Optional[tuple] = None
@@ -117,6 +117,10 @@ def _interpreter_loaded() -> bool:
 
 
 # ----------------------------------------------------------------------------- launch sizing
+def cdiv(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
 def next_pow2(n: int) -> int:
     n = int(n)
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
@@ -178,6 +182,8 @@ _helpers = {}
 
 
 def _jit_helpers(triton_mod, mode):
+    global tl
+    tl = triton_mod.language
     h = _helpers.get(mode)
     if h is None:
         h = {"cast_out": triton_mod.jit(_cast_out_interp if mode else _cast_out_native)}
@@ -206,8 +212,9 @@ class LazyKernel:
         if k is None:
             k = mods[0].jit(self.fn)
             self._compiled[mode] = k
-        # kernels call ``cast_out(x, dtype)`` to store results; bind the variant of this mode
-        self.fn.__globals__.update(_jit_helpers(mods[0], mode))
+        # kernels use ``tl`` and call ``cast_out(x, dtype)`` to store results: bind them (the
+        # cast_out variant of this mode) into the kernel's module
+        self.fn.__globals__.update(_jit_helpers(mods[0], mode), tl=mods[1])
         return k
 
     def __getitem__(self, grid):

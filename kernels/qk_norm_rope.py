@@ -19,15 +19,10 @@ from typing import Tuple
 
 import torch
 
-from .dispatch import backend_for, lazy_jit, next_pow2, num_warps_for, rows_per_program
+from .dispatch import backend_for, cdiv, lazy_jit, next_pow2, num_warps_for, rows_per_program
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    triton = tl = None
-
-cast_out = None  # bound by dispatch.LazyKernel
+tl = None  # triton.language and cast_out are bound by dispatch.LazyKernel on the first launch
+cast_out = None  # (so triton stays optional and is never imported with this package)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -138,7 +133,7 @@ def _prep(x):
 def _launch_sizes(n_rows, half):
     block_h = next_pow2(half)
     block_m = rows_per_program(n_rows, 2 * block_h)
-    return block_m, block_h, (triton.cdiv(n_rows, block_m),), num_warps_for(2 * block_m * block_h)
+    return block_m, block_h, (cdiv(n_rows, block_m),), num_warps_for(2 * block_m * block_h)
 
 
 def _fwd_one(x, c, s, eps):

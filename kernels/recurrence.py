@@ -21,16 +21,11 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from .dispatch import backend_for, elementwise_block, lazy_jit, next_pow2
+from .dispatch import backend_for, cdiv, elementwise_block, lazy_jit, next_pow2
 from .rms_norm import FusedRMSNormFn, rms_norm, rms_norm_reference
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    triton = tl = None
-
-cast_out = None  # bound by dispatch.LazyKernel
+tl = None  # triton.language and cast_out are bound by dispatch.LazyKernel on the first launch
+cast_out = None  # (so triton stays optional and is never imported with this package)
 
 MODES = ("linear", "additive", "passthrough")
 
@@ -220,7 +215,7 @@ _update_bwd = lazy_jit(_hc_update_bwd_kernel)
 def _hc_block(n, N):
     NP = next_pow2(N)
     block = max(16, elementwise_block(n) // NP) if n else 16
-    return NP, block, (triton.cdiv(n, block) if n else 0,)
+    return NP, block, (cdiv(n, block) if n else 0,)
 
 
 class HCCombineFn(torch.autograd.Function):

@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import backend_for, elementwise_block, lazy_jit
+from .dispatch import backend_for, cdiv, elementwise_block, lazy_jit
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    triton = tl = None
-
-cast_out = None  # bound by dispatch.LazyKernel
+tl = None  # triton.language and cast_out are bound by dispatch.LazyKernel on the first launch
+cast_out = None  # (so triton stays optional and is never imported with this package)
 
 
 def relu_squared_reference(x: torch.Tensor) -> torch.Tensor:
@@ -51,7 +46,7 @@ class ReluSquaredFn(torch.autograd.Function):
         n = x.numel()
         if n:
             block = elementwise_block(n)
-            _fwd[(triton.cdiv(n, block),)](x, y, n, BLOCK=block, num_warps=8)
+            _fwd[(cdiv(n, block),)](x, y, n, BLOCK=block, num_warps=8)
         ctx.save_for_backward(x)
         return y
 
@@ -63,7 +58,7 @@ class ReluSquaredFn(torch.autograd.Function):
         n = x.numel()
         if n:
             block = elementwise_block(n)
-            _bwd[(triton.cdiv(n, block),)](x, dy, dx, n, BLOCK=block, num_warps=8)
+            _bwd[(cdiv(n, block),)](x, dy, dx, n, BLOCK=block, num_warps=8)
         return dx
 
 

@@ -18,15 +18,19 @@ from typing import Optional, Tuple
 
 import torch
 
-from .dispatch import as_rows, backend_for, lazy_jit, next_pow2, num_sms, num_warps_for, rows_per_program
+from .dispatch import (
+    as_rows,
+    backend_for,
+    cdiv,
+    lazy_jit,
+    next_pow2,
+    num_sms,
+    num_warps_for,
+    rows_per_program,
+)
 
-try:  # triton is optional: the reference path below needs nothing from it
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover - exercised only where triton is missing
-    triton = tl = None
-
-cast_out = None  # bound to a jitted helper by dispatch.LazyKernel before the first launch
+tl = None  # triton.language and cast_out are bound by dispatch.LazyKernel on the first launch
+cast_out = None  # (so triton stays optional and is never imported with this package)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -134,7 +138,7 @@ def rms_fwd_launch(x2, weight, eps, residual2=None, e2=None, out_dtype=None, u_d
         return y, h, u, rstd
     block_n = next_pow2(n_cols)
     block_m = rows_per_program(n_rows, block_n)
-    grid = (triton.cdiv(n_rows, block_m),)
+    grid = (cdiv(n_rows, block_m),)
     dummy = y
     _fwd[grid](
         x2, residual2 if residual2 is not None else dummy, weight if weight is not None else dummy,
@@ -156,7 +160,7 @@ def rms_bwd_launch(dy2, x2, weight, rstd, dy_extra2=None, dx_extra2=None, dx_dty
     compute_dw = weight is not None and need_dw
     block_n = next_pow2(n_cols)
     block_m = rows_per_program(n_rows, block_n)
-    n_blocks = triton.cdiv(n_rows, block_m) if n_rows else 0
+    n_blocks = cdiv(n_rows, block_m) if n_rows else 0
     n_prog = max(1, min(n_blocks, num_sms(dev) * 4))
     dwp = torch.empty((n_prog, n_cols), device=dev, dtype=torch.float32) if compute_dw else None
     if n_rows == 0:

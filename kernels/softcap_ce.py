@@ -34,15 +34,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import backend_for, interpret_mode, lazy_jit, next_pow2
+from .dispatch import backend_for, cdiv, interpret_mode, lazy_jit, next_pow2
 
-try:
-    import triton
-    import triton.language as tl
-except Exception:  # pragma: no cover
-    triton = tl = None
-
-cast_out = None  # bound by dispatch.LazyKernel
+tl = None  # triton.language and cast_out are bound by dispatch.LazyKernel on the first launch
+cast_out = None  # (so triton stays optional and is never imported with this package)
 
 
 # ----------------------------------------------------------------------------- unfused reference
@@ -137,7 +132,7 @@ def _triton_chunk(logits, tgt, softcap, local_valid, vocab_start, ignore_index, 
     block_v = min(next_pow2(V), 1 << 14 if interpret_mode() else 4096)
     target = (1 << 16) if interpret_mode() else 4096
     block_m = max(1, min(next_pow2(C), target // block_v))
-    grid = (triton.cdiv(C, block_m),)
+    grid = (cdiv(C, block_m),)
     do_stats = phase in ("stats", "fused")
     do_grad = phase in ("grad", "fused")
     m = torch.empty(C, device=dev, dtype=torch.float32) if do_stats else None

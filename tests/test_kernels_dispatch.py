@@ -92,3 +92,12 @@ def test_every_op_runs_when_triton_is_not_installed():
     env.pop("MEGALOOP_KERNELS", None)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_interpreter_import_order_is_reported(clean_backend):
+    pytest.importorskip("triton")
+    assert dispatch._interpreter_loaded()  # this module set TRITON_INTERPRET before importing triton
+    clean_backend.setattr(dispatch, "_interpreter_loaded", lambda: False)
+    set_backend("triton")
+    with pytest.raises(RuntimeError, match="imported before"):
+        backend_for(torch.zeros(1))
