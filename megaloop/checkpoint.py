@@ -110,6 +110,8 @@ def save(run_dir: str, step: int, write_files: Callable[[str], None], meta: dict
     try:
         write_files(tmp)
     except OSError as e:
+        if is_writer:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
             f"could not write checkpoint for step {step} in {root}: {e.strerror or e}. The previous "
             f"checkpoint is intact; free disk space or fix permissions, then resume with --resume") from None
