@@ -1,0 +1,337 @@
+"""Training-step speed and memory of megaloop, printed as one JSON object.
+
+    python benchmarks/train_step.py                       # the issue-8 shape (below), all sections
+    python benchmarks/train_step.py --config CONFIG.yaml --set model.num_recur=8 --sections config
+    python benchmarks/train_step.py --sections precision --steps 5 --out bench.json
+
+Sections (all measured in ONE process, so their ratios hold on a noisy, shared machine):
+  peak       the measured matmul peak (2048^3 products, megaloop.mfu; cached across runs) and,
+             interleaved with the steps below, the same product re-measured every round;
+  precision  fp32 eager, fp32 compiled, bf16 compiled at the given shape;
+  checkpoint r = 8 with and without model.checkpoint_recurrence;
+  bptt       bptt_k = r .. 1 at the given r (activation memory must fall with k);
+  config     the given config exactly as it is (--config / --set).
+The default shape is d_model 256, 2 heads, 2 + 4 + 2 blocks, r = 4, seq_len 256, batch 8.
+
+Timing: every variant of a section takes one step per round, round-robin, after a warm-up step
+(compilation), so load from other processes hits all variants alike; the reported step time is
+the median over rounds. tokens/s = batch tokens / step time; MFU uses the loop-aware FLOPs per
+token of megaloop.accounting against (a) the start-up peak and (b) the in-run matmul median.
+
+Memory (the JSON names the method): on CUDA torch.cuda.max_memory_allocated. On CPU, "saved" =
+bytes autograd keeps for backward in one forward (saved_tensors_hooks, deduplicated by storage,
+parameters excluded; an eager forward of the same model) + parameter, gradient and optimizer
+state bytes; "rss" (--memory rss) = ru_maxrss growth of a fresh subprocess per variant over a few
+steps (ru_maxrss is a high-water mark, hence one process per measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megaloop.accounting import count_params, flops_per_token
+from megaloop.config import Config, load_config
+from megaloop.engine import LocalEngine, autocast_for
+from megaloop.mfu import cpu_model, measure_matmul_flops, native_bf16_matmul, peak_flops
+from megaloop.train import build_model, compile_blocks
+
+SHAPE = ["model.d_model=256", "model.n_head=2", "model.n_kv_head=2", "model.vocab_size=4096",
+         "model.seq_len=256", "model.n_prelude=2", "model.n_recur_block=4", "model.n_coda=2",
+         "model.num_recur=4", "model.input_injection=linear", "train.micro_batch_size=8", "train.steps=1",
+         "optim.name=adamw", "optim.lr=0.001"]
+SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config")
+
+
+def base_config(path: Optional[str], overrides: list[str]) -> Config:
+    """The benchmark shape, or the user's config; --set applies on top of either."""
+    if path:
+        return load_config(path, overrides + ["train.steps=1"])
+    return load_config(None, SHAPE + overrides)
+
+
+def with_sets(cfg: Config, sets: list[str]) -> Config:
+    raw = cfg.to_dict()
+    raw["optim"]["betas"] = list(raw["optim"]["betas"])
+    return load_config(None, sets, raw=raw)
+
+
+@dataclass
+class Variant:
+    name: str
+    cfg: Config
+    compiled: bool
+    times: list[float] = field(default_factory=list)
+    engine: Optional[LocalEngine] = None
+    batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    warmup_s: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+    def build(self, device: torch.device) -> None:
+        model = build_model(self.cfg)
+        if self.compiled:
+            compile_blocks(model)
+        self.engine = LocalEngine(self.cfg, model, device)
+        g = torch.Generator().manual_seed(0)
+        m, t = self.cfg.model, self.cfg.train
+        x = torch.randint(0, m.vocab_size, (t.micro_batch_size, m.seq_len), generator=g)
+        self.batch = (x.to(device), torch.roll(x, -1, 1).to(device))
+
+    def step(self) -> float:
+        sync(self.engine.device)
+        t0 = time.perf_counter()
+        stats = self.engine.train_step([self.batch], 1.0)  # .item() inside: the step has finished
+        sync(self.engine.device)
+        self.losses.append(stats.loss)
+        return time.perf_counter() - t0
+
+    def release(self) -> None:
+        self.engine = self.batch = None
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- memory
+
+def saved_activation_bytes(cfg: Config, model: torch.nn.Module, batch, device: torch.device) -> int:
+    """Bytes autograd keeps alive for backward in one forward, parameters excluded.
+
+    Storages are deduplicated (views and tensors saved by several ops count once). Under
+    non-reentrant checkpointing the inner hooks take precedence, so tensors a checkpointed pass
+    would drop are not seen here, which is the point; each pass's input, which checkpointing
+    must keep, is saved by the ops around the pass and is seen.
+    """
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params:
+            seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast_for(cfg, device):
+        loss = model(*batch)
+    del loss
+    return sum(seen.values())
+
+
+def state_bytes(engine: LocalEngine) -> dict[str, int]:
+    params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    opt = sum(v.numel() * v.element_size() for s in engine.optimizer.state.values()
+              for v in s.values() if torch.is_tensor(v))
+    return {"params": params, "grads": params, "optimizer_state": opt}
+
+
+def measure_memory(v: Variant, method: str, device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"method": "torch.cuda.max_memory_allocated", "peak_bytes": torch.cuda.max_memory_allocated(device)}
+    if method == "rss":
+        return rss_in_subprocess(v)
+    eager = build_model(v.cfg).to(device)  # compiled graphs would hide their saves from the hooks
+    act = saved_activation_bytes(v.cfg, eager, v.batch, device)
+    states = state_bytes(v.engine)
+    return {"method": "saved_tensors_hooks+params+grads+optimizer_state", "activation_bytes": act,
+            **{f"{k}_bytes": b for k, b in states.items()}, "peak_bytes": act + sum(states.values())}
+
+
+def rss_in_subprocess(v: Variant) -> dict:
+    """ru_maxrss growth of a fresh process over build + 2 steps of this variant."""
+    spec = json.dumps({"sets": flat_sets(v.cfg), "compiled": v.compiled})
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", spec],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def flat_sets(cfg: Config) -> list[str]:
+    out = []
+    for sec, vals in cfg.to_dict().items():
+        if isinstance(vals, dict):
+            out += [f"{sec}.{k}={json.dumps(list(v) if isinstance(v, tuple) else v)}" for k, v in vals.items()]
+        else:
+            out.append(f"{sec}={json.dumps(vals)}")
+    return out
+
+
+def child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    cfg = load_config(None, spec["sets"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    v = Variant("child", cfg, spec["compiled"])
+    v.build(torch.device("cpu"))
+    for _ in range(2):
+        v.step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"method": "ru_maxrss delta, fresh subprocess", "peak_bytes": (after - before) * 1024}))
+
+
+# ----------------------------------------------------------------------------- timing
+
+def run_section(variants: list[Variant], steps: int, device: torch.device, memory: str,
+                matmul_rounds: Optional[list[float]] = None, log=print) -> list[dict]:
+    for v in variants:
+        v.build(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        v.step()  # warm-up: compilation, allocator, optimizer state
+        v.warmup_s = time.perf_counter() - t0
+        log(f"  {v.name}: warm-up {v.warmup_s:.1f}s")
+    for rnd in range(steps):
+        for v in variants:
+            v.times.append(v.step())
+        if matmul_rounds is not None:
+            matmul_rounds.append(measure_matmul_flops(torch.float32, reps=1))
+        log(f"  round {rnd + 1}/{steps}: " + ", ".join(f"{v.name} {v.times[-1]:.2f}s" for v in variants))
+    out = []
+    for v in variants:
+        mem = measure_memory(v, memory, device)
+        out.append(report(v, mem))
+        v.release()
+    return out
+
+
+def report(v: Variant, mem: dict) -> dict:
+    m, t = v.cfg.model, v.cfg.train
+    tokens = t.micro_batch_size * m.seq_len
+    step_s = statistics.median(v.times)
+    fpt = flops_per_token(m)
+    return {"name": v.name, "precision": v.cfg.parallel.precision, "compiled": v.compiled,
+            "num_recur": m.num_recur, "bptt_k": m.bptt_k, "checkpoint_recurrence": m.checkpoint_recurrence,
+            "step_s_median": step_s, "step_s_all": v.times, "warmup_s": v.warmup_s,
+            "tokens_per_s": tokens / step_s, "flops_per_token": fpt,
+            "achieved_flops": tokens * fpt / step_s, "loss_last": v.losses[-1], "memory": mem}
+
+
+def add_mfu(rows: list[dict], peaks: dict[str, float], in_run_fp32: Optional[float]) -> None:
+    for row in rows:
+        peak = peaks[row["precision"]]
+        row["mfu"] = row["achieved_flops"] / peak if peak else None
+        if in_run_fp32:
+            row["frac_of_in_run_fp32_matmul"] = row["achieved_flops"] / in_run_fp32
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="YAML config (default: the built-in benchmark shape)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    ap.add_argument("--sections", default="peak,precision,checkpoint,bptt",
+                    help=f"comma-separated subset of {','.join(SECTIONS)}")
+    ap.add_argument("--steps", type=int, default=3, help="timed rounds per section (after one warm-up)")
+    ap.add_argument("--memory", choices=("saved", "rss"), default="saved", help="CPU peak-memory method")
+    ap.add_argument("--checkpoint-recur", type=int, default=8, help="r of the checkpoint section")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    ap.add_argument("--out", help="also write the JSON here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child)
+        return {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        ap.error(f"unknown section {bad[0]!r}; choose from {', '.join(SECTIONS)}")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - stdout is the JSON
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = base_config(args.config, args.set)
+    m = cfg.model
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "native_bf16_matmul": native_bf16_matmul() if device.type == "cpu" else True,
+        "shape": {"d_model": m.d_model, "n_head": m.n_head, "blocks": [m.n_prelude, m.n_recur_block, m.n_coda],
+                  "num_recur": m.num_recur, "seq_len": m.seq_len, "batch": cfg.train.micro_batch_size,
+                  "vocab_size": m.vocab_size, "optimizer": cfg.optim.name},
+        "flops_per_token": flops_per_token(m), "params": count_params(m).as_dict(), "steps": args.steps,
+        "timing": "median of interleaved rounds after one warm-up step",
+    }
+    log("measuring matmul peaks")
+    peaks = {p: peak_flops(device, p) for p in ("fp32", "bf16")}
+    result["peak_flops"] = peaks
+    in_run: list[float] = []
+    if device.type == "cpu" and "peak" in sections:
+        result["matmul_2048_fp32_fresh"] = measure_matmul_flops(torch.float32)
+    track = in_run if (device.type == "cpu" and "peak" in sections) else None
+
+    if "precision" in sections:
+        log("precision: fp32 eager, fp32 compiled, bf16 compiled")
+        variants = [Variant("fp32_eager", cfg, False), Variant("fp32_compiled", cfg, True),
+                    Variant("bf16_compiled", with_sets(cfg, ["parallel.precision=bf16"]), True)]
+        result["precision"] = run_section(variants, args.steps, device, args.memory, track, log)
+    if "checkpoint" in sections:
+        r = args.checkpoint_recur
+        log(f"checkpoint: r={r} with and without checkpoint_recurrence")
+        base = with_sets(cfg, [f"model.num_recur={r}", "model.bptt_k=null"])
+        variants = [Variant(f"r{r}_plain", base, False),
+                    Variant(f"r{r}_checkpointed", with_sets(base, ["model.checkpoint_recurrence=true"]), False)]
+        result["checkpoint"] = run_section(variants, args.steps, device, args.memory, track, log)
+    if "bptt" in sections:
+        log(f"bptt: k = {m.num_recur} .. 1 at r={m.num_recur}")
+        variants = [Variant(f"bptt_k{k}", with_sets(cfg, [f"model.bptt_k={k}"]), False)
+                    for k in range(m.num_recur, 0, -1)]
+        result["bptt"] = run_section(variants, args.steps, device, args.memory, track, log)
+    if "config" in sections:
+        log("config: as given")
+        result["config"] = run_section([Variant("config", cfg, cfg.train.compile)], args.steps, device,
+                                       args.memory, track, log)
+
+    in_run_median = statistics.median(in_run) if in_run else None
+    result["matmul_fp32_in_run"] = {"median": in_run_median, "all": in_run} if in_run else None
+    for sec in ("precision", "checkpoint", "bptt", "config"):
+        if sec in result:
+            add_mfu(result[sec], peaks, in_run_median)
+    result["ratios"] = ratios(result)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
+
+
+def ratios(result: dict) -> dict:
+    """The issue's targets, each a ratio of two figures measured in this one run."""
+    out: dict = {}
+    prec = {row["name"]: row for row in result.get("precision", [])}
+    if "fp32_compiled" in prec:
+        fc = prec["fp32_compiled"]
+        out["fp32_compiled_over_matmul_peak"] = fc["mfu"]
+        out["fp32_compiled_over_in_run_matmul"] = fc.get("frac_of_in_run_fp32_matmul")
+        out["fp32_compiled_over_eager"] = fc["tokens_per_s"] / prec["fp32_eager"]["tokens_per_s"]
+        if "bf16_compiled" in prec:
+            out["bf16_compiled_over_fp32_compiled"] = prec["bf16_compiled"]["tokens_per_s"] / fc["tokens_per_s"]
+    ck = result.get("checkpoint", [])
+    if len(ck) == 2:
+        out["checkpoint_activation_memory_ratio"] = ratio_of(ck[1], ck[0], "activation_bytes")
+        out["checkpoint_peak_memory_ratio"] = ratio_of(ck[1], ck[0], "peak_bytes")
+        out["checkpoint_time_ratio"] = ck[1]["step_s_median"] / ck[0]["step_s_median"]
+    bp = result.get("bptt", [])
+    if bp:
+        mem = [row["memory"].get("activation_bytes", row["memory"]["peak_bytes"]) for row in bp]
+        out["bptt_memory_falls_with_k"] = all(a > b for a, b in zip(mem, mem[1:]))
+    return out
+
+
+def ratio_of(a: dict, b: dict, key: str) -> Optional[float]:
+    x, y = a["memory"].get(key), b["memory"].get(key)
+    return x / y if x is not None and y else None
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        main()
