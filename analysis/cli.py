@@ -58,10 +58,11 @@ def fit_parser() -> argparse.ArgumentParser:
 def fit_main(argv: list[str]) -> int:
     args = fit_parser().parse_args(argv)
     try:
-        from .fit import analyse, format_report
         from .table import load_table
 
-        df = load_table(args.inputs)
+        df = load_table(args.inputs)  # before importing the fitter: bad input fails fast
+        from .fit import analyse, format_report
+
         if args.joint and ("variant" not in df.columns or df["variant"].nunique() < 2):
             raise FitInputError("--joint needs a variant column with at least two variants")
         report, fits = analyse(df, args.huber_delta, args.bootstrap, args.seed, joint=args.joint,

@@ -104,6 +104,9 @@ def plot_isoflop(iso: dict[str, Any], df, out: Path) -> list[str]:
 def plot_phi_bootstrap(fits: dict[str, LawFit], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     any_drawn = False
+    allv = np.concatenate([f.boot[:, N_BASE:][:, np.array(f.identifiable)].ravel()
+                           for f in fits.values() if f.boot is not None] or [np.zeros(1)])
+    bins = np.linspace(allv.min(), allv.max() + 1e-9, 50)  # shared bins: variants comparable
     for name, f in fits.items():
         if f.boot is None:
             continue
@@ -111,7 +114,7 @@ def plot_phi_bootstrap(fits: dict[str, LawFit], out: Path) -> list[str]:
             if not f.identifiable[k]:
                 continue
             label = f"joint:{pname}" if name == "joint" else name
-            ax.hist(f.boot[:, N_BASE + k], bins=40, alpha=0.45, density=True, label=label,
+            ax.hist(f.boot[:, N_BASE + k], bins=bins, alpha=0.45, density=True, label=label,
                     histtype="stepfilled" if name != "joint" else "step")
             ax.axvline(f.raw[N_BASE + k], color="k", lw=0.6)
             any_drawn = True

@@ -7,8 +7,7 @@ import pytest
 from scipy.optimize import minimize
 
 from megaloop.analysis.fit import analyse, fit_law
-from megaloop.analysis.law import (LawData, multistart_fit, objective, start_grid, to_centred,
-                                   to_raw)
+from megaloop.analysis.law import LawData, multistart_fit, objective, start_grid, to_centred
 from megaloop.analysis.make_example import BUDGETS, REFERENCE, law, synthetic_table
 
 TRUTH = REFERENCE
