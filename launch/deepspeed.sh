@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# megaloop train under the DeepSpeed launcher, on the nodes of a hostfile (or this node).
+#
+#   launch/deepspeed.sh [--dry-run] [--hostfile FILE] [--num-gpus G] [--master-addr HOST]
+#                       [--master-port PORT] CONFIG [--set key=value ...]
+#
+# The hostfile lists "hostname slots=G" per node; the launcher reaches the nodes with pdsh/ssh.
+# The engine is forced to DeepSpeed (parallel.engine=deepspeed): ZeRO stage from
+# parallel.zero_stage, TP from parallel.tp, pp must be 1 (pipeline runs use torchrun).
+set -euo pipefail
+
+DRY_RUN=0
+HOSTFILE=""
+NUM_GPUS=""
+MASTER_ADDR="${MASTER_ADDR:-}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1; shift ;;
+    --hostfile) HOSTFILE="$2"; shift 2 ;;
+    --num-gpus) NUM_GPUS="$2"; shift 2 ;;
+    --master-addr) MASTER_ADDR="$2"; shift 2 ;;
+    --master-port) MASTER_PORT="$2"; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) break ;;
+  esac
+done
+if [[ $# -lt 1 ]]; then
+  echo "usage: launch/deepspeed.sh [--dry-run] [--hostfile FILE] [--num-gpus G] CONFIG [--set key=value ...]" >&2
+  exit 2
+fi
+if [[ -n "$HOSTFILE" && ! -f "$HOSTFILE" && "$DRY_RUN" == 0 ]]; then
+  echo "launch/deepspeed.sh: hostfile $HOSTFILE not found (one line per node: 'hostname slots=G')" >&2
+  exit 2
+fi
+
+cmd=(deepspeed)
+[[ -n "$HOSTFILE" ]] && cmd+=(--hostfile "$HOSTFILE")
+[[ -n "$NUM_GPUS" ]] && cmd+=(--num_gpus "$NUM_GPUS")
+if [[ -n "$HOSTFILE" && -z "$MASTER_ADDR" ]]; then
+  MASTER_ADDR=$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE" 2>/dev/null || true)
+fi
+[[ -n "$MASTER_ADDR" ]] && cmd+=(--master_addr "$MASTER_ADDR")
+cmd+=(--master_port "$MASTER_PORT" --module megaloop.cli train "$@" --set parallel.engine=deepspeed)
+if [[ "$DRY_RUN" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+else
+  exec "${cmd[@]}"
+fi

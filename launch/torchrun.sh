@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# megaloop train on one node: one process per GPU (or N CPU processes on gloo) with torchrun.
+#
+#   launch/torchrun.sh [--dry-run] [--nproc N] CONFIG [--set key=value ...] [--resume]
+#
+# --nproc defaults to the number of visible GPUs (1 without GPUs). The layout comes from the
+# config: parallel.tp x parallel.pp must divide N; the rest is data parallel.
+# --dry-run prints the exact command instead of running it.
+set -euo pipefail
+
+DRY_RUN=0
+NPROC="${NPROC:-}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1; shift ;;
+    --nproc) NPROC="$2"; shift 2 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) break ;;
+  esac
+done
+if [[ $# -lt 1 ]]; then
+  echo "usage: launch/torchrun.sh [--dry-run] [--nproc N] CONFIG [--set key=value ...]" >&2
+  exit 2
+fi
+if [[ -z "$NPROC" ]]; then
+  NPROC=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  [[ "$NPROC" -gt 0 ]] || NPROC=1
+fi
+
+cmd=(torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" -m megaloop.cli train "$@")
+if [[ "$DRY_RUN" == 1 ]]; then
+  printf '%q ' "${cmd[@]}"; echo
+else
+  exec "${cmd[@]}"
+fi
