@@ -18,6 +18,7 @@ before triton is imported). Kernels are written as plain functions and jitted on
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -159,8 +160,13 @@ def elementwise_block(n: int) -> int:
 
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 2
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 # ----------------------------------------------------------------------------- lazy jit
