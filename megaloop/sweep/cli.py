@@ -1,7 +1,7 @@
 """`megaloop sweep {plan,run,slurm,collect}`: from one sweep file to the fit table.
 
     megaloop sweep plan configs/sweeps/demo.yaml --out runs/demo_sweep
-    megaloop sweep run runs/demo_sweep                 # here, one run after another
+    megaloop sweep run runs/demo_sweep --jobs 2        # here: 2 runs at a time, the rest queued
     megaloop sweep slurm runs/demo_sweep --partition gpu && bash runs/demo_sweep/submit.sh
     megaloop sweep collect runs/demo_sweep             # -> runs/demo_sweep/fit_table.csv
     megaloop fit runs/demo_sweep --plots runs/demo_sweep/plots
@@ -50,7 +50,7 @@ def _plan(argv: list[str]) -> int:
 
 def _run(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="megaloop sweep run",
-                                 description="Train the sweep's runs on this machine, one after another. "
+                                 description="Train the sweep's runs on this machine (--jobs at a time). "
                                              "Finished runs are skipped; interrupted ones resume.")
     ap.add_argument("sweep_dir")
     ap.add_argument("--only", default=None, help="comma-separated glob(s) of run names, e.g. 'baseline_r1_*'")
@@ -58,12 +58,16 @@ def _run(argv: list[str]) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override passed to every run, e.g. train.threads=2 (must not change the "
                          "experiment, or resuming fails)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs trained at once, each with cores / jobs torch threads (default 1)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
     if args.max_runs is not None and args.max_runs < 0:
         raise UserError(f"--max-runs must be >= 0, got {args.max_runs}")
+    if args.jobs < 1:
+        raise UserError(f"--jobs must be >= 1, got {args.jobs}")
     from .runner import run_sweep
-    rep = run_sweep(args.sweep_dir, args.only, args.max_runs, args.overrides, args.dry_run)
+    rep = run_sweep(args.sweep_dir, args.only, args.max_runs, args.overrides, args.dry_run, args.jobs)
     if not args.dry_run:
         print(f"sweep run: {len(rep.finished)} trained, {len(rep.skipped)} already finished, "
               f"{len(rep.failed)} failed, {len(rep.busy)} busy elsewhere in {rep.wall_s:.0f} s")

@@ -4,9 +4,10 @@ DIR/fit_table.csv holds the DESIGN.md columns n_once, n_rec, r, tokens, loss (va
 nats, at the trained r) plus run, variant and flops, one row per finished, healthy run, in manifest
 order. Every other run is reported by status, so a researcher sees what the fit is missing:
 
-  finished    summary.json with a finite loss below the unigram entropy
-  diverged    the loss is non-finite or no better than predicting unigram frequencies, or the run
-              stopped on non-finite steps (its FAILED note says "diverged")
+  finished    summary.json with a finite loss (noted when it is not below the unigram entropy of
+              the validation split: undertrained, yet still a measurement)
+  diverged    the loss is non-finite or worse than uniform guessing (ln vocab: training went
+              backwards), or the run stopped on non-finite steps (its FAILED note says "diverged")
   failed      the training process exited with an error (DIR/runs/NAME/FAILED)
   running     locked by a live `megaloop sweep run` process on this host
   incomplete  has checkpoints but no summary (interrupted; `sweep run` resumes it)
@@ -21,6 +22,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 from typing import Optional
+
+import yaml
 
 from ..errors import UserError
 from .plan import read_manifest
@@ -63,6 +66,15 @@ def _locked_here(run_dir: str) -> bool:
     return host == socket.gethostname() and _pid_alive(int(pid))
 
 
+def _uniform_loss(run_dir: str) -> Optional[float]:
+    """ln(vocab_size): the loss of a model that learned nothing; above it, training went backwards."""
+    try:
+        with open(os.path.join(run_dir, "config.yaml")) as f:
+            return math.log(int(yaml.safe_load(f)["model"]["vocab_size"]))
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return None
+
+
 def run_status(sweep_dir: str, row: dict) -> RunStatus:
     name = row["run"]
     run_dir = os.path.join(sweep_dir, "runs", name)
@@ -76,15 +88,22 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
             return RunStatus(name, "failed", f"unreadable summary.json ({e})")
         if not math.isfinite(loss):
             return RunStatus(name, "diverged", f"val_loss is {loss}")
+        uniform = _uniform_loss(run_dir)
+        if uniform is not None and loss > uniform:
+            return RunStatus(name, "diverged", f"val_loss {loss:.4f} is worse than guessing uniformly "
+                                               f"(ln vocab = {uniform:.4f})")
+        notes = []
         entropy = s.get("unigram_entropy")
         if entropy is not None and loss >= float(entropy):
-            return RunStatus(name, "diverged", f"val_loss {loss:.4f} is not below the unigram entropy {float(entropy):.4f}")
+            # kept in the table: an undertrained point is still a measurement, but the user should know
+            notes.append(f"val_loss {loss:.4f} is not below the unigram entropy {float(entropy):.4f} (undertrained?)")
         table_row = {"n_once": s.get("n_once", row["n_once"]), "n_rec": s.get("n_rec", row["n_rec"]),
                      "r": s.get("r", row["r"]), "tokens": s.get("tokens", row["tokens"]), "loss": loss,
                      "run": name, "variant": row.get("variant", "baseline"),
                      "flops": s.get("flops", row["target_flops"])}
-        skipped = s.get("skipped_steps") or 0
-        return RunStatus(name, "finished", f"{skipped} skipped step(s)" if skipped else "", table_row)
+        if s.get("skipped_steps"):
+            notes.append(f"{s['skipped_steps']} non-finite step(s) skipped")
+        return RunStatus(name, "finished", "; ".join(notes), table_row)
     failed_path = os.path.join(run_dir, "FAILED")
     if os.path.isfile(failed_path):
         with open(failed_path, errors="replace") as f:
@@ -124,6 +143,12 @@ def format_collection(c: Collection, limit: int = 10) -> str:
     counts = c.counts()
     lines = [f"sweep {c.name}: {len(c.runs)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k == "finished"),
              f"fit table: {c.table_path} ({counts['finished']} runs)"]
+    noted = [r for r in c.by_status("finished") if r.reason]
+    if noted:
+        lines.append("finished, with notes:")
+        lines += [f"  {r.run}: {r.reason}" for r in noted[:limit]]
+        if len(noted) > limit:
+            lines.append(f"  ... and {len(noted) - limit} more")
     for status in STATUSES[1:]:
         runs = c.by_status(status)
         if not runs:

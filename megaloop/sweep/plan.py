@@ -31,8 +31,10 @@ MANIFEST_COLUMNS = ("run", "variant", "r", "size", "d_model", "n_head", "n_recur
                     "input_injection", "n_once", "n_rec", "flops_per_token", "tokens", "target_flops",
                     "tokens_per_step", "steps", "gpus", "config")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
-# Keys the runner may override at launch; a difference in them does not make another experiment.
-LAUNCH_KEYS = (("train", "run_dir"), ("train", "progress"))
+# What makes two run configs the same experiment: the keys a launch may change (run_dir, threads,
+# progress, device, logging, ...) are left out, so replanning a started run is not refused for them.
+EXPERIMENT_KEYS = ("model", "optim", "data", "kernels", "parallel.precision", "train.target_flops",
+                   "train.micro_batch_size", "train.grad_accum", "train.seed")
 
 
 @dataclass
@@ -192,11 +194,15 @@ def manifest_csv(rows: list[dict]) -> str:
 
 
 def _experiment(cfg_dict: dict) -> dict:
-    """A config dict without the keys a launch may change."""
+    """The part of a config that defines the experiment (EXPERIMENT_KEYS), JSON-normalised."""
     d = json.loads(json.dumps(cfg_dict, default=list))
-    for section, key in LAUNCH_KEYS:
-        d.get(section, {}).pop(key, None)
-    return d
+    out = {}
+    for key in EXPERIMENT_KEYS:
+        section, _, sub = key.partition(".")
+        value = d.get(section)
+        out[key] = value.get(sub) if sub and isinstance(value, dict) else value
+    out["data"] = {k: v for k, v in (out["data"] or {}).items() if k != "workers"}
+    return out
 
 
 def _started(run_dir: str) -> bool:

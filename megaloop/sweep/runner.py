@@ -1,11 +1,15 @@
-"""`megaloop sweep run`: the manifest's runs on this machine, one after another.
+"""`megaloop sweep run`: the manifest's runs on this machine.
 
 Each run is its own `python -m megaloop.cli train CONFIG --resume` process, so a crash, a
 divergence or an out-of-memory kill costs one run, not the sweep: it is recorded in
 DIR/runs/NAME/FAILED (exit status and the error line) and the sweep goes on. Idempotent: a run
 with a summary.json is skipped, a run that died resumes from its last complete checkpoint.
-A lock file per run lets several `sweep run` processes (or machines sharing the folder) work
-through one sweep without training the same run twice.
+
+`jobs` runs several trainings at once, each pinned to cores / jobs torch threads: on a small CPU,
+two single-threaded runs beat one two-threaded run (tiny matmuls scale badly across threads,
+and busy cores make multi-threaded OpenMP wait on each other). A lock file per run lets several
+`sweep run` processes, or machines sharing the folder, work through one sweep without training the
+same run twice.
 """
 from __future__ import annotations
 
@@ -59,7 +63,8 @@ def _take_lock(run_dir: str) -> bool:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             try:
-                host, pid = open(path).read().split()
+                with open(path) as f:
+                    host, pid = f.read().split()
             except (OSError, ValueError):
                 host, pid = "", "0"
             if host == socket.gethostname() and not _pid_alive(int(pid)):
@@ -101,61 +106,109 @@ def _error_line(log_path: str) -> str:
     return lines[-1] if lines else ""
 
 
+@dataclass
+class _Active:
+    name: str
+    run_dir: str
+    tag: str
+    proc: subprocess.Popen
+    log_file: object
+    start: float
+
+
+def _finish(job: _Active, rc: int, report: RunReport, log: Callable) -> None:
+    job.log_file.close()
+    secs = time.perf_counter() - job.start
+    summary_path = os.path.join(job.run_dir, "summary.json")
+    try:
+        if rc == 0 and os.path.isfile(summary_path):
+            with open(summary_path) as f:
+                loss = json.load(f).get("val_loss")
+            log(f"{job.tag}: done in {secs:.1f} s, val_loss {loss:.4f}")
+            report.finished.append(job.name)
+        else:
+            log_path = os.path.join(job.run_dir, "train.log")
+            err = _error_line(log_path)
+            with open(os.path.join(job.run_dir, "FAILED"), "w") as f:
+                f.write(f"exit status {rc} after {secs:.1f} s\n{err}\nlog: {log_path}\n")
+            log(f"{job.tag}: FAILED (exit {rc}): {err}")
+            report.failed.append(job.name)
+    finally:
+        _release_lock(job.run_dir)
+
+
 def run_sweep(sweep_dir: str, only: Optional[str] = None, max_runs: Optional[int] = None,
-              overrides: Optional[list[str]] = None, dry_run: bool = False, log: Callable = print) -> RunReport:
+              overrides: Optional[list[str]] = None, dry_run: bool = False, jobs: int = 1,
+              log: Callable = print) -> RunReport:
     manifest = read_manifest(sweep_dir)
     rows = select(manifest["runs"], only)
     workdir = manifest.get("workdir")
     cwd = workdir if workdir and os.path.isdir(workdir) else os.getcwd()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    overrides = list(overrides or [])
+    if jobs > 1 and not any(o.startswith("train.threads=") for o in overrides):
+        overrides.append(f"train.threads={max(1, (os.cpu_count() or 1) // jobs)}")
+        env.setdefault("OMP_NUM_THREADS", overrides[-1].split("=")[1])
     report, launched, start = RunReport(), 0, time.perf_counter()
-    log(f"sweep {manifest.get('name', '')}: {len(rows)} run(s) selected of {len(manifest['runs'])} in {sweep_dir}")
-    for i, row in enumerate(rows, 1):
-        name = row["run"]
-        run_dir = os.path.join(sweep_dir, "runs", name)
-        tag = f"[{i}/{len(rows)}] {name}"
-        if os.path.isfile(os.path.join(run_dir, "summary.json")):
-            report.skipped.append(name)
-            continue
-        if max_runs is not None and launched >= max_runs:
-            break
-        cmd = train_command(sweep_dir, row, overrides or [])
-        if dry_run:
-            log(f"{tag}: {' '.join(cmd)}")
-            launched += 1
-            continue
-        os.makedirs(run_dir, exist_ok=True)
-        if not _take_lock(run_dir):
-            log(f"{tag}: being trained by another sweep process; skipping")
-            report.busy.append(name)
-            continue
-        launched += 1
-        log_path = os.path.join(run_dir, "train.log")
-        t0 = time.perf_counter()
-        try:
-            if os.path.exists(os.path.join(run_dir, "FAILED")):
-                os.remove(os.path.join(run_dir, "FAILED"))
-            resumed = os.path.isdir(os.path.join(run_dir, "checkpoints"))
-            log(f"{tag}: r={row['r']} d_model={row['d_model']} {row['steps']} steps"
-                + (" (resuming)" if resumed else "") + " ...")
-            with open(log_path, "a") as out:
+    active: list[_Active] = []
+    log(f"sweep {manifest.get('name', '')}: {len(rows)} run(s) selected of {len(manifest['runs'])} in {sweep_dir}"
+        + (f", {jobs} at a time" if jobs > 1 else ""))
+    pending = list(enumerate(rows, 1))
+    try:
+        while pending or active:
+            # start runs while there is a free slot
+            while pending and len(active) < jobs and (max_runs is None or launched < max_runs):
+                i, row = pending.pop(0)
+                name = row["run"]
+                run_dir = os.path.join(sweep_dir, "runs", name)
+                tag = f"[{i}/{len(rows)}] {name}"
+                if os.path.isfile(os.path.join(run_dir, "summary.json")):
+                    report.skipped.append(name)
+                    continue
+                cmd = train_command(sweep_dir, row, overrides)
+                if dry_run:
+                    log(f"{tag}: {' '.join(cmd)}")
+                    launched += 1
+                    continue
+                os.makedirs(run_dir, exist_ok=True)
+                if not _take_lock(run_dir):
+                    log(f"{tag}: being trained by another sweep process; skipping")
+                    report.busy.append(name)
+                    continue
+                launched += 1
+                if os.path.exists(os.path.join(run_dir, "FAILED")):
+                    os.remove(os.path.join(run_dir, "FAILED"))
+                resumed = os.path.isdir(os.path.join(run_dir, "checkpoints"))
+                log(f"{tag}: r={row['r']} d_model={row['d_model']} {row['steps']} steps"
+                    + (" (resuming)" if resumed else "") + " ...")
+                out = open(os.path.join(run_dir, "train.log"), "a")
                 out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
                 out.flush()
-                rc = subprocess.call(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
-            secs = time.perf_counter() - t0
-            summary_path = os.path.join(run_dir, "summary.json")
-            if rc == 0 and os.path.isfile(summary_path):
-                with open(summary_path) as f:
-                    loss = json.load(f).get("val_loss")
-                log(f"{tag}: done in {secs:.1f} s, val_loss {loss:.4f}")
-                report.finished.append(name)
-            else:
-                err = _error_line(log_path)
-                with open(os.path.join(run_dir, "FAILED"), "w") as f:
-                    f.write(f"exit status {rc} after {secs:.1f} s\n{err}\nlog: {log_path}\n")
-                log(f"{tag}: FAILED (exit {rc}): {err}")
-                report.failed.append(name)
-        finally:
-            _release_lock(run_dir)
+                try:
+                    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+                except OSError:
+                    out.close()
+                    _release_lock(run_dir)
+                    raise
+                active.append(_Active(name, run_dir, tag, proc, out, time.perf_counter()))
+            if not active:
+                if not pending or (max_runs is not None and launched >= max_runs):
+                    break
+                continue
+            time.sleep(0.2)
+            for job in [j for j in active if j.proc.poll() is not None]:
+                active.remove(job)
+                _finish(job, job.proc.returncode, report, log)
+    except KeyboardInterrupt:
+        # children got the same SIGINT from the terminal; wait so their locks are released cleanly
+        for job in active:
+            try:
+                job.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                job.proc.kill()
+                job.proc.wait()
+            job.log_file.close()
+            _release_lock(job.run_dir)
+        raise
     report.wall_s = time.perf_counter() - start
     return report
