@@ -50,6 +50,8 @@ def seed_everything(seed: int) -> None:
 
 def build_model(cfg: Config) -> LoopedLM:
     """Same seed -> same initial weights on every rank and under every layout."""
+    from . import kernels
+    kernels.set_backend(cfg.kernels)  # MEGALOOP_KERNELS in the environment still wins
     torch.manual_seed(cfg.train.seed)
     return LoopedLM(cfg.model)
 
