@@ -37,7 +37,7 @@ def fixed_batches(cfg, dp_size: int, seed: int = 7) -> list[tuple[torch.Tensor, 
 
 
 def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Optional[int] = None,
-        resume: Optional[str] = None, threads: int = 1, keep_group: bool = False) -> dict:
+        resume: Optional[str] = None, threads: int = 1, keep_group: bool = False, device: str = "cpu") -> dict:
     """Train the tiny model; with save_at, also checkpoint after that step; with resume, load the
     checkpoint and run the remaining steps. keep_group leaves torch.distributed up for another run
     in the same processes (the harness runs several layouts per launch to pay imports once)."""
@@ -53,7 +53,12 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
     seed_everything(cfg.train.seed)
     model = build_model(cfg)
     t0 = time.perf_counter()
-    engine = build_engine(cfg, model, torch.device("cpu"))
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    engine = build_engine(cfg, model, dev)
     start = 0
     if resume:
         engine.load_files(resume)
@@ -73,7 +78,7 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
                 _save(engine, os.path.join(out, f"ckpt_{save_at}"))
         eval_loss = engine.eval_loss(batches[:2])
         _save(engine, os.path.join(out, "final"))
-        peak = _peak_rss_mb()
+        peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
         result = dict(losses=losses, grad_norms=norms, eval_loss=eval_loss, step_times=times,
                       setup_s=time.perf_counter() - t0 - sum(times), peak_rss_mb=peak)
         if engine.is_main:
@@ -90,11 +95,11 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
             engine.close()
 
 
-def run_many(jobs: list[dict], threads: int = 1) -> None:
+def run_many(jobs: list[dict], threads: int = 1, device: str = "cpu") -> None:
     """Several runs in one launch: [{out, overrides, save_at?, resume?}, ...]."""
     for i, job in enumerate(jobs):
         run(job["out"], job.get("overrides", []), job.get("steps"), job.get("save_at"), job.get("resume"),
-            threads, keep_group=i + 1 < len(jobs))
+            threads, keep_group=i + 1 < len(jobs), device=device)
 
 
 def check_vocab_parallel_ce() -> None:
@@ -197,6 +202,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--resume")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", help="JSON file with a list of runs (then --out is only a log folder)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per rank)")
     ap.add_argument("--check-ce", action="store_true", help="check the vocab-parallel loss and exit")
     a = ap.parse_args(argv)
     if a.check_ce:
@@ -205,9 +211,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if a.jobs:
             with open(a.jobs) as f:
-                run_many(json.load(f), a.threads)
+                run_many(json.load(f), a.threads, a.device)
         else:
-            run(a.out, a.overrides, a.steps, a.save_at, a.resume, a.threads)
+            run(a.out, a.overrides, a.steps, a.save_at, a.resume, a.threads, device=a.device)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
