@@ -152,7 +152,7 @@ def test_slurm_script_renders_passes_bash_n_and_skips_finished_runs(tmp_path):
     """Contract: `megaloop sweep slurm DIR` writes DIR/sweep.sbatch, an array over all manifest rows
     (0-115 for the reference grid, throttled by --max-parallel) with the node shape and the longest
     per-run time limit, that passes `bash -n`; a task whose run has a summary.json exits 0 without
-    launching; submit.sh (also `bash -n` clean) submits only unfinished runs, one array per time limit."""
+    launching, another launches its run's config with --resume through launch/torchrun.sh; submit.sh (also `bash -n` clean) submits only unfinished runs, one array per time limit."""
     out = tmp_path / "iso"
     assert main(["sweep", "plan", os.path.join(SWEEPS, "iso_depth.yaml"), "--out", str(out)]) == 0
     assert main(["sweep", "slurm", str(out), "--partition", "gpu", "--account", "proj", "--max-parallel", "8"]) == 0
@@ -172,6 +172,12 @@ def test_slurm_script_renders_passes_bash_n_and_skips_finished_runs(tmp_path):
     env = dict(os.environ, SLURM_ARRAY_TASK_ID="0")
     res = subprocess.run(["bash", str(out / "sweep.sbatch")], env=env, capture_output=True, text=True)
     assert res.returncode == 0 and "skipping" in res.stdout
+    env = dict(os.environ, SLURM_ARRAY_TASK_ID="7", MEGALOOP_DRY_RUN="1")
+    res = subprocess.run(["bash", str(out / "sweep.sbatch")], env=env, capture_output=True, text=True)
+    row = read_manifest(str(out))["runs"][7]
+    assert res.returncode == 0, res.stderr
+    assert f"{out}/runs/{row['run']}/config.yaml --resume --set train.run_dir={out}/runs/{row['run']}" in res.stdout
+    assert ("launch/torchrun.sh --nproc 8" in res.stdout) == os.path.exists(os.path.join(REPO, "launch", "torchrun.sh"))
     res = subprocess.run(["bash", str(out / "submit.sh")], env=dict(os.environ, SBATCH="echo"),
                          capture_output=True, text=True)
     assert res.returncode == 0 and "submitted 115 unfinished run(s) of 116" in res.stdout

@@ -2,6 +2,8 @@
 
 DIR/sweep.sbatch   the array script: task i reads row i of DIR/tasks.tsv, exits at once when the run
                    has a summary.json, else launches `megaloop train CONFIG --resume` on one node
+                   through launch/torchrun.sh (plain torchrun where that launcher is missing);
+                   MEGALOOP_DRY_RUN=1 prints the launch command instead
 DIR/tasks.tsv      index, run, GPUs, time limit (what the script reads; no Python needed on the node)
 DIR/submit.sh      submits only the unfinished runs, one array per time limit, so every run gets
                    its own time from the manifest (a SLURM array has one --time for all tasks);
@@ -148,14 +150,17 @@ fi
 cd "$WORKDIR"
 {env_setup}
 export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{opts.cpus_per_gpu}}}"
-rm -f "$RUN_DIR/FAILED"
-TRAIN_ARGS=(train "$CONFIG" --resume --set "train.run_dir=$RUN_DIR" --set train.progress=false)
+[ -n "${{MEGALOOP_DRY_RUN:-}}" ] || rm -f "$RUN_DIR/FAILED"
+TRAIN_ARGS=("$CONFIG" --resume --set "train.run_dir=$RUN_DIR" --set train.progress=false)
 if [ -x "$MEGALOOP_ROOT/launch/torchrun.sh" ]; then
-  LAUNCH=("$MEGALOOP_ROOT/launch/torchrun.sh" --nproc "$GPUS" -- megaloop "${{TRAIN_ARGS[@]}}")
+  LAUNCH=("$MEGALOOP_ROOT/launch/torchrun.sh" --nproc "$GPUS" "${{TRAIN_ARGS[@]}}")
 else
-  LAUNCH=(torchrun --standalone --nproc_per_node="$GPUS" -m megaloop.cli "${{TRAIN_ARGS[@]}}")
+  LAUNCH=(torchrun --standalone --nnodes 1 --nproc-per-node "$GPUS" -m megaloop.cli train "${{TRAIN_ARGS[@]}}")
 fi
 echo "megaloop sweep: $NAME on $(hostname) with $GPUS GPUs, limit $TIME_LIMIT: ${{LAUNCH[*]}}"
+if [ -n "${{MEGALOOP_DRY_RUN:-}}" ]; then  # check what a task would run, without training
+  exit 0
+fi
 rc=0
 "${{LAUNCH[@]}}" || rc=$?
 if [ "$rc" -ne 0 ]; then
