@@ -136,7 +136,8 @@ class DeepSpeedEngine(DistributedEngineBase):
             return None
         opt.step = step
 
-    def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float) -> StepStats:
+    def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float,
+                   inject_nan: bool = False) -> StepStats:
         set_lr(self.optimizer, lr_factor)
         batches = list(batches)
         if len(batches) != self.ds.gradient_accumulation_steps():
@@ -146,6 +147,8 @@ class DeepSpeedEngine(DistributedEngineBase):
         for x, y in batches:
             with autocast_for(self.cfg, self.device):
                 loss = self.ds(x.to(self.device), y.to(self.device))
+            if inject_nan:  # fault-injection tests: the guarded optimiser step then skips everywhere
+                loss = loss * float("nan")
             self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
             self.ds.step()          # applies the update at the accumulation boundary only
             total += loss.detach().float()

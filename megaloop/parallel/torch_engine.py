@@ -54,6 +54,7 @@ class TorchEngine(DistributedEngineBase):
         groups = [dict(g, params=[p for p in g["params"] if id(p) in keep]) for g in param_groups(model, cfg.optim)]
         self.optimizer = MuonAdamW([g for g in groups if g["params"]])
         self._schedules: dict[int, object] = {}
+        self._poison = 1.0
         self._pipe_stage = None
 
     # ------------------------------------------------------------------ pipeline plumbing
@@ -85,7 +86,7 @@ class TorchEngine(DistributedEngineBase):
 
             def loss_fn(h, y):
                 with autocast_for(self.cfg, self.device):
-                    return self.model.head.loss(h, y)
+                    return self.model.head.loss(h, y) * self._poison
             # 1F1B needs at least as many micro-batches as stages to fill the pipe; with fewer,
             # GPipe is the same schedule with all forwards first.
             cls = Schedule1F1B if n_micro >= lay.pp else ScheduleGPipe
@@ -93,15 +94,19 @@ class TorchEngine(DistributedEngineBase):
         return self._schedules[n_micro]
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float) -> StepStats:
+    def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float,
+                   inject_nan: bool = False) -> StepStats:
+        """One step over the micro-batches; inject_nan poisons the loss (fault-injection tests):
+        every rank then skips the update, because the loss and grad norm are global."""
         set_lr(self.optimizer, lr_factor)
+        self._poison = float("nan") if inject_nan else 1.0
         batches = list(batches)
         n = len(batches)
         if self.plan is None:
             total = torch.zeros((), device=self.device)
             for x, y in batches:
                 with autocast_for(self.cfg, self.device):
-                    loss = self.model(x.to(self.device), y.to(self.device))
+                    loss = self.model(x.to(self.device), y.to(self.device)) * self._poison
                 (loss / n).backward()
                 total += loss.detach().float()
             loss_t = total / n
