@@ -1,0 +1,183 @@
+"""Speed features must not change what is computed, and MFU must count a looped model honestly.
+
+Contracts:
+- train.compile (compile_blocks): same losses as eager over a few fp32 steps (~1e-5 relative),
+  state-dict keys unchanged, one compiled graph shared by all blocks, and another num_recur at
+  evaluation compiles nothing new;
+- bf16 autocast (fp32 master weights, fp32 loss) tracks fp32: 50 steps both ways on a learnable
+  task, final losses within 2 %;
+- checkpoint_recurrence composes with truncated backprop (bptt_k): same loss and gradients as
+  without it, fewer saved activations;
+- the mfu logged in metrics.jsonl is tokens_per_s x loop-aware FLOPs per token(r) / peak, about
+  r times the 6N count with shared weights counted once;
+- the CPU matmul peak is measured once, then served from memory and from the on-disk cache.
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import tiny_raw
+from megaloop import mfu
+from megaloop.accounting import block_params, count_params, flops_per_token
+from megaloop.config import load_config
+from megaloop.engine import LocalEngine
+from megaloop.model import LoopedLM
+from megaloop.train import build_model, compile_blocks, train
+
+
+def tiny_cfg(precision="fp32", **model):
+    m = dict(d_model=32, n_head=2, vocab_size=64, seq_len=32, n_prelude=1, n_recur_block=1, n_coda=1,
+             num_recur=2)
+    m.update(model)
+    return load_config(raw={"model": m, "parallel": {"precision": precision},
+                            "optim": {"name": "adamw", "lr": 3e-3, "warmup_steps": 0},
+                            "train": {"steps": 1, "micro_batch_size": 4, "seed": 0}})
+
+
+def markov_batches(cfg, n, seed=0):
+    """A learnable stream: each token is followed by one of 4 successors (entropy ~1.2 nats), so
+    the loss falls to a floor instead of to zero and a 2 % tolerance means something."""
+    g = torch.Generator().manual_seed(seed)
+    V, T, B = cfg.model.vocab_size, cfg.model.seq_len, cfg.train.micro_batch_size
+    succ = torch.randint(0, V, (V, 4), generator=g)
+    probs = torch.tensor([0.55, 0.25, 0.15, 0.05])
+    out = []
+    for _ in range(n):
+        x = torch.empty(B, T + 1, dtype=torch.long)
+        x[:, 0] = torch.randint(0, V, (B,), generator=g)
+        for t in range(T):
+            pick = torch.multinomial(probs, B, replacement=True, generator=g)
+            x[:, t + 1] = succ[x[:, t], pick]
+        out.append((x[:, :-1].contiguous(), x[:, 1:].contiguous()))
+    return out
+
+
+def run_steps(cfg, batches, compiled=False):
+    model = build_model(cfg)
+    if compiled:
+        compile_blocks(model)
+    engine = LocalEngine(cfg, model, torch.device("cpu"))
+    return [engine.train_step([b], 1.0).loss for b in batches], model
+
+
+def test_compile_matches_eager():
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    cfg = tiny_cfg(n_recur_block=2)
+    batches = markov_batches(cfg, 3)
+    eager, m_eager = run_steps(cfg, batches)
+    comp, m_comp = run_steps(cfg, batches, compiled=True)
+    assert comp == pytest.approx(eager, rel=1e-5)
+    assert list(m_comp.state_dict()) == list(m_eager.state_dict())  # checkpoints load either way
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs < len(m_comp.blocks())  # blocks share code and shapes: not one compile each
+    with torch.no_grad():
+        m_comp(*batches[0], num_recur=5)  # test-time recurrence: nothing new to compile
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_bf16_tracks_fp32():
+    fp32, bf16 = tiny_cfg(), tiny_cfg("bf16")
+    batches = markov_batches(fp32, 50)
+    l32, _ = run_steps(fp32, batches)
+    l16, _ = run_steps(bf16, batches)
+    assert l32[-1] < 0.75 * l32[0]  # it learned something, so tracking is not trivially true
+    assert abs(l16[-1] - l32[-1]) <= 0.02 * l32[-1], (l32[-1], l16[-1])
+
+
+def _grads(model, idx, tgt):
+    loss = model(idx, tgt)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _saved_bytes(model, idx, tgt):
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel() * t.element_size()) or t,
+                                                  lambda t: t):
+        model(idx, tgt)
+    return sum(sizes)
+
+
+@pytest.mark.parametrize("mode,r,k", [("linear", 4, 2), ("linear", 4, 1), ("additive", 3, 2)])
+def test_checkpointing_composes_with_bptt(mode, r, k):
+    base = dict(d_model=32, n_head=2, n_kv_head=1, n_recur_block=2, num_recur=r, bptt_k=k, input_injection=mode)
+    cfg, cfg_ck = tiny_cfg(**base).model, tiny_cfg(checkpoint_recurrence=True, **base).model
+    torch.manual_seed(0)
+    plain = LoopedLM(cfg)
+    with torch.no_grad():  # off the structured init, so every term matters
+        for p in plain.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ck = LoopedLM(cfg_ck)
+    ck.load_state_dict(plain.state_dict())
+    idx, tgt = markov_batches(tiny_cfg(), 1)[0]
+    la, ga = _grads(plain, idx, tgt)
+    lb, gb = _grads(ck, idx, tgt)
+    assert torch.equal(la, lb)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], rtol=1e-5, atol=1e-7), name
+    assert _saved_bytes(ck, idx, tgt) < _saved_bytes(plain, idx, tgt)
+
+
+def test_logged_mfu_is_loop_aware(tiny_corpus, data_cache, tmp_path):
+    raw = tiny_raw(tiny_corpus, data_cache, str(tmp_path / "run"), steps=3, log_every=1)
+    raw["model"]["num_recur"] = 4
+    raw["logging"] = {"peak_flops": 1e9}
+    cfg = load_config(raw=raw)
+    train(cfg, log=lambda *a: None)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f if "tokens_per_s" in line]
+    fpt = flops_per_token(cfg.model)
+    assert recs and all(r["mfu"] == pytest.approx(r["tokens_per_s"] * fpt / 1e9, rel=1e-9) for r in recs)
+
+
+def test_loop_aware_flops_grow_r_fold():
+    """A model dominated by its recurrent group: FLOPs/token ~ r x the 6N-unique count."""
+    m = tiny_cfg(d_model=256, n_head=2, vocab_size=64, n_prelude=1, n_recur_block=8, n_coda=1,
+                 num_recur=4).model
+    c = count_params(m)
+    attn = 12 * m.n_head * m.hdim * m.seq_len
+    n_layers = m.n_prelude + m.n_recur_block + m.n_coda
+    naive = 6 * (c.n_once + c.n_rec + c.head) + attn * n_layers  # shared weights counted once
+    loop_aware = flops_per_token(m)
+    # exactly the r - 1 extra passes through group + injection, matrices and attention
+    extra = (m.num_recur - 1) * (6 * (m.n_recur_block * block_params(m) + 2 * m.d_model ** 2)
+                                 + attn * m.n_recur_block)
+    assert loop_aware - naive == pytest.approx(extra + 6 * 3 * m.d_model, rel=1e-3)
+    assert loop_aware / naive > 0.8 * m.num_recur * m.n_recur_block / n_layers + 0.2
+    assert flops_per_token(m, 8) / flops_per_token(m, 1) > 6
+
+
+def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure(dtype, n=2048, reps=3):
+        calls.append(dtype)
+        return 1.5e11
+
+    monkeypatch.setenv(mfu.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(mfu, "measure_matmul_flops", fake_measure)
+    monkeypatch.setattr(mfu, "_memo", {})
+    cpu = torch.device("cpu")
+    assert mfu.peak_flops(cpu, "fp32") == 1.5e11
+    assert mfu.peak_flops(cpu, "fp32") == 1.5e11
+    assert len(calls) == 1  # in-process memo
+    monkeypatch.setattr(mfu, "_memo", {})  # a new process: served from disk
+    assert mfu.peak_flops(cpu, "fp32") == 1.5e11 and len(calls) == 1
+    cached = json.load(open(os.path.join(tmp_path, "cpu_peak.json")))
+    assert list(cached.values()) == [1.5e11]
+    assert mfu.peak_flops(cpu, "fp32", override=3e12) == 3e12  # logging.peak_flops wins
+
+
+def test_gpu_peak_table():
+    assert mfu.gpu_peak("NVIDIA H200", "bf16") == 989.4e12
+    assert mfu.gpu_peak("NVIDIA H100 PCIe", "bf16") == 756.0e12
+    assert mfu.gpu_peak("NVIDIA A100-SXM4-80GB", "fp32") == 19.5e12
+    assert mfu.gpu_peak("NVIDIA A100-SXM4-80GB", "fp32", tf32=True) == 156.0e12
+    assert mfu.gpu_peak("Tesla V100-SXM2-16GB", "bf16") == 15.7e12  # no bf16 tensor cores
+    assert mfu.gpu_peak("Some Future GPU", "bf16") is None
+    assert mfu.mfu(1000.0, 1e6, 0.0) is None and mfu.mfu(1000.0, 1e6, 1e10) == pytest.approx(0.1)
