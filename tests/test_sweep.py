@@ -289,3 +289,21 @@ def test_tiny_sweep_end_to_end_with_crash_and_resume(tmp_path, monkeypatch, caps
     capsys.readouterr()
     assert main(["fit", out, "--json"]) in (0, 2)  # 2 runs cannot identify the law; it must say so cleanly
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_run_selects_by_pattern_and_count_without_training(tmp_path):
+    """Contract: `sweep run --only GLOB[,GLOB] --max-runs N --dry-run` picks the matching unfinished
+    runs in manifest order, at most N of them, and launches nothing; finished runs are skipped."""
+    spec = parse_sweep(_tiny_sweep(r=[1, 2], budgets=[{"flops": 3e8, "sizes": [2, 3]}]))
+    write_plan(spec, expand(spec, str(tmp_path)), str(tmp_path))
+    (tmp_path / "runs" / "baseline_r2_s2_c3e8" / "summary.json").write_text("{}")
+    lines = []
+    rep = run_sweep(str(tmp_path), only="*_r2_*,*_s3_*", max_runs=5, dry_run=True, log=lines.append)
+    assert rep.skipped == ["baseline_r2_s2_c3e8"] and not rep.finished and not rep.failed
+    launched = [ln.split(":")[0].split()[-1] for ln in lines[1:]]
+    assert launched == ["baseline_r1_s3_c3e8", "baseline_r2_s3_c3e8"]
+    assert all("--resume" in ln for ln in lines[1:])
+    lines.clear()
+    run_sweep(str(tmp_path), max_runs=1, dry_run=True, log=lines.append)
+    assert len(lines) == 2 and "baseline_r1_s2_c3e8" in lines[1]
+    assert not any((tmp_path / "runs" / n / "train.log").exists() for n in os.listdir(tmp_path / "runs"))
