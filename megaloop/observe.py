@@ -99,6 +99,19 @@ class WandbSink:
         self.run.finish()
 
 
+def check_backends(logging_cfg: LoggingConfig) -> None:
+    """Raise the ConfigError build_sinks would, without creating anything: call it with the other
+    up-front checks, before the run directory is touched."""
+    import importlib.util
+
+    if logging_cfg.wandb and logging_cfg.wandb_mode not in WANDB_MODES:
+        raise ConfigError(f"logging.wandb_mode={logging_cfg.wandb_mode!r} is unknown: use one of {', '.join(WANDB_MODES)}")
+    for on, module, key in ((logging_cfg.tensorboard, "tensorboard", "tensorboard"), (logging_cfg.wandb, "wandb", "wandb")):
+        if on and importlib.util.find_spec(module) is None:
+            raise ConfigError(f"logging.{key} is true but {module} is not installed: {INSTALL_HINT}, "
+                              f"or set logging.{key}=false")
+
+
 def build_sinks(logging_cfg: LoggingConfig, run_dir: str, config_dict: Optional[dict] = None) -> list[MetricSink]:
     """The sinks the config switches on (none by default). Call on the main rank only."""
     sinks: list[MetricSink] = []

@@ -160,6 +160,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     from .data.prepare import ensure_prepared
     from .data.preprocess import unigram_entropy
     from .mfu import peak_flops
+    from .observe import build_sinks, close_sinks
     from .parallel import build_engine
 
     if cfg.train.threads:
@@ -169,6 +170,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     model = build_model(cfg)
     engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
     is_main = engine.is_main
+    sinks: list = []  # optional live views (TensorBoard, wandb); metrics.jsonl stays the record
     try:
         # Everything that can be wrong is checked before the run directory is touched.
         latest = check_run_dir(cfg, resume)
@@ -196,6 +198,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             log(f"budget: {budget.steps} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens "
                 f"({budget.tokens * counts.flops_per_token:.3e} FLOPs) on {device}")
         metrics = MetricsLog(os.path.join(cfg.train.run_dir, "metrics.jsonl"), step if latest else -1, is_main)
+        if is_main:
+            sinks = build_sinks(cfg.logging, cfg.train.run_dir, cfg.to_dict())
         peak = cfg.logging.peak_flops or peak_flops(device, cfg.parallel.precision)
         valid = lambda: eval_batches(data.valid, cfg.model.seq_len, cfg.train.micro_batch_size,  # noqa: E731
                                      cfg.train.eval_tokens)
@@ -230,6 +234,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                            mfu=tps * counts.flops_per_token / peak if peak else None,
                            skipped_steps=skipped_total, elapsed_s=now - start)
                 metrics.write(rec)
+                for sink in sinks:
+                    sink.log(rec, step)
                 if bar is not None:
                     bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tps:,.0f}")
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < budget.steps:
@@ -263,6 +269,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             ckpt.write_atomic(os.path.join(cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
         return summary
     finally:
+        close_sinks(sinks)
         engine.close()
 
 

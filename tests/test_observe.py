@@ -85,3 +85,34 @@ def test_missing_package_is_a_config_error(tmp_path, monkeypatch, backend, modul
 def test_unknown_wandb_mode_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="wandb_mode"):
         build_sinks(LoggingConfig(wandb=True, wandb_mode="sometimes"), str(tmp_path))
+
+
+def test_train_mirrors_metrics_to_tensorboard(tiny_corpus, data_cache, tmp_path):
+    """Contract: with logging.tensorboard on, a run's RUN_DIR/tb holds the same losses as metrics.jsonl."""
+    pytest.importorskip("tensorboard")
+    import json
+
+    from conftest import tiny_raw
+    from megaloop.config import load_config
+    from megaloop.train import train
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    raw = tiny_raw(tiny_corpus, data_cache, str(run), steps=3)
+    raw["logging"] = {"tensorboard": True, "peak_flops": 1e9}
+    train(load_config(raw=raw), log=lambda *a: None)
+    with open(run / "metrics.jsonl") as f:
+        want = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+    acc = EventAccumulator(str(run / "tb"))
+    acc.Reload()
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in acc.Scalars("loss")] == want
+
+
+def test_check_backends(monkeypatch):
+    from megaloop.observe import check_backends
+    import importlib.util
+
+    check_backends(LoggingConfig())  # nothing on: nothing needed
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"megaloop\[logging\]"):
+        check_backends(LoggingConfig(wandb=True))
