@@ -35,7 +35,7 @@ setup(
         "distributed": ["deepspeed>=0.15"],
         "gpu": ["triton>=3.0", "flash-attn"],
         "logging": ["tensorboard", "wandb"],
-        "dev": ["pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel"],
+        "dev": ["pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["megaloop=megaloop.cli:main"]},
 )
