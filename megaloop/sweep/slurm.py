@@ -148,7 +148,9 @@ if [ -f "$RUN_DIR/summary.json" ]; then
 fi
 
 cd "$WORKDIR"
+set +u  # activation scripts (conda, modules) often read unset variables
 {env_setup}
+set -u
 export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{opts.cpus_per_gpu}}}"
 [ -n "${{MEGALOOP_DRY_RUN:-}}" ] || rm -f "$RUN_DIR/FAILED"
 TRAIN_ARGS=("$CONFIG" --resume --set "train.run_dir=$RUN_DIR" --set train.progress=false)
