@@ -27,12 +27,12 @@ from megaloop.model import LoopedLM
 from megaloop.train import build_model, compile_blocks, train
 
 
-def tiny_cfg(precision="fp32", **model):
+def tiny_cfg(precision="fp32", lr=3e-3, **model):
     m = dict(d_model=32, n_head=2, vocab_size=64, seq_len=32, n_prelude=1, n_recur_block=1, n_coda=1,
              num_recur=2)
     m.update(model)
     return load_config(raw={"model": m, "parallel": {"precision": precision},
-                            "optim": {"name": "adamw", "lr": 3e-3, "warmup_steps": 0},
+                            "optim": {"name": "adamw", "lr": lr, "warmup_steps": 0},
                             "train": {"steps": 1, "micro_batch_size": 4, "seed": 0}})
 
 
@@ -80,11 +80,13 @@ def test_compile_matches_eager():
 
 
 def test_bf16_tracks_fp32():
-    fp32, bf16 = tiny_cfg(), tiny_cfg("bf16")
+    # lr high enough that both reach the task's floor by step 50: mid-descent, a trajectory a few
+    # steps ahead would differ by more than rounding (seen: 3 % at lr 3e-3, 0.4 % at 1e-2)
+    fp32, bf16 = tiny_cfg(lr=1e-2), tiny_cfg("bf16", lr=1e-2)
     batches = markov_batches(fp32, 50)
     l32, _ = run_steps(fp32, batches)
     l16, _ = run_steps(bf16, batches)
-    assert l32[-1] < 0.75 * l32[0]  # it learned something, so tracking is not trivially true
+    assert l32[-1] < 0.5 * l32[0]  # it learned something, so tracking is not trivially true
     assert abs(l16[-1] - l32[-1]) <= 0.02 * l32[-1], (l32[-1], l16[-1])
 
 
