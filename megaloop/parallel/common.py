@@ -121,7 +121,7 @@ def consolidate_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.O
         full = {}
         for k in sorted(state):  # the same keys in the same order on every TP rank of the stage
             v = state[k]
-            if torch.is_tensor(v) and v.dim() > 0 and v.shape == p.shape:
+            if torch.is_tensor(v) and v.dim() > 0:  # shaped like the (sharded) parameter
                 v = _full_like(v, p, vocab if n in VOCAB_PARAMS else None)
             if keep:
                 full[k] = v.detach().cpu().clone() if torch.is_tensor(v) else v

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from ..config import Config
 from ..engine import StepStats, autocast_for
 from ..optim import build_optimizer, set_lr
-from .common import DistributedEngineBase, consolidate_state_dict
+from .common import DistributedEngineBase, consolidate_optimizer_state, consolidate_state_dict, load_consolidated
 from .state import ParallelState
 from .tensor_parallel import apply_tensor_parallel
 
@@ -182,30 +182,178 @@ class DeepSpeedEngine(DistributedEngineBase):
         return float(tot[0] / tot[1].clamp(min=1))
 
     # ------------------------------------------------------------------ checkpoints
+    def _layout_info(self) -> dict:
+        lay = self.st.layout
+        return dict(engine="deepspeed", tp=lay.tp, pp=1, dp=lay.dp, zero_stage=self.cfg.parallel.zero_stage)
+
+    def _zero_flats(self) -> list:
+        """The flat fp32 partitions ZeRO >= 1 hands the client optimiser (its state's keys)."""
+        zo = self.ds.optimizer
+        if self.cfg.parallel.zero_stage == 3:
+            return list(zo.fp32_partitioned_groups_flat)
+        return list(zo.single_partition_of_fp32_groups)
+
+    def _relink(self) -> None:
+        """ZeRO 1/2 links each parameter's fragment to the optimiser state once, right after the
+        first group's first step, when the client optimiser has not yet created the other groups'
+        state (it steps one group at a time and creates state lazily): link again, now that the
+        state exists, so DeepSpeed's safe_get/set_full_optimizer_state see every group."""
+        zo = self.ds.optimizer
+        if self.cfg.parallel.zero_stage in (1, 2):
+            zo._hp_optimizer_states_linked = False
+            zo._lazy_init_hp_params_optimizer_state()
+
+    def _zero_step(self):
+        """AdamW's step counter under ZeRO >= 1: one per flat partition, the same for all of them
+        (every partition is updated on every applied step). None before the first step."""
+        steps = {float(st["step"]) for st in self.optimizer.state.values() if "step" in st}
+        if len(steps) > 1:
+            raise RuntimeError(f"ZeRO partitions disagree on the optimiser step: {sorted(steps)}")
+        return next(iter(steps)) if steps else None
+
+    def _zero_state_keys(self) -> list[str]:
+        keys = set()
+        for st in self.optimizer.state.values():
+            keys |= {k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
+        return sorted(keys)
+
     def save_files(self, path: str) -> None:
-        """model.pt: the consolidated plain state dict; deepspeed/: DeepSpeed's own checkpoint
-        (module, ZeRO-partitioned optimiser state), which restores the next step exactly."""
+        """model.pt / optim_full.pt: the consolidated plain state dict and the whole per-parameter
+        optimiser state (any layout loads them); deepspeed/: DeepSpeed's own checkpoint (module,
+        ZeRO-partitioned optimiser state), which restores the next step exactly under this layout."""
         from ..checkpoint import torch_save_synced
+        from ..reshard import FULL_OPTIM
 
         names = [n for n, _ in self.model.named_parameters()]
-        if self.cfg.parallel.zero_stage == 3:
+        vocab, zero = self.cfg.model.vocab_size, self.cfg.parallel.zero_stage
+        if zero == 3:
             import deepspeed
             with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-                full = consolidate_state_dict(self.model, names, self.cfg.model.vocab_size, self.st)
+                full = consolidate_state_dict(self.model, names, vocab, self.st)
         else:
-            full = consolidate_state_dict(self.model, names, self.cfg.model.vocab_size, self.st)
+            full = consolidate_state_dict(self.model, names, vocab, self.st)
         if self.is_main:
             torch_save_synced(full, f"{path}/model.pt")
+        del full
+        get_state = None
+        if zero >= 1:
+            from deepspeed.utils import safe_get_full_optimizer_state
+            step, keys = self._zero_step(), self._zero_state_keys()
+            if step is not None:
+                self._relink()
+
+            def get_state(name, p):  # collective over DP (DeepSpeed all-reduces the fragments)
+                if step is None:
+                    return {}
+                out = {k: safe_get_full_optimizer_state(p, k).reshape(_shape(p)) for k in keys}
+                out["step"] = torch.tensor(step, dtype=torch.float32)
+                return out
+        optim = consolidate_optimizer_state(self.model, self.optimizer, names, vocab, self.st,
+                                            self._layout_info(), get_state=get_state)
+        if self.is_main:
+            torch_save_synced(optim, f"{path}/{FULL_OPTIM}")
+        del optim
         self.ds.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", save_latest=False)
 
     def load_files(self, path: str) -> None:
-        from ..checkpoint import CheckpointError
+        """The same layout (engine, tp, dp, ZeRO stage): DeepSpeed's own checkpoint. Another
+        layout: model.pt and optim_full.pt, sliced for this rank (resharding)."""
+        from ..checkpoint import CheckpointError, load_file
+        from ..reshard import FULL_OPTIM
 
         ds_dir = os.path.join(path, "deepspeed")
-        if not os.path.isdir(os.path.join(ds_dir, "state")):
-            raise CheckpointError(f"{path} has no DeepSpeed state (deepspeed/state): it was written by another "
-                                  f"engine or layout. Resume with the engine and layout that wrote it")
-        loaded, _ = self.ds.load_checkpoint(ds_dir, tag="state", load_optimizer_states=True,
-                                            load_lr_scheduler_states=False)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load {ds_dir}; resume with the layout that wrote it")
+        has_native = os.path.isdir(os.path.join(ds_dir, "state"))
+        full = load_file(path, FULL_OPTIM) if os.path.isfile(os.path.join(path, FULL_OPTIM)) else None
+        same = full is not None and full.get("layout") == self._layout_info()
+        if has_native and (same or full is None):
+            loaded, _ = self.ds.load_checkpoint(ds_dir, tag="state", load_optimizer_states=True,
+                                                load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {ds_dir}; resume with the layout that wrote it")
+            return
+        if full is None:
+            raise CheckpointError(
+                f"{path} has neither DeepSpeed state (deepspeed/state) nor a layout-independent {FULL_OPTIM}: "
+                f"it was written by another engine or layout by a megaloop without resharding support. "
+                f"Resume with the engine and layout that wrote it")
+        self._load_resharded(path, load_file(path, "model.pt"), full)
+
+    def _load_resharded(self, path: str, weights: dict, full: dict) -> None:
+        from ..checkpoint import CheckpointError
+        from ..reshard import FULL_OPTIM, apply_full_state, check_full
+
+        check_full(full, path)
+        zero = self.cfg.parallel.zero_stage
+        names = [n for n, _ in self.model.named_parameters()]
+        if zero == 0:  # the client optimiser holds the model's own parameters: as the torch engine
+            load_consolidated(self.model, names, weights, path)
+            apply_full_state(self.model, self.optimizer, names, full, path)
+            return
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+        params = dict(self.model.named_parameters())
+        missing = [n for n in params if n not in weights]
+        if missing:
+            raise CheckpointError(f"checkpoint {path} does not fit this model (missing {missing[0]}); the "
+                                  f"config's model shape differs from the run that wrote it")
+        # Group hyperparameters (and the checks on groups and names) as for the other engines, on
+        # the client optimiser's groups; its per-parameter state is ZeRO's, set below.
+        apply_full_state(self.model, self.optimizer, [], full, path)
+        steps = {float(st["step"]) for st in full["state"].values() if "step" in st}
+        if len(steps) > 1:
+            raise CheckpointError(f"{path}/{FULL_OPTIM}: parameters were updated a different number of times "
+                                  f"({sorted(steps)}); ZeRO keeps one AdamW step per partition and cannot resume "
+                                  f"it. Resume with parallel.zero_stage=0")
+        keys = sorted({k for st in full["state"].values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0})
+        flats = self._zero_flats()
+        if steps:  # make sure the partitions' state exists (it is created lazily at the first step)
+            for flat in flats:
+                st = self.optimizer.state[flat]
+                for k in keys:
+                    if k not in st:
+                        st[k] = torch.zeros_like(flat, dtype=torch.float32)
+                st["step"] = torch.tensor(next(iter(steps)), dtype=torch.float32)
+            self._relink()
+        with torch.no_grad():
+            for n in names:
+                p = params[n]
+                w = _slice(p, weights[n])
+                if w.numel() != _numel(p):
+                    raise CheckpointError(f"checkpoint {path}: {n} has shape {tuple(weights[n].shape)}, which does "
+                                          f"not fit this model; the config's model shape differs from the saved run")
+                if zero == 3:
+                    with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                        p.data.copy_(w.view_as(p.data))
+                else:
+                    p.data.copy_(w.view_as(p.data))
+                safe_set_full_fp32_param(p, w.to(self.device, torch.float32))
+                saved = full["state"].get(n, {})
+                for k in keys:
+                    if k in saved:
+                        safe_set_full_optimizer_state(p, _slice(p, saved[k]).to(self.device, torch.float32), k)
+
+
+def _shape(p: torch.Tensor) -> torch.Size:
+    """A parameter's real shape (ZeRO-3 partitions hide it behind an empty tensor)."""
+    return getattr(p, "ds_shape", None) or p.shape
+
+
+def _numel(p: torch.Tensor) -> int:
+    return int(torch.Size(_shape(p)).numel())
+
+
+class _ShapeOf:
+    """Stands in for a ZeRO-3 parameter in `shard_of`, which needs its real shape."""
+
+    def __init__(self, p):
+        self.tp_split_dim, self.tp_group = getattr(p, "tp_split_dim", None), getattr(p, "tp_group", None)
+        self._shape = torch.Size(_shape(p))
+
+    def size(self, dim: int) -> int:
+        return self._shape[dim]
+
+
+def _slice(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    from .tensor_parallel import shard_of
+    return shard_of(_ShapeOf(p), full).contiguous()

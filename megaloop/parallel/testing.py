@@ -1,10 +1,12 @@
 """Equality harness for parallel layouts: a tiny looped model trained a few steps on a fixed batch.
 
-`python -m megaloop.parallel.testing --out DIR [--set k=v ...] [--steps N] [--save-at S] [--resume CKPT]`
-runs on one process (LocalEngine) or under any launcher (one process per rank: RANK, WORLD_SIZE,
+`python -m megaloop.parallel.testing --out DIR [--set k=v ...] [--steps N] [--save-at S] [--resume CKPT]
+[--data PREFIX]` runs on one process (LocalEngine) or under any launcher (one process per rank: RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT). Rank 0 writes DIR/result.json (per-step loss and grad norm) and the
 consolidated DIR/final/model.pt. `spawn` starts N such processes on a free port (gloo on CPU) for
-the tests and the benchmark.
+the tests and the benchmark. With --data, batches come from a PackedLoader over that token
+dataset (sharded over DP by global sample) instead of the fixed batch, and checkpoints carry the
+loader state in trainer.pt, so a resume under another DP size must continue from the same sample.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def fixed_batches(cfg, dp_size: int, seed: int = 7) -> list[tuple[torch.Tensor, 
 
 
 def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Optional[int] = None,
-        resume: Optional[str] = None, threads: int = 1, keep_group: bool = False, device: str = "cpu") -> dict:
+        resume: Optional[str] = None, threads: int = 1, keep_group: bool = False, device: str = "cpu",
+        data: Optional[str] = None) -> dict:
     """Train the tiny model; with save_at, also checkpoint after that step; with resume, load the
     checkpoint and run the remaining steps. keep_group leaves torch.distributed up for another run
     in the same processes (the harness runs several layouts per launch to pay imports once)."""
@@ -66,18 +69,27 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
     batches = fixed_batches(cfg, engine.dp_size)
     ga = cfg.train.grad_accum
     mine = batches[engine.dp_rank * ga:(engine.dp_rank + 1) * ga]
+    loader = None
+    if data:
+        from ..data.loader import PackedLoader
+        loader = PackedLoader([data], None, cfg.model.seq_len, cfg.train.micro_batch_size, cfg.train.seed,
+                              engine.dp_rank, engine.dp_size)
+        if resume:
+            loader.load_state_dict(torch.load(os.path.join(resume, "trainer.pt"), weights_only=False)["loader"])
     losses, norms, times = [], [], []
     try:
         for step in range(start, steps):
             t = time.perf_counter()
+            if loader is not None:
+                mine = [loader.next_batch() for _ in range(ga)]
             st = engine.train_step(mine, lr_factor(step, steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac))
             times.append(time.perf_counter() - t)
             losses.append(st.loss)
             norms.append(st.grad_norm)
             if save_at is not None and step + 1 == save_at and not resume:
-                _save(engine, os.path.join(out, f"ckpt_{save_at}"))
+                _save(engine, os.path.join(out, f"ckpt_{save_at}"), step + 1, loader)
         eval_loss = engine.eval_loss(batches[:2])
-        _save(engine, os.path.join(out, "final"))
+        _save(engine, os.path.join(out, "final"), steps, loader)
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
         result = dict(losses=losses, grad_norms=norms, eval_loss=eval_loss, step_times=times,
                       setup_s=time.perf_counter() - t0 - sum(times), peak_rss_mb=peak)
@@ -99,7 +111,7 @@ def run_many(jobs: list[dict], threads: int = 1, device: str = "cpu") -> None:
     """Several runs in one launch: [{out, overrides, save_at?, resume?}, ...]."""
     for i, job in enumerate(jobs):
         run(job["out"], job.get("overrides", []), job.get("steps"), job.get("save_at"), job.get("resume"),
-            threads, keep_group=i + 1 < len(jobs), device=device)
+            threads, keep_group=i + 1 < len(jobs), device=device, data=job.get("data"))
 
 
 def check_vocab_parallel_ce() -> None:
@@ -142,11 +154,13 @@ def check_vocab_parallel_ce() -> None:
         dist.destroy_process_group()
 
 
-def _save(engine, path: str) -> None:
+def _save(engine, path: str, step: int = 0, loader=None) -> None:
     if engine.is_main:
         os.makedirs(path, exist_ok=True)
     engine.barrier()
     engine.save_files(path)
+    if engine.is_main and loader is not None:
+        torch.save({"step": step, "loader": loader.state_dict()}, os.path.join(path, "trainer.pt"))
     engine.barrier()
 
 
@@ -200,6 +214,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--steps", type=int)
     ap.add_argument("--save-at", type=int)
     ap.add_argument("--resume")
+    ap.add_argument("--data", help="token dataset prefix: batches from a PackedLoader instead of the fixed batch")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--jobs", help="JSON file with a list of runs (then --out is only a log folder)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (one GPU per rank)")
@@ -213,7 +228,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             with open(a.jobs) as f:
                 run_many(json.load(f), a.threads, a.device)
         else:
-            run(a.out, a.overrides, a.steps, a.save_at, a.resume, a.threads, device=a.device)
+            run(a.out, a.overrides, a.steps, a.save_at, a.resume, a.threads, device=a.device, data=a.data)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
