@@ -111,11 +111,22 @@ def generate_main(argv: list[str]) -> int:
 
 
 def checkpoint_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="megaloop checkpoint", description="Inspect the checkpoints of a run.")
+    ap = argparse.ArgumentParser(prog="megaloop checkpoint", description="Inspect or convert the checkpoints of a run.")
     sub = ap.add_subparsers(dest="action", required=True)
     info = sub.add_parser("info", help="list complete checkpoints and the latest")
     info.add_argument("run_dir")
+    conv = sub.add_parser("convert", help="write a layout-independent checkpoint (resumes under any TP/PP/DP/ZeRO)",
+                          description="Write DIR/{model.pt, optim_full.pt, trainer.pt, meta.json}: whole "
+                                      "(unsharded) weights and optimiser state by parameter name, which any "
+                                      "parallel layout resumes from.")
+    conv.add_argument("src", help="a run directory (its latest checkpoint) or a checkpoint folder")
+    conv.add_argument("--out", required=True, help="output checkpoint folder")
+    conv.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
+    if args.action == "convert":
+        from .reshard import convert
+        print(f"converted to {convert(args.src, args.out, args.force)}")
+        return 0
     steps = ckpt.list_complete(args.run_dir)
     latest = ckpt.latest_path(args.run_dir)
     print(json.dumps({"run_dir": args.run_dir, "complete": steps,
