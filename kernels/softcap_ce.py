@@ -227,6 +227,27 @@ class SoftcapCEFn(torch.autograd.Function):
         gh = torch.empty_like(h2) if need_h else None
         gw = torch.zeros((V, d), device=h2.device, dtype=torch.float32) if need_w else None
         tgc = tg.contiguous()
+        # One compute dtype for every product of the chunk loop: under autocast the head matmul
+        # runs in the autocast dtype (bf16), and `out=` products are not autocast-eligible, so
+        # cast explicitly and run the loop with autocast off.
+        dev = h2.device.type
+        if torch.is_autocast_enabled(dev):
+            cdt = torch.get_autocast_dtype(dev)
+        else:
+            cdt = torch.promote_types(h2.dtype, weight.dtype)
+        w_c = weight.to(cdt)
+        with torch.autocast(dev, enabled=False):
+            loss_sum = SoftcapCEFn._chunks(h2.to(cdt), w_c, tgc, N, chunk, tp, tp_group, chunk_fn, softcap,
+                                           local_valid, vocab_start, ignore_index, scale, do_grad, need_h,
+                                           need_w, gh, gw, loss_sum)
+        loss = loss_sum * scale[0]
+        ctx.save_for_backward(gh if need_h else None, gw if need_w else None)
+        ctx.shapes = (hidden.shape, weight.dtype, need_h, need_w)
+        return loss
+
+    @staticmethod
+    def _chunks(h2, weight, tgc, N, chunk, tp, tp_group, chunk_fn, softcap, local_valid, vocab_start,
+                ignore_index, scale, do_grad, need_h, need_w, gh, gw, loss_sum):
         for i0 in range(0, N, chunk):
             i1 = min(N, i0 + chunk)
             hc = h2[i0:i1]
@@ -253,17 +274,17 @@ class SoftcapCEFn(torch.autograd.Function):
             if do_grad:
                 # logits now holds dloss/dlogits (already divided by the number of valid rows)
                 if need_h:
-                    torch.mm(logits, weight, out=gh[i0:i1])
+                    if gh.dtype == logits.dtype:
+                        torch.mm(logits, weight, out=gh[i0:i1])
+                    else:
+                        gh[i0:i1].copy_(logits @ weight)
                 if need_w:
-                    if weight.dtype == torch.float32 and logits.dtype == torch.float32:
+                    if logits.dtype == torch.float32:
                         gw.addmm_(logits.t(), hc)
                     else:
-                        gw.add_(torch.mm(logits.t(), hc.to(logits.dtype)))
+                        gw.add_(torch.mm(logits.t(), hc))
             del logits
-        loss = loss_sum * scale[0]
-        ctx.save_for_backward(gh if need_h else None, gw if need_w else None)
-        ctx.shapes = (hidden.shape, weight.dtype, need_h, need_w)
-        return loss
+        return loss_sum
 
     @staticmethod
     def backward(ctx, go):
