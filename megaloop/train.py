@@ -27,7 +27,9 @@ from .model import LoopedLM
 from .optim import lr_factor
 
 # Config sections whose change makes a resumed run a different experiment.
-RESUME_MUST_MATCH = ("model", "optim.name", "train.micro_batch_size", "train.grad_accum", "train.seed",
+# (The batch is checked as tokens per step, so a resume under another data-parallel size can
+# rebalance micro_batch_size x grad_accum.)
+RESUME_MUST_MATCH = ("model", "optim.name", "train.seed",
                      "data", "parallel.precision")
 
 
@@ -160,7 +162,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     from .data.prepare import ensure_prepared
     from .data.preprocess import unigram_entropy
     from .mfu import peak_flops
-    from .observe import build_sinks, close_sinks
+    from .observe import build_sinks, check_backends, close_sinks
     from .parallel import build_engine
 
     if cfg.train.threads:
@@ -174,6 +176,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     try:
         # Everything that can be wrong is checked before the run directory is touched.
         latest = check_run_dir(cfg, resume)
+        check_backends(cfg.logging)
         counts = count_params(cfg.model)
         budget = plan_budget(cfg, counts.flops_per_token, engine.dp_size)
         data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if is_main else (lambda *a: None))
@@ -189,6 +192,12 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             engine.load_files(latest)
             state = ckpt.load_file(latest, "trainer.pt")
             step = state["step"]
+            saved_tps = state.get("tokens_per_step", budget.tokens_per_step)
+            if saved_tps != budget.tokens_per_step:
+                raise UserError(
+                    f"cannot resume: the run used {saved_tps:,} tokens per step and this launch gives "
+                    f"{budget.tokens_per_step:,} (micro_batch_size x grad_accum x seq_len x data-parallel size). "
+                    f"Set train.grad_accum or train.micro_batch_size so the global batch is unchanged")
             loader.load_state_dict(state["loader"])
             log(f"resumed from {latest} at step {step}")
         if is_main:
@@ -242,13 +251,13 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                 vl = engine.eval_loss(valid())
                 metrics.write(dict(step=step, tokens=tokens, val_loss=vl))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < budget.steps:
-                _save(cfg, engine, loader, step, counts)
+                _save(cfg, engine, loader, step, counts, budget.tokens_per_step)
             if bar is not None:
                 bar.update(1)
             faults.maybe_kill("step", step)
         if bar is not None:
             bar.close()
-        _save(cfg, engine, loader, step, counts)
+        _save(cfg, engine, loader, step, counts, budget.tokens_per_step)
 
         val_loss = engine.eval_loss(valid())
         by_r = {str(cfg.model.num_recur): val_loss}
@@ -273,12 +282,13 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         engine.close()
 
 
-def _save(cfg: Config, engine, loader, step: int, counts) -> None:
+def _save(cfg: Config, engine, loader, step: int, counts, tokens_per_step: int) -> None:
     def write(path: str) -> None:
         engine.save_files(path)
         faults.maybe_kill("save", step)
         if engine.is_main:
-            ckpt.torch_save_synced({"step": step, "loader": loader.state_dict()}, os.path.join(path, "trainer.pt"))
+            ckpt.torch_save_synced({"step": step, "loader": loader.state_dict(), "tokens_per_step": tokens_per_step},
+                                   os.path.join(path, "trainer.pt"))
     ckpt.save(cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},
               keep=cfg.train.keep_checkpoints, is_writer=engine.is_main, barrier=engine.barrier)
 
