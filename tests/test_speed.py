@@ -10,7 +10,7 @@ Contracts:
   without it, fewer saved activations;
 - the mfu logged in metrics.jsonl is tokens_per_s x loop-aware FLOPs per token(r) / peak, about
   r times the 6N count with shared weights counted once;
-- the CPU matmul peak is measured once, then served from memory and from the on-disk cache.
+- the CPU matmul peak is measured once per process; the on-disk cache keeps the best figure seen.
 """
 import json
 import os
@@ -155,11 +155,14 @@ def test_loop_aware_flops_grow_r_fold():
 
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
+    """Contract: one measurement per process (memo); the disk cache keeps the best figure seen,
+    so a measurement taken under load never lowers the peak; logging.peak_flops overrides."""
     calls = []
+    results = iter([1.5e11, 1.0e11, 2.0e11])
 
     def fake_measure(dtype, n=2048, reps=3):
         calls.append(dtype)
-        return 1.5e11
+        return next(results)
 
     monkeypatch.setenv(mfu.CACHE_ENV, str(tmp_path))
     monkeypatch.setattr(mfu, "measure_matmul_flops", fake_measure)
@@ -168,10 +171,13 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert mfu.peak_flops(cpu, "fp32") == 1.5e11
     assert mfu.peak_flops(cpu, "fp32") == 1.5e11
     assert len(calls) == 1  # in-process memo
-    monkeypatch.setattr(mfu, "_memo", {})  # a new process: served from disk
-    assert mfu.peak_flops(cpu, "fp32") == 1.5e11 and len(calls) == 1
+    monkeypatch.setattr(mfu, "_memo", {})  # a new process measuring under load: the best stays
+    assert mfu.peak_flops(cpu, "fp32") == 1.5e11 and len(calls) == 2
     cached = json.load(open(os.path.join(tmp_path, "cpu_peak.json")))
     assert list(cached.values()) == [1.5e11]
+    monkeypatch.setattr(mfu, "_memo", {})  # a new process on a quiet machine raises it
+    assert mfu.peak_flops(cpu, "fp32") == 2.0e11
+    assert list(json.load(open(os.path.join(tmp_path, "cpu_peak.json"))).values()) == [2.0e11]
     assert mfu.peak_flops(cpu, "fp32", override=3e12) == 3e12  # logging.peak_flops wins
 
 
