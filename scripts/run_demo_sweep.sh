@@ -19,9 +19,17 @@ rc=0
 megaloop sweep run "$OUT" --jobs "$JOBS" || rc=$?   # failed runs are reported; the fit uses the rest
 megaloop sweep collect "$OUT"
 trained=$(date +%s)
-megaloop fit "$OUT/fit_table.csv" --plots "$OUT/plots" | tee "$OUT/fit.txt"
-megaloop fit "$OUT/fit_table.csv" --json > "$OUT/fit.json"
+megaloop fit "$OUT/fit_table.csv" --json --plots "$OUT/plots" > "$OUT/fit.json"
 end=$(date +%s)
+"$PY" - "$OUT/fit.json" <<'PYEOF'
+import json, sys
+fit = json.load(open(sys.argv[1]))
+def show(v, ci):
+    return "not identified" if v is None else f"{v:.4g}" + (f" [{ci[0]:.4g}, {ci[1]:.4g}]" if ci else "")
+print(f"fitted law on {fit.get('n_runs')} runs (95 % bootstrap intervals):")
+for k in ("phi", "E", "A", "alpha", "B", "beta"):
+    print(f"  {k:>5} = {show(fit.get(k), fit.get(k + '_ci'))}")
+PYEOF
 echo "demo sweep: $((trained - start)) s to plan, train and collect, $((end - start)) s in all" \
-     "($(($((end - start)) / 60)) min); fit: $OUT/fit.txt, plots: $OUT/plots/"
+     "($(( (end - start) / 60 )) min); fit: $OUT/fit.json, plots: $OUT/plots/"
 exit "$rc"

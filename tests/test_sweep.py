@@ -233,7 +233,7 @@ def test_collect_reports_every_status(tmp_path, capsys):
     with open(tmp_path / "fit_table.csv") as f:
         lines = f.read().splitlines()
     assert lines[0] == "n_once,n_rec,r,tokens,loss,run,variant,flops"
-    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,100000000.0"
+    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0"  # flops: the budget, for iso-FLOP groups
     assert main(["sweep", "collect", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["counts"]["diverged"] == 3 and names[4] in report["runs"]["failed"]

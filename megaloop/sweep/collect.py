@@ -2,7 +2,9 @@
 
 DIR/fit_table.csv holds the DESIGN.md columns n_once, n_rec, r, tokens, loss (validation loss in
 nats, at the trained r) plus run, variant and flops, one row per finished, healthy run, in manifest
-order. Every other run is reported by status, so a researcher sees what the fit is missing:
+order. `tokens` is what the run trained on; `flops` is its budget (the sweep's target FLOPs), not
+tokens x FLOPs-per-token, which falls short of the budget by up to one step and would split one
+iso-FLOP group into several. Every other run is reported by status, so a researcher sees what the fit is missing:
 
   finished    summary.json with a finite loss (noted when it is not below the unigram entropy of
               the validation split: undertrained, yet still a measurement)
@@ -100,7 +102,7 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
         table_row = {"n_once": s.get("n_once", row["n_once"]), "n_rec": s.get("n_rec", row["n_rec"]),
                      "r": s.get("r", row["r"]), "tokens": s.get("tokens", row["tokens"]), "loss": loss,
                      "run": name, "variant": row.get("variant", "baseline"),
-                     "flops": s.get("flops", row["target_flops"])}
+                     "flops": row["target_flops"]}
         if s.get("skipped_steps"):
             notes.append(f"{s['skipped_steps']} non-finite step(s) skipped")
         return RunStatus(name, "finished", "; ".join(notes), table_row)
