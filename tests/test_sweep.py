@@ -9,11 +9,11 @@ import pytest
 import yaml
 
 from megaloop.cli import main
-from megaloop.config import ConfigError, load_config
+from megaloop.config import load_config
 from megaloop.sweep.collect import collect
 from megaloop.sweep.plan import expand, flops_tag, read_manifest, write_plan
 from megaloop.sweep.runner import run_sweep
-from megaloop.sweep.slurm import SlurmOptions, render, run_minutes, write_slurm
+from megaloop.sweep.slurm import SlurmOptions, run_minutes
 from megaloop.sweep.spec import load_sweep, parse_sweep, read_sweep_yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,7 +29,7 @@ import yaml
 
 from ..errors import UserError
 from .plan import read_manifest
-from .runner import LOCK, _pid_alive
+from .runner import LOCK, pid_alive
 
 TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "flops")
 STATUSES = ("finished", "diverged", "failed", "running", "incomplete", "missing")
@@ -65,7 +65,7 @@ def _locked_here(run_dir: str) -> bool:
         host, pid = open(os.path.join(run_dir, LOCK)).read().split()
     except (OSError, ValueError):
         return False
-    return host == socket.gethostname() and _pid_alive(int(pid))
+    return host == socket.gethostname() and pid_alive(int(pid))
 
 
 def _uniform_loss(run_dir: str) -> Optional[float]:

@@ -45,7 +45,7 @@ def select(rows: list[dict], only: Optional[str]) -> list[dict]:
     return [r for r in rows if any(fnmatch.fnmatchcase(r["run"], p) for p in pats)]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +67,7 @@ def _take_lock(run_dir: str) -> bool:
                     host, pid = f.read().split()
             except (OSError, ValueError):
                 host, pid = "", "0"
-            if host == socket.gethostname() and not _pid_alive(int(pid)):
+            if host == socket.gethostname() and not pid_alive(int(pid)):
                 os.remove(path)
                 continue
             return False
