@@ -13,7 +13,9 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Optional
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -48,6 +50,23 @@ def write_atomic(path: str, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(os.path.dirname(path) or ".")
+
+
+@contextmanager
+def atomic_output_dir(out: str, prefix: str = ".tmp_out_") -> Iterator[str]:
+    """Yield a temporary folder beside `out`; on success it replaces `out` in one rename, on any
+    failure it is removed, so `out` is either the old folder or the complete new one."""
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def torch_save_synced(obj: Any, path: str) -> None:

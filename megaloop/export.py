@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -60,20 +59,11 @@ def export(run_dir: str, out: str, force: bool = False) -> str:
     if os.path.exists(out) and os.listdir(out) and not force:
         raise UserError(f"{out} exists and is not empty; choose another --out or pass --force")
     from safetensors.torch import save_file
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export_", dir=parent)
-    try:
+    with ckpt.atomic_output_dir(out, prefix=".export_") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"),
                   metadata={"format": "megaloop", "source": os.path.abspath(run_dir)})
         shutil.copy(os.path.join(run_dir, "config.yaml"), os.path.join(tmp, "config.yaml"))
         shutil.copy(_tokenizer_for(cfg), os.path.join(tmp, "tokenizer.model"))
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -172,7 +172,7 @@ def convert(src: str, out: str, force: bool = False) -> str:
     """Write a layout-independent checkpoint folder: model.pt, optim_full.pt, and trainer.pt /
     meta.json when the source has them. Resumable under any layout (copy it into a run's
     checkpoints/ and point `latest` at it, or pass it to the test harness's --resume)."""
-    from .checkpoint import load_file, torch_save_synced
+    from .checkpoint import atomic_output_dir, load_file, torch_save_synced
     from .errors import UserError
 
     path, run_dir = resolve_checkpoint(src)
@@ -192,22 +192,11 @@ def convert(src: str, out: str, force: bool = False) -> str:
             f"{path} has no layout-independent optimiser state ({FULL_OPTIM}); it holds {have}. Checkpoints "
             f"written before resharding support keep per-layout optimiser shards only: resume it once under "
             f"the layout that wrote it and save again (every save now writes {FULL_OPTIM})")
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".convert_{os.getpid()}_{os.path.basename(os.path.abspath(out))}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic_output_dir(out, prefix=".convert_") as tmp:
         for name in ("model.pt", "trainer.pt", "meta.json", FULL_OPTIM):
             if name == FULL_OPTIM and full is not None:
                 torch_save_synced(full, os.path.join(tmp, name))
             elif os.path.isfile(os.path.join(path, name)):
                 shutil.copy(os.path.join(path, name), os.path.join(tmp, name))
         check_full(torch.load(os.path.join(tmp, FULL_OPTIM), map_location="cpu", weights_only=False), path)
-        if os.path.exists(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
