@@ -92,6 +92,8 @@ def _read_summary(path: Path) -> dict:
     row = {k: s.get(k) for k in ("run", "n_once", "n_rec", "r", "tokens", "flops", "variant")
            if s.get(k) is not None}
     row["loss"] = s.get("val_loss", s.get("loss"))
+    if s.get("target_flops"):  # the run's compute budget: runs of one budget share an iso-FLOP group
+        row["flops"] = s["target_flops"]
     row.setdefault("run", path.parent.name)
     lacking = [k for k in ("n_once", "n_rec", "r", "tokens") if k not in row]
     lacking += ["val_loss"] if row["loss"] is None else []

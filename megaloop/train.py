@@ -269,6 +269,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             r=cfg.model.num_recur, bptt_k=cfg.model.bptt_k, input_injection=cfg.model.input_injection,
             d_model=cfg.model.d_model, tokens=budget.tokens, steps=budget.steps,
             flops=budget.tokens * counts.flops_per_token, flops_per_token=counts.flops_per_token,
+            target_flops=cfg.train.target_flops,
             n_embedding=counts.embedding, n_head=counts.head, train_loss=stats.loss if stats else None,
             val_loss=val_loss, val_loss_by_r=by_r, skipped_steps=skipped_total,
             wall_time_s=time.perf_counter() - start,

@@ -110,3 +110,17 @@ def test_too_few_runs_and_joint_without_variants_exit_2(tmp_path, capsys):
     assert "needs at least" in capsys.readouterr().err
     assert fit_main([str(p), "--joint"]) == 2
     assert "--joint needs a variant column" in capsys.readouterr().err
+
+
+def test_run_dirs_use_the_budget_as_flops(tmp_path):
+    """Contract: a summary.json with target_flops (a budget-trained run) enters the table with
+    flops = its budget, so runs of one budget share one iso-FLOP group whatever their rounding."""
+    import json as _json
+    from megaloop.analysis.table import load_table
+    for i, (tok, actual) in enumerate([(1e9, 0.998e18), (2e9, 0.991e18)]):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        (d / "summary.json").write_text(_json.dumps(dict(run=f"run{i}", n_once=1e6, n_rec=2e6, r=2, tokens=tok,
+                                                         flops=actual, target_flops=1e18, val_loss=3.0)))
+    df = load_table([str(tmp_path)])
+    assert list(df["flops"]) == [1e18, 1e18]
