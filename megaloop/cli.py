@@ -64,8 +64,9 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_eval(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="megaloop eval", description="Validation loss of a run at several recurrence counts.")
-    ap.add_argument("run_dir")
+    ap = argparse.ArgumentParser(prog="megaloop eval", description="Validation loss of a run (or an export "
+                                 "folder) at several recurrence counts.")
+    ap.add_argument("run_dir", help="a run directory or a `megaloop export` folder")
     ap.add_argument("--recur", default=None, help="comma-separated r values, e.g. 1,2,4,8 (default: the trained r)")
     ap.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default train.eval_tokens)")
     args = ap.parse_args(argv)
@@ -83,7 +84,7 @@ def cmd_eval(argv: list[str]) -> int:
         from .config import load_config
         cfg_path = os.path.join(args.run_dir, "config.yaml")
         if not os.path.isfile(cfg_path):
-            raise UserError(f"{args.run_dir} is not a run directory (no config.yaml)")
+            raise UserError(f"{args.run_dir} is not a run directory or an export folder (no config.yaml)")
         recur = [load_config(cfg_path).model.num_recur]
     evaluate_run(args.run_dir, recur, args.tokens)
     return 0

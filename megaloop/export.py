@@ -30,7 +30,7 @@ def load_pretrained(path: str, device: str = "cpu") -> tuple[LoopedLM, Config, O
     """(model in eval mode, config, tokenizer path or None) from an export folder or a run dir."""
     cfg_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(cfg_path):
-        raise UserError(f"{path} is neither a run directory nor an export folder (no config.yaml)")
+        raise UserError(f"{path} is not a run directory or an export folder (no config.yaml)")
     cfg = load_config(cfg_path)
     model = LoopedLM(cfg.model)
     weights = os.path.join(path, "model.safetensors")

@@ -8,7 +8,6 @@ RUN_DIR/checkpoints/    complete checkpoints only, plus `latest`
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -301,30 +300,25 @@ def _progress(cfg: Config, total: int, done: int, is_main: bool):
     return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
 
 
-def evaluate_run(run_dir: str, recur: list[int], max_tokens: Optional[int] = None, log=print) -> dict:
-    """`megaloop eval`: load the latest checkpoint of a run and measure val loss at several r."""
+def evaluate_run(path: str, recur: list[int], max_tokens: Optional[int] = None, log=print) -> dict:
+    """`megaloop eval`: val loss at several r of a run (its latest checkpoint) or an export folder.
+    For a run directory the losses are also merged into its summary.json (val_loss_by_r)."""
     from .data.loader import eval_batches
     from .data.prepare import ensure_prepared
     from .engine import LocalEngine
+    from .export import load_pretrained
 
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.isfile(cfg_path):
-        raise UserError(f"{run_dir} is not a run directory (no config.yaml). Pass the train.run_dir of a run")
-    cfg = load_config(cfg_path)
-    latest = ckpt.latest_path(run_dir)
-    if latest is None:
-        raise UserError(f"{run_dir} has no complete checkpoint yet; train it first (megaloop train ... )")
-    device = resolve_device(cfg)
-    engine = LocalEngine(cfg, build_model(cfg), device)
-    engine.model.load_state_dict(ckpt.load_file(latest, "model.pt"))
+    model, cfg, _ = load_pretrained(path)
+    engine = LocalEngine(cfg, model, resolve_device(cfg))
     data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log)
     tokens = max_tokens or cfg.train.eval_tokens
     by_r = {}
     for r in recur:
         by_r[str(r)] = engine.eval_loss(eval_batches(data.valid, cfg.model.seq_len, cfg.train.micro_batch_size, tokens), r)
         log(f"r={r}: val_loss={by_r[str(r)]:.4f}")
-    summary_path = os.path.join(run_dir, "summary.json")
-    summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-    summary.setdefault("val_loss_by_r", {}).update(by_r)
-    ckpt.write_atomic(summary_path, json.dumps(summary, indent=2).encode())
+    if os.path.isdir(ckpt.ckpt_root(path)):
+        summary_path = os.path.join(path, "summary.json")
+        summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
+        summary.setdefault("val_loss_by_r", {}).update(by_r)
+        ckpt.write_atomic(summary_path, json.dumps(summary, indent=2).encode())
     return by_r

@@ -33,6 +33,9 @@ def test_export_roundtrip_and_plain_load(run):
     assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
     assert tok and os.path.isfile(tok)
     assert main(["export", str(run / "run"), "--out", str(out)]) == 2  # refuses to overwrite
+    before = open(run / "run" / "summary.json").read()
+    assert main(["eval", str(out), "--recur", "2"]) == 0  # eval works on the export folder too
+    assert not (out / "summary.json").exists() and open(run / "run" / "summary.json").read() == before
 
 
 def test_eval_on_run_and_generate(run, capsys):
