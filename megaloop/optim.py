@@ -53,20 +53,21 @@ def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
 
 @torch.no_grad()
 def polar_express(g: torch.Tensor, steps: int) -> torch.Tensor:
-    """Approximate U V^T of g with `steps` (<= 5) Polar Express iterations, in fp32.
+    """Approximate U V^T of g (a matrix, or a batch [n, rows, cols] of same-shaped matrices) with
+    `steps` (<= 5) Polar Express iterations, in fp32.
 
     The Gram matrix is taken on the short side (X X^T for a wide matrix, X^T X for a tall one), so
     the cost is that of the smaller dimension. The reference runs this in bf16; fp32 is more
-    accurate and is what this CPU computes fast."""
+    accurate and is what a CPU computes fast."""
     x = g.float()
-    x = x / (1.02 * x.norm() + 1e-6)
-    tall = x.size(0) > x.size(1)
+    x = x / (1.02 * torch.linalg.matrix_norm(x, keepdim=True) + 1e-6)
+    tall = x.size(-2) > x.size(-1)
     for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
         if tall:
-            gram = x.T @ x
+            gram = x.mT @ x
             x = a * x + x @ (b * gram + c * gram @ gram)
         else:
-            gram = x @ x.T
+            gram = x @ x.mT
             x = a * x + (b * gram + c * gram @ gram) @ x
     return x
 
@@ -140,20 +141,31 @@ class MuonAdamW(torch.optim.Optimizer):
     def _muonh(self, group: dict) -> None:
         """MuonH: the weights live on the Frobenius sphere of radius ||W_0||_F (the norm the
         matrix had at its first step), and each update has that norm too. No weight decay: on the
-        sphere it is a first-order no-op."""
-        beta = group["momentum"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        sphere it is a first-order no-op. Same-shaped whole matrices are orthogonalised as one
+        batch (a looped model has many of them; one batched product beats many small ones)."""
+        beta, steps = group["momentum"], group["ns_steps"]
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
             st = self.state[p]
             if not st:
                 st["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 st["w0_norm"] = _frobenius(p)
-            g = p.grad.float()
-            st["momentum_buffer"].lerp_(g, 1 - beta)
-            g = g.lerp(st["momentum_buffer"], beta)  # Nesterov
-            full = _tp_whole(g, p, lambda u: polar_express(u, group["ns_steps"]))
-            radius = st["w0_norm"].to(full.device)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        grads = [p.grad.float() for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - beta)
+        nesterov = torch._foreach_lerp(grads, bufs, beta)
+        ortho: list = [None] * len(params)
+        batches: dict = {}
+        for i, p in enumerate(params):
+            if getattr(p, "tp_split_dim", None) is None:
+                batches.setdefault(tuple(p.shape), []).append(i)
+            else:  # a TP shard: orthogonalise its whole matrix, one at a time
+                ortho[i] = _tp_whole(nesterov[i], p, lambda u: polar_express(u, steps))
+        for idx in batches.values():
+            for i, o in zip(idx, polar_express(torch.stack([nesterov[i] for i in idx]), steps).unbind(0)):
+                ortho[i] = o
+        for p, full in zip(params, ortho):
+            radius = self.state[p]["w0_norm"].to(full.device)
             update = _tp_shard(full, p) * (radius / full.norm().clamp_min(1e-10))
             p.sub_(update.to(p.dtype), alpha=group["lr"])
             p.mul_((radius / _frobenius(p).clamp_min(1e-10)).to(p.dtype))
