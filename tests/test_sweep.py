@@ -206,7 +206,8 @@ def _write_corpus(path, n_docs=80, seed=0):
 
 def test_collect_reports_every_status(tmp_path, capsys):
     """Contract: collect puts finished runs in DIR/fit_table.csv (n_once, n_rec, r, tokens, loss, run,
-    variant, flops) and reports the rest: diverged (non-finite loss, loss worse than uniform guessing,
+    variant, flops, tokens_per_param, vocab_size, skipped_steps), their val_loss_by_r in
+    DIR/test_time.csv (one row per r_test), and reports the rest: diverged (non-finite loss, loss worse than uniform guessing,
     or a FAILED note saying so), failed, incomplete (checkpoints, no summary) and missing. No finished
     run at all is a clear error."""
     sweep = _tiny_sweep(r=[1, 2], budgets=[{"flops": 3e8, "sizes": [2, 3]}, {"flops": 6e8, "sizes": [2, 3]}])
@@ -217,10 +218,11 @@ def test_collect_reports_every_status(tmp_path, capsys):
     d = {r.run: tmp_path / "runs" / r.run for r in runs}
     names = list(d)
 
-    def summary(name, loss, entropy=5.0):
+    def summary(name, loss, entropy=5.0, **extra):
         (d[name] / "summary.json").write_text(json.dumps(dict(
-            run=name, n_once=1, n_rec=2, r=1, tokens=100, flops=1e8, val_loss=loss, unigram_entropy=entropy)))
-    summary(names[0], 3.0)
+            run=name, n_once=1, n_rec=2, r=1, tokens=100, flops=1e8, val_loss=loss, unigram_entropy=entropy,
+            **extra)))
+    summary(names[0], 3.0, val_loss_by_r={"2": 3.5, "1": 3.0})
     summary(names[6], 5.5)  # above the unigram entropy (5.0) but below ln 320: kept, with a note
     summary(names[1], float("nan"))
     summary(names[2], 7.0)  # worse than uniform guessing: ln 320 = 5.77
@@ -232,8 +234,14 @@ def test_collect_reports_every_status(tmp_path, capsys):
     assert "unigram entropy" in c.runs[6].reason
     with open(tmp_path / "fit_table.csv") as f:
         lines = f.read().splitlines()
-    assert lines[0] == "n_once,n_rec,r,tokens,loss,run,variant,flops"
-    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0"  # flops: the budget, for iso-FLOP groups
+    assert lines[0] == "n_once,n_rec,r,tokens,loss,run,variant,flops,tokens_per_param,vocab_size,skipped_steps"
+    # flops: the budget, for iso-FLOP groups; 100 tokens / 3 parameters; vocab 320 from the config
+    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0,33.333,320,0"
+    with open(tmp_path / "test_time.csv") as f:
+        curves = f.read().splitlines()
+    assert curves[0] == "run,variant,r,r_test,loss,n_once,n_rec,tokens,flops"
+    assert curves[1:] == [f"{names[0]},baseline,1,1,3.0,1,2,100,300000000.0",
+                          f"{names[0]},baseline,1,2,3.5,1,2,100,300000000.0"]
     assert main(["sweep", "collect", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["counts"]["diverged"] == 3 and names[4] in report["runs"]["failed"]
