@@ -211,10 +211,20 @@ def _bounds_rows(S: int, P: int, free, lo, hi, dtype):
     return free, tr, lo_t, hi_t
 
 
-def _u_objective(z, data, delta, weights, fm, tr, lo, hi):
-    """Objective in the optimiser's space: bounded coordinates as u (sigmoid); pinned ones masked."""
+def _u_objective(z, data, delta, weights, fm, tr, lo, hi, shift=None):
+    """Objective in the optimiser's space: bounded coordinates as u (sigmoid); pinned ones masked.
+    shift (S, 2): rows whose coordinates 0 / 1 are the raw a / b rather than the centred ones
+    (a_c = a - alpha * shift[:, 0], b_c = b - beta * shift[:, 1]), so a profile can pin raw a."""
     x = np.where(tr, _from_u(z, lo, hi), z)
-    f, g = objective(x, data, delta, weights)
+    if shift is None:
+        f, g = objective(x, data, delta, weights)
+    else:
+        xc = x.copy()
+        xc[:, 0] -= x[:, 3] * shift[:, 0]
+        xc[:, 1] -= x[:, 4] * shift[:, 1]
+        f, g = objective(xc, data, delta, weights)
+        g[:, 3] -= shift[:, 0] * g[:, 0]
+        g[:, 4] -= shift[:, 1] * g[:, 1]
     s = (x - lo) / (hi - lo)
     g *= np.where(tr, (hi - lo) * s * (1 - s), 1.0)
     return f, g * fm
@@ -223,21 +233,21 @@ def _u_objective(z, data, delta, weights, fm, tr, lo, hi):
 def batched_lbfgs(x0: np.ndarray, data: LawData, delta: float, weights: np.ndarray | None = None,
                   free: np.ndarray | None = None, max_iter: int = 300, m: int = 10,
                   ftol: float = 1e-11, gtol: float = 1e-12, lo: np.ndarray | None = None,
-                  hi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                  hi: np.ndarray | None = None, shift: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Minimise from every row of x0 (centred, natural phi) at once. Returns (x, f) per start.
 
     free: (P,) or per row (S, P), False pins a coordinate at its start value (a profile pins a
     different one per row). lo/hi: (P,) or (S, P) bounds, enforced through a sigmoid
-    transform; by default only phi is bounded, to [0, PHI_MAX].
+    transform; by default only phi is bounded, to [0, PHI_MAX]. shift: see _u_objective.
     Line search: vectorised backtracking (Armijo) from step 1, which suits L-BFGS once its
     history scales the direction. A start stops when its relative decrease stays below ftol
     for 3 iterations, its gradient vanishes, or its line search fails.
     """
     with np.errstate(all="ignore"):  # overflowing trial points are rejected by the line search
-        return _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, hi)
+        return _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, hi, shift)
 
 
-def _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, hi):
+def _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, hi, shift):
     dtype = data.log_l.dtype
     S, P = x0.shape
     free, tr, lo, hi = _bounds_rows(S, P, free, lo, hi, dtype)
@@ -249,7 +259,8 @@ def _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, 
 
     def fg(idx: np.ndarray, zz: np.ndarray):
         w = None if wfull is None else wfull[idx]
-        return _u_objective(zz, data, delta, w, fm[idx], tr[idx], lo[idx], hi[idx])
+        return _u_objective(zz, data, delta, w, fm[idx], tr[idx], lo[idx], hi[idx],
+                            None if shift is None else shift[idx])
 
     f, g = fg(np.arange(S), z)
     s_hist = np.zeros((m, S, P), dtype)

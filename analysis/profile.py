@@ -40,7 +40,7 @@ CHI2_95 = 3.841458820694124  # chi2(1) 0.95 quantile
 GRID_SE = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, 9.0, 14.0, 22.0, 35.0)
 AT_BOUND_TOL = 1e-3   # an estimate within this fraction of its region's width of an edge is on it
 BETTER_D = 0.01       # a profile point better than the optimum by this much in D means a missed optimum
-MAX_ITER = 400
+MAX_ITER = 150  # per batched call; the continuation round gives far points a second run
 
 
 @dataclass
@@ -112,6 +112,8 @@ class _System:
         self.base = data
         self.data = {"c": data, "a": data.with_centre(c_n=0.0), "b": data.with_centre(c_d=0.0)}[kind]
         self.x_hat = to_centred(raw_hat, self.data)
+        # how the optimiser maps this system's coordinates 0 / 1 back to the centred ones
+        self.shift = {"c": (0.0, 0.0), "a": (data.c_n, 0.0), "b": (0.0, data.c_d)}[kind]
         self.base_box = box
         self.lo, self.hi = box[0].copy(), box[1].copy()
         if kind in ("a", "b"):  # the raw a (b) range the centred box allows, given alpha's range
@@ -153,26 +155,25 @@ def _wald_se(systems: dict[str, _System], specs: list[_Spec], free: np.ndarray, 
     return out
 
 
-def _evaluate(sysm: _System, rows: list[tuple[int, float, np.ndarray]], free: np.ndarray, delta: float):
-    """Minimise with coordinate `coord` pinned at `value`, from `start` (centred in sysm), for
-    every row at once. Returns (x (S, P), f (S,)); infeasible rows get f = inf."""
-    S, P = len(rows), len(sysm.x_hat)
-    x0 = np.empty((S, P))
+def _evaluate(rows: list[tuple[_System, int, float, np.ndarray]], data: LawData, free: np.ndarray,
+              delta: float) -> tuple[np.ndarray, np.ndarray]:
+    """For every row (system, coord, value, start): minimise with `coord` pinned at `value` from
+    `start` (coordinates of that system), all rows in one batch. Returns (x (S, P), f (S,));
+    rows with an empty region get f = inf."""
+    S, P = len(rows), len(free)
+    x0, lo, hi, shift = np.empty((S, P)), np.empty((S, P)), np.empty((S, P)), np.zeros((S, 2))
     fr = np.broadcast_to(free, (S, P)).copy()
-    lo, hi = np.empty((S, P)), np.empty((S, P))
-    for i, (coord, value, start) in enumerate(rows):
+    for i, (sysm, coord, value, start) in enumerate(rows):
         x0[i] = start
         x0[i, coord] = value
         fr[i, coord] = False
         lo[i], hi[i] = sysm.row_bounds(coord, value)
-    feasible = np.all(lo <= hi, axis=1)
-    lo, hi = np.minimum(lo, hi), np.maximum(lo, hi)
-    # a pinned start must lie inside its free coordinates' bounds
+        shift[i] = sysm.shift
+    feasible = np.all((lo <= hi) | ~fr, axis=1)
+    hi = np.where(hi > lo, hi, lo + 1e-9)  # a degenerate (or empty) range stays a valid sigmoid
     x0 = np.where(fr, np.clip(x0, lo, hi), x0)
-    x, f = batched_lbfgs(x0, sysm.data, delta, free=fr, lo=np.where(hi > lo, lo, lo - 1e-9),
-                         hi=np.where(hi > lo, hi, hi + 1e-9), max_iter=MAX_ITER)
-    f = np.where(feasible & np.isfinite(f), f, np.inf)
-    return x, f
+    x, f = batched_lbfgs(x0, data, delta, free=fr, lo=lo, hi=hi, shift=shift, max_iter=MAX_ITER)
+    return x, np.where(feasible & np.isfinite(f), f, np.inf)
 
 
 @dataclass
@@ -206,22 +207,14 @@ def profile_fit(data: LawData, delta: float, raw_hat: np.ndarray, f_hat: float, 
     sols: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def run(batch: dict[str, list[tuple[float, np.ndarray]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        out = {}
-        for kind, sysm in systems.items():
-            rows, owners = [], []
-            for s in specs:
-                if s.system == kind and s.name in batch:
-                    for v, start in batch[s.name]:
-                        rows.append((s.coord, v, start))
-                        owners.append(s.name)
-            if not rows:
-                continue
-            x, f = _evaluate(sysm, rows, free, delta)
-            owners = np.array(owners)
-            for name in dict.fromkeys(owners):
-                m = owners == name
-                out[name] = (x[m], f[m])
-        return out
+        rows, owners = [], []
+        for s in specs:
+            for v, start in batch.get(s.name, []):
+                rows.append((systems[s.system], s.coord, v, start))
+                owners.append(s.name)
+        x, f = _evaluate(rows, data, free, delta)
+        owners = np.array(owners)
+        return {name: (x[owners == name], f[owners == name]) for name in dict.fromkeys(owners)}
 
     first = run({s.name: [(v, systems[s.system].x_hat) for v in grids[s.name]] for s in specs})
     # round 2: continuation, each point restarted from its neighbour nearer the estimate
@@ -344,14 +337,15 @@ def _reason(p: Profile, s: _Spec) -> str:
         lo_txt = "0"
     else:
         lo_txt = _fmt(lo)
+    if p.open[0] and p.open[1]:
+        where = f"; the estimate sits at its {p.at_bound} bound" if p.at_bound else ""
+        return f"flat profile: the 95 % interval spans the whole search region [{lo_txt}, {_fmt(hi)}]{where}"
     if p.at_bound:
         what = {"A": " (the size term A N^-alpha is negligible at these sizes)",
                 "B": " (the data term B D^-beta is negligible at these token counts)",
                 "E": " (no irreducible loss is visible)" if p.at_bound == "lower" else ""}.get(s.name, "")
         edge = lo_txt if p.at_bound == "lower" else _fmt(hi)
         return f"at its {p.at_bound} bound ({edge}){what}"
-    if p.open[0] and p.open[1]:
-        return f"flat profile: the 95 % interval spans the whole search region [{lo_txt}, {_fmt(hi)}]"
     if p.open[0]:
         return (f"the 95 % interval reaches the lower bound {lo_txt} of the search region "
                 f"(only {s.name} < {_fmt(p.ci[1])} at 95 %)")
