@@ -31,6 +31,7 @@ PHI_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 PINNED_PHI = 1.0
 # a run is "far from the fit" when its loss sits this far above it (log-loss residual)
 DIVERGED_SIGMAS, DIVERGED_FLOOR, DIVERGED_CAP = 5.0, 0.02, 0.1
+HOLDOUT_MIN_RUNS = 3  # the hold-out predicts at least this many runs (when the budgets allow)
 
 
 def phi_identifiability(df: pd.DataFrame) -> tuple[bool, str]:
@@ -190,12 +191,21 @@ def far_from_fit(res: np.ndarray) -> np.ndarray:
 
 def holdout_check(df: pd.DataFrame, delta: float) -> dict[str, Any]:
     """Refit without the runs of the largest budget, predict them, and report the error of the
-    prediction in log loss: does the law extrapolate to the next budget?"""
+    prediction in log loss: does the law extrapolate to the next budget? Where budgets are not
+    on a grid (every run its own budget, as in the Chinchilla extraction) the next budgets down
+    join until HOLDOUT_MIN_RUNS runs are held out; `min_budget` then says from where."""
     budget = budget_column(df)
-    top = float(budget.max())
-    test = (budget == top).to_numpy()
+    levels = np.sort(budget.unique())[::-1]
+    top = float(levels[0])
+    n_levels = 1
+    while (budget >= levels[n_levels - 1]).sum() < HOLDOUT_MIN_RUNS and n_levels < len(levels) - 1:
+        n_levels += 1
+    low = float(levels[n_levels - 1])
+    test = (budget >= low).to_numpy()
     out: dict[str, Any] = {"budget": top, "n_runs": int(test.sum()), "n_train": int((~test).sum()),
                            "rmse_log": None, "max_abs_log": None, "bias_log": None, "phi": None}
+    if n_levels > 1:
+        out["min_budget"] = low
     train = df[~test].reset_index(drop=True)
     ok, _ = phi_identifiability(train) if len(train) else (False, "")
     n_free = N_BASE + int(ok)

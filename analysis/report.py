@@ -88,7 +88,9 @@ def format_fit(d: dict[str, Any], title: str = "") -> str:
         if ho.get("rmse_log") is None:
             lines.append(f"  hold-out (largest budget {ho['budget']:.3g}): not done, {ho.get('skipped', '')}")
         else:
-            lines.append(f"  hold-out: refit without the largest budget (C={ho['budget']:.3g}, {ho['n_runs']} runs; "
+            which = (f"C={ho['budget']:.3g}" if "min_budget" not in ho else
+                     f"C from {ho['min_budget']:.3g} to {ho['budget']:.3g}")
+            lines.append(f"  hold-out: refit without the largest budget ({which}, {ho['n_runs']} runs; "
                          f"{ho['n_train']} left) predicts them with RMSE(log loss)={ho['rmse_log']:.4g}, "
                          f"max |log error|={ho['max_abs_log']:.4g}, mean {ho['bias_log']:+.4g}")
     for ex in d.get("excluded", []):
