@@ -15,7 +15,7 @@ NB = Path(__file__).resolve().parents[1] / "analysis" / "notebooks" / "scaling_l
 
 def test_notebook_executes_and_recovers_phi():
     """scaling_law.ipynb executes without error in < 60 s (python3 kernel), prints the fit and
-    shows the four figures; the fitted phi's interval covers the generating 0.46."""
+    shows the five figures; the fitted phi's interval covers the generating 0.46."""
     nb = nbformat.read(NB, as_version=4)
     t0 = time.perf_counter()
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
@@ -24,7 +24,7 @@ def test_notebook_executes_and_recovers_phi():
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "phi   = 0.4" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert images == 4
+    assert images == 5  # law, iso-FLOP, phi bootstrap, profiles, residuals
     table = next(o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs if "covered" in o.get("data", {}).get("text/plain", ""))
     phi_line = next(line for line in table.splitlines() if line.startswith("phi"))
