@@ -171,7 +171,14 @@ class MuonAdamW(torch.optim.Optimizer):
             p.mul_((radius / _frobenius(p).clamp_min(1e-10)).to(p.dtype))
 
     def _adamw(self, group: dict) -> None:
-        b1, b2 = group["betas"]
+        """torch's own AdamW over the group's parameters: the fused kernel where the device has one
+        (CPU, CUDA), else the foreach one. State keeps torch.optim.AdamW's keys (step, exp_avg,
+        exp_avg_sq) in fp32, so checkpoints of either load. A parameter held in a lower precision
+        steps through an fp32 copy (its state stays fp32)."""
+        from torch.optim.adamw import adamw
+
+        params, grads, avgs, sqs, steps, low = [], [], [], [], [], []
+        fused = all(p.device.type in ("cpu", "cuda") for p in group["params"])
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -180,15 +187,23 @@ class MuonAdamW(torch.optim.Optimizer):
                 st["step"] = torch.zeros((), dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            st["step"] += 1
-            t = st["step"].item()
-            g = p.grad.float()
-            st["exp_avg"].lerp_(g, 1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_((st["exp_avg"] / (1 - b1 ** t) / denom).to(p.dtype), alpha=-group["lr"])
+            if fused and st["step"].device != p.device:  # the fused kernel counts steps on the device
+                st["step"] = st["step"].to(p.device)
+            master = p if p.dtype == torch.float32 else p.detach().float()
+            if master is not p:
+                low.append((p, master))
+            params.append(master)
+            grads.append(p.grad if p.grad.dtype == torch.float32 else p.grad.float())
+            avgs.append(st["exp_avg"])
+            sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        if not params:
+            return
+        b1, b2 = group["betas"]
+        adamw(params, grads, avgs, sqs, [], steps, foreach=not fused, fused=fused, amsgrad=False, beta1=b1,
+              beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        for p, master in low:
+            p.copy_(master)
 
 
 def param_groups(model, cfg: OptimConfig) -> list[dict]:
