@@ -72,7 +72,15 @@ def export_main(argv: list[str]) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--out", required=True, help="output folder (model.safetensors, config.yaml, tokenizer.model)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--format", default="safetensors", help="safetensors (default) or hf: a Hugging Face transformers "
+                    "folder (config.json, weights, modeling code, tokenizer; megaloop.inference.hf_export)")
     args = ap.parse_args(argv)
+    if args.format not in ("safetensors", "hf"):
+        raise UserError(f"unknown export format {args.format!r}; use --format safetensors or --format hf")
+    if args.format == "hf":
+        from .inference.hf_export import export_hf
+        print(f"exported (Hugging Face) to {export_hf(args.run_dir, args.out, args.force)}")
+        return 0
     print(f"exported to {export(args.run_dir, args.out, args.force)}")
     return 0
 
