@@ -346,3 +346,31 @@ def test_run_selects_by_pattern_and_count_without_training(tmp_path):
     run_sweep(str(tmp_path), max_runs=1, dry_run=True, log=lines.append)
     assert len(lines) == 2 and "baseline_r1_s2_c3e8" in lines[1]
     assert not any((tmp_path / "runs" / n / "train.log").exists() for n in os.listdir(tmp_path / "runs"))
+
+
+def test_runs_held_by_another_training_are_busy_not_failed(tmp_path):
+    """Contract: a run whose directory lock is held by a live process (another `sweep run`, an array
+    task, a machine sharing the folder) is skipped by `sweep run` as busy, with no FAILED note, and
+    `sweep collect` reports it as running, naming the holder."""
+    import sys
+    spec = parse_sweep(_tiny_sweep(r=[1]))
+    write_plan(spec, expand(spec, str(tmp_path)), str(tmp_path))
+    name = read_manifest(str(tmp_path))["runs"][0]["run"]
+    run_dir = str(tmp_path / "runs" / name)
+    script = ("import sys; from megaloop.run_lock import RunLock; l = RunLock.acquire(sys.argv[1]); "
+              "print('held', flush=True); sys.stdin.read(); l.release()")
+    holder = subprocess.Popen([sys.executable, "-c", script, run_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lines = []
+        rep = run_sweep(str(tmp_path), log=lines.append)
+        assert rep.busy == [name] and not rep.failed and not rep.finished
+        assert f"being trained by pid {holder.pid}" in "\n".join(lines)
+        assert not os.path.exists(os.path.join(run_dir, "FAILED"))
+        from megaloop.sweep.collect import run_status
+        st = run_status(str(tmp_path), read_manifest(str(tmp_path))["runs"][0])
+        assert st.status == "running" and f"pid {holder.pid}" in st.reason
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
