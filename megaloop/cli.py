@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[cmd](rest) or 0)
     except errors as e:
         print(f"megaloop {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
-        return 2
+        return getattr(e, "exit_status", 2)
     except KeyboardInterrupt:
         print(f"megaloop {cmd}: interrupted", file=sys.stderr)
         return 130

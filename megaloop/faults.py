@@ -1,13 +1,16 @@
 """Fault injection for the crash-safety tests: MEGALOOP_FAULT="point:step[,point:step...]".
 
 Points: `step` (SIGKILL right after training step N), `save` (SIGKILL in the middle of writing
-the checkpoint of step N, after some files are on disk), `nan` (the loss of step N becomes NaN).
-Unset in normal runs, where every call is a dictionary lookup.
+the checkpoint of step N, after some files are on disk), `nan` (the loss of step N becomes NaN),
+`pause` (stop after step N, its checkpoint and metrics written, until the file named by
+MEGALOOP_FAULT_RELEASE exists, at most 10 minutes: holds a run mid-training while a test starts a
+second writer or cancels the job). Unset in normal runs, where every call is a dictionary lookup.
 """
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 
 def _parse() -> dict:
@@ -29,3 +32,7 @@ def armed(point: str, step: int) -> bool:
 def maybe_kill(point: str, step: int) -> None:
     if armed(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "step" and armed("pause", step):
+        release, deadline = os.environ.get("MEGALOOP_FAULT_RELEASE"), time.monotonic() + 600
+        while not (release and os.path.exists(release)) and time.monotonic() < deadline:
+            time.sleep(0.05)

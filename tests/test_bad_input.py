@@ -28,12 +28,14 @@ def trained(tmp_path_factory):
 
 
 def snapshot(folder):
+    """{path: (size, mtime)}; a run's lock file counts by its content only: a refused start may take
+    and release the lock (it names its holder meanwhile), and must leave it empty, as it found it."""
     out = {}
     for dp, _, files in os.walk(folder):
         for f in files:
             p = os.path.join(dp, f)
             st = os.stat(p)
-            out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns)
+            out[os.path.relpath(p, folder)] = open(p).read() if f == ".lock" else (st.st_size, st.st_mtime_ns)
     return out
 
 

@@ -13,7 +13,7 @@ iso-FLOP group into several. Every other run is reported by status, so a researc
   diverged    the loss is non-finite or worse than uniform guessing (ln vocab: training went
               backwards), or the run stopped on non-finite steps (its FAILED note says "diverged")
   failed      the training process exited with an error (DIR/runs/NAME/FAILED)
-  running     locked by a live `megaloop sweep run` process on this host
+  running     its run directory's lock is held by a live training (any host sharing the folder)
   incomplete  has checkpoints but no summary (interrupted; `sweep run` resumes it)
   missing     never started
 """
@@ -23,7 +23,6 @@ import csv
 import json
 import math
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -31,7 +30,7 @@ import yaml
 
 from ..errors import UserError
 from .plan import read_manifest
-from .runner import LOCK, pid_alive
+from ..run_lock import holder
 
 TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "flops", "tokens_per_param",
                  "vocab_size", "skipped_steps")
@@ -63,14 +62,6 @@ class Collection:
     def as_dict(self) -> dict:
         return {"sweep": self.name, "table": self.table_path, "n_runs": len(self.runs), "counts": self.counts(),
                 "runs": {s: {r.run: r.reason for r in self.by_status(s)} for s in STATUSES if s != "finished"}}
-
-
-def _locked_here(run_dir: str) -> bool:
-    try:
-        host, pid = open(os.path.join(run_dir, LOCK)).read().split()
-    except (OSError, ValueError):
-        return False
-    return host == socket.gethostname() and pid_alive(int(pid))
 
 
 def _uniform_loss(run_dir: str) -> Optional[float]:
@@ -117,13 +108,14 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
         if s.get("skipped_steps"):
             notes.append(f"{s['skipped_steps']} non-finite step(s) skipped")
         return RunStatus(name, "finished", "; ".join(notes), table_row)
+    live = holder(run_dir)
+    if live is not None:
+        return RunStatus(name, "running", f"being trained: {live.describe()}")
     failed_path = os.path.join(run_dir, "FAILED")
     if os.path.isfile(failed_path):
         with open(failed_path, errors="replace") as f:
             note = " ".join(ln.strip() for ln in f.readlines()[:2] if ln.strip())
         return RunStatus(name, "diverged" if "diverged" in note else "failed", note)
-    if _locked_here(run_dir):
-        return RunStatus(name, "running", "locked by a live sweep process")
     if os.path.isdir(os.path.join(run_dir, "checkpoints")):
         return RunStatus(name, "incomplete", "has checkpoints, no summary: `megaloop sweep run` resumes it")
     return RunStatus(name, "missing", "not started")
