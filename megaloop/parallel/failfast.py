@@ -12,7 +12,8 @@ then runs the usual clean-up (a final barrier) it waits forever too. So:
     `rank K failed: ERROR`, and ends its process at once with rank K's exit code (os._exit: the
     main thread may be blocked inside a collective, which no Python exception interrupts);
   - a rank whose collective fails because a peer vanished without a record (SIGKILL, a lost
-    node) waits up to GRACE_S for that peer's record and otherwise reports the lost connection;
+    node) waits up to GRACE_S for that peer's own record; meanwhile it calls the roll (every
+    live rank's watchdog answers), so when none comes it names the ranks that did not answer;
   - if the store itself is gone (its host stopped), the watchdog ends its process too.
 A stopped rank never exits between renaming a checkpoint into place and updating `latest`
 (checkpoint.PUBLISH_LOCK), and the checkpoint of a save that any rank failed is never published
@@ -66,7 +67,7 @@ def _lost_peer(exc: BaseException) -> bool:
 
 
 def _summary(rec: dict) -> str:
-    what = rec["error"] if rec.get("lost_peer") else f"failed: {rec['error']}"
+    what = rec["error"] if rec.get("lost") else f"failed: {rec['error']}"
     return (f"rank {rec['rank']} {what}. Every rank stopped; the last complete checkpoint is intact: "
             f"fix the cause and resume with --resume")
 
@@ -76,7 +77,8 @@ class FailFast:
         self.rank, self.world = rank, world
         self.where = f"{host}:{port}"
         prefix = f"megaloop/failfast/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-        self.key, self.acks = prefix + "failed", prefix + "acks"
+        self.key, self.acks, self.rollcall = prefix + "failed", prefix + "acks", prefix + "rollcall"
+        self.alive = prefix + "alive/"
         # A connection of our own: the process group's one may be busy in the main thread.
         self.store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
                                    timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S))
@@ -102,15 +104,21 @@ class FailFast:
 
     # ------------------------------------------------------------------ the watchdog
     def _watch(self) -> None:
+        answered = False
         while not self._stop.wait(POLL_S):
             try:
                 rec = self._record()
+                if not answered:
+                    with self._lock:
+                        if self.store.check([self.rollcall]):
+                            self.store.set(f"{self.alive}{self.rank}", "1")
+                            answered = True
             except Exception as e:  # noqa: BLE001 - any store error: its host is gone
                 if self._stop.is_set() or self._failing.is_set():
                     return
-                self._exit(dict(rank=0, code=1, error=f"lost the job's rendezvous store at {self.where} "
-                                                      f"({type(e).__name__}): the process that hosts it stopped"),
-                           lost_store=True)
+                self._exit(dict(rank=self.rank, code=1, lost=True,
+                                error=f"lost the job's rendezvous store at {self.where} ({type(e).__name__}): the "
+                                      f"process that hosts it (rank 0, or the launcher) stopped"), lost_store=True)
                 return
             if rec is not None and rec["rank"] != self.rank and not self._failing.is_set():
                 self._ack()
@@ -121,7 +129,7 @@ class FailFast:
         from ..checkpoint import PUBLISH_LOCK
         PUBLISH_LOCK.acquire(timeout=30)  # let a checkpoint being published finish
         # One line for the job: from rank 0, or from rank 1 when rank 0 is the one that failed.
-        if self.rank == (1 if rec["rank"] == 0 else 0):
+        if self.rank == (1 if rec["rank"] == 0 else 0) or (lost_store and self.rank <= 1):
             print(f"megaloop: error: {_summary(rec)}", file=sys.stderr, flush=True)
         try:
             sys.stdout.flush()
@@ -135,21 +143,15 @@ class FailFast:
         self._failing.set()
         try:
             msg, code = describe(exc)
-            lost = _lost_peer(exc)
-            if lost:  # a consequence: give the peer's own record a moment to appear
-                deadline = time.monotonic() + GRACE_S
-                while time.monotonic() < deadline and self._record() is None:
-                    time.sleep(0.1)
-                msg = (f"lost contact with another rank inside a collective ({msg.split('. ')[0][:160]}); that "
-                       f"rank was killed or crashed without a message: see its log")
-            mine = dict(rank=self.rank, code=code, error=msg, lost_peer=lost)
+            mine = self._lost_peer_record(msg) if _lost_peer(exc) else dict(rank=self.rank, code=code, error=msg)
             with self._lock:
                 root = json.loads(self.store.compare_set(self.key, "", json.dumps(mine)))
-            if root["rank"] == self.rank:
+            if root == mine:  # this rank's record is the job's
                 deadline = time.monotonic() + ACK_WAIT_S
-                while time.monotonic() < deadline and self._acked() < self.world - 1:
+                expected = self.world - 1 - mine.get("n_missing", 0)  # the vanished ranks never answer
+                while time.monotonic() < deadline and self._acked() < expected:
                     time.sleep(0.05)
-                return PeerFailure(_summary(mine), code) if lost else None
+                return PeerFailure(_summary(mine), mine["code"]) if mine.get("lost") else None
             self._ack()
             if root["error"] == msg:  # the same error on every rank (e.g. a bad config): report it as is
                 return None
@@ -158,6 +160,29 @@ class FailFast:
             return None
         finally:
             self.stop()
+
+    def _lost_peer_record(self, msg: str) -> dict:
+        """A collective failed under us: wait for the vanished peer's own record, calling the roll
+        meanwhile; without a record, name the ranks that did not answer."""
+        with self._lock:
+            self.store.set(f"{self.alive}{self.rank}", "1")
+            self.store.set(self.rollcall, "1")
+        deadline = time.monotonic() + GRACE_S
+        while time.monotonic() < deadline:
+            rec = self._record()
+            if rec is not None:
+                return rec
+            time.sleep(0.1)
+        with self._lock:
+            missing = [r for r in range(self.world) if not self.store.check([f"{self.alive}{r}"])]
+        detail = msg.split(". ")[0][:160]
+        if not missing:
+            return dict(rank=self.rank, code=1, lost=True,
+                        error=f"lost contact with another rank inside a collective ({detail})")
+        others = f" (so did ranks {', '.join(map(str, missing[1:9]))})" if len(missing) > 1 else ""
+        return dict(rank=missing[0], code=1, lost=True, n_missing=len(missing),
+                    error=f"stopped without a message{others}: killed by a signal, or out of memory? Rank "
+                          f"{self.rank} lost contact with it inside a collective ({detail})")
 
     def _acked(self) -> int:
         with self._lock:
