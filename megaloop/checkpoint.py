@@ -6,6 +6,8 @@ temporary folder, every file is fsynced, the folder is renamed into place (atomi
 only then is `latest` replaced (write-temp + fsync + rename). So `latest` only ever names a
 complete checkpoint; a crash mid-save leaves at most a stray temp folder, which is ignored and
 cleaned up by the next save. Old checkpoints are deleted only after the new one is complete.
+Under several ranks the checkpoint is published only after every rank has written its files: a
+rank that fails mid-save never reaches that point, and the others are stopped (parallel/failfast).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -24,6 +27,9 @@ from .errors import UserError
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
+# Held while a checkpoint is renamed into place and `latest` replaced: a rank stopped because
+# another rank failed waits for it, so it never exits between the two steps.
+PUBLISH_LOCK = threading.Lock()
 
 
 class CheckpointError(UserError):
@@ -96,6 +102,32 @@ def torch_save_synced(obj: Any, path: str) -> None:
         os.fsync(f.fileno())
 
 
+def torch_save_atomic(obj: Any, path: str) -> None:
+    """Replace one file of a published checkpoint: readers see the old file or the new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch_save_synced(obj, tmp)
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path) or ".")
+
+
+def check_out_dir(out: str, sources: list, force: bool) -> None:
+    """An output folder (export, convert) must lie outside every source: one that is a source,
+    holds one or lies inside one would destroy it when --force replaces it. It must also be a
+    folder, and empty unless --force."""
+    o = os.path.realpath(out)
+    for src in sources:
+        s = os.path.realpath(src)
+        common = os.path.commonpath([o, s])
+        if common in (o, s):
+            how = "is" if o == s else ("holds" if common == o else "is inside")
+            raise UserError(f"--out {out} {how} the source {src}: writing there (and replacing it with --force) "
+                            f"would destroy the source. Choose an --out folder outside {src} (nothing was changed)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} exists and is a file, not a folder; choose another --out")
+    if os.path.exists(out) and os.listdir(out) and not force:
+        raise UserError(f"{out} exists and is not empty; choose another --out or pass --force")
+
+
 def ckpt_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
@@ -149,30 +181,36 @@ def save(run_dir: str, step: int, write_files: Callable[[str], None], meta: dict
     try:
         write_files(tmp)
     except OSError as e:
+        # No barrier on failure: the others wait in the next one, so the writer never publishes a
+        # checkpoint without this rank's files; the failing rank's exit stops them.
         if is_writer:
             shutil.rmtree(tmp, ignore_errors=True)
         cause, fix = os_error_cause(e)
         raise CheckpointError(
             f"could not write checkpoint for step {step} in {root}: {cause}. The previous "
             f"checkpoint is intact; {fix}, then resume with --resume") from None
-    finally:
-        barrier()
+    barrier()  # every rank's files are on disk
     if is_writer:
+        old = os.path.join(root, f".tmp_old_{step_dir_name(step)}")
         try:
             write_atomic(os.path.join(tmp, META), json.dumps(dict(meta, step=step)).encode())
-            if os.path.exists(final):  # a re-save of the same step (e.g. after a resume)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-            write_atomic(os.path.join(root, "latest"), step_dir_name(step).encode())
+            with PUBLISH_LOCK:
+                if os.path.exists(final):  # a re-save of the same step (e.g. after a resume)
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                _fsync_dir(root)
+                write_atomic(os.path.join(root, "latest"), step_dir_name(step).encode())
+            shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if os.path.isdir(old) and not os.path.exists(final):  # put the re-saved step back
+                os.replace(old, final)
             cause, fix = os_error_cause(e)
             raise CheckpointError(
                 f"could not publish checkpoint for step {step} in {root}: {cause}. The previous "
                 f"checkpoint is intact; {fix}, then resume with --resume") from None
-        for old in list_complete(run_dir)[:-keep]:
-            shutil.rmtree(os.path.join(root, step_dir_name(old)), ignore_errors=True)
+        for stale in list_complete(run_dir)[:-keep]:
+            shutil.rmtree(os.path.join(root, step_dir_name(stale)), ignore_errors=True)
     barrier()
     return final
 

@@ -56,12 +56,19 @@ def cmd_train(argv: list[str]) -> int:
         run_dir = os.path.abspath(cfg.train.run_dir)
         print(f"\nvalidation loss {summary['val_loss']:.4f} nats/token at r={summary['r']}"
               + (f" (unigram entropy of the validation split: {summary['unigram_entropy']:.4f}; "
-                 f"{summary['unigram_entropy'] - summary['val_loss']:.3f} nats below it)" if "unigram_entropy" in summary else ""))
+                 f"{_gap(summary['val_loss'], summary['unigram_entropy'])})" if "unigram_entropy" in summary else ""))
+        if summary.get("rewinds"):
+            print(f"training diverged and rewound {summary['rewinds']} time(s): see the rewind events in metrics.jsonl")
         if len(summary["val_loss_by_r"]) > 1:
             print("val loss by r: " + ", ".join(f"r={r}: {v:.4f}" for r, v in summary["val_loss_by_r"].items()))
         print(f"run directory: {run_dir}\n  config.yaml, metrics.jsonl, summary.json, checkpoints/ "
               f"(latest: {open(os.path.join(run_dir, 'checkpoints', 'latest')).read().strip()})")
     return 0
+
+
+def _gap(loss: float, entropy: float) -> str:
+    """'1.573 nats below it' for a model better than the unigram predictor, 'above' for a worse one."""
+    return f"{abs(entropy - loss):.3f} nats {'below' if loss <= entropy else 'above'} it"
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -75,6 +82,8 @@ def cmd_eval(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     from .errors import UserError
     from .train import evaluate_run
+    if args.tokens is not None and args.tokens < 1:
+        raise UserError(f"--tokens must be a positive number of validation tokens, got {args.tokens}")
     recur = []
     if args.recur:
         try:
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[cmd](rest) or 0)
     except errors as e:
         print(f"megaloop {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
-        return getattr(e, "exit_status", 2)
+        return getattr(e, "exit_code", getattr(e, "exit_status", 2))  # another rank's failure keeps its status
     except KeyboardInterrupt:
         print(f"megaloop {cmd}: interrupted", file=sys.stderr)
         return 130

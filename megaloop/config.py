@@ -102,7 +102,13 @@ class TrainConfig:
     keep_checkpoints: int = 2
     device: str = "auto"                     # auto | cpu | cuda
     compile: bool = False
-    max_bad_steps: int = 3                   # consecutive non-finite steps before stopping
+    max_bad_steps: int = 3                   # consecutive non-finite steps that mean divergence
+    on_divergence: str = "rewind"            # rewind | stop (megaloop/divergence.py)
+    spike_factor: float = 2.0                # loss above this x the recent median = divergence; 0 = off
+    spike_window: int = 50                   # steps in that median; spike checks start once it is full
+    max_rewinds: int = 5                     # rewinds before the run stops instead
+    rewind_lr_scale: float = 1.0             # lr multiplier after a rewind (1 = the schedule unchanged)
+    rewind_lr_steps: int = 100               # for this many steps
     threads: int = 0                         # torch CPU threads, 0 = torch default
     progress: bool = True
 
@@ -258,11 +264,14 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             raise ConfigError(f"config file not found: {path}. Pass the path of a YAML file, e.g. configs/default.yaml")
         try:
             with open(path) as f:
-                data = yaml.safe_load(f) or {}
+                data = yaml.safe_load(f)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
             raise ConfigError(f"{path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        if data is None:  # silently training on the built-in defaults would surprise: they are not configs/default.yaml
+            raise ConfigError(f"{path} is empty: a config needs its sections (model:, train:, data:, ...). "
+                              f"Start from a copy of configs/default.yaml")
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...)")
     if raw is not None:
@@ -293,6 +302,17 @@ def save_config(cfg: Config, path: str) -> None:
 def _need(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
+
+
+def _validate_divergence(t: TrainConfig) -> None:
+    _need(t.on_divergence in ("rewind", "stop"), f"train.on_divergence must be rewind or stop, got {t.on_divergence!r}")
+    _need(t.spike_factor == 0 or (t.spike_factor > 1 and math.isfinite(t.spike_factor)),
+          f"train.spike_factor must be above 1 (a loss that many times the recent median), or 0 to turn spike "
+          f"detection off, got {t.spike_factor}")
+    _need(t.spike_window >= 1, f"train.spike_window must be >= 1 step, got {t.spike_window}")
+    _need(t.max_rewinds >= 0, f"train.max_rewinds must be >= 0, got {t.max_rewinds}")
+    _need(0 < t.rewind_lr_scale <= 1, f"train.rewind_lr_scale must be in (0, 1], got {t.rewind_lr_scale}")
+    _need(t.rewind_lr_steps >= 0, f"train.rewind_lr_steps must be >= 0, got {t.rewind_lr_steps}")
 
 
 def validate(cfg: Config) -> None:
@@ -367,6 +387,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.eval_recur must be a list of integers, got {t.eval_recur!r}") from None
     _need(all(r >= 1 for r in t.eval_recur), f"train.eval_recur values must be >= 1, got {t.eval_recur}")
     _need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    _validate_divergence(t)
 
     _need(d.tokenizer_type in ("unigram", "bpe"), f"data.tokenizer_type must be unigram or bpe, got {d.tokenizer_type!r}")
     _need(0.0 < d.valid_fraction < 1.0, f"data.valid_fraction must be in (0, 1), got {d.valid_fraction}")

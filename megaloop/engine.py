@@ -115,5 +115,9 @@ class LocalEngine:
     def all_reduce_flag(self, flag: bool) -> bool:
         return flag
 
+    def abort(self, exc: BaseException):
+        """The run failed with `exc`: nothing to tell other ranks; report exc itself."""
+        return None
+
     def close(self) -> None:
         pass

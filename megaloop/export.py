@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 from typing import Optional
@@ -55,9 +56,8 @@ def load_pretrained(path: str, device: str = "cpu") -> tuple[LoopedLM, Config, O
 
 
 def export(run_dir: str, out: str, force: bool = False) -> str:
+    ckpt.check_out_dir(out, [run_dir], force)
     model, cfg, _ = load_pretrained(run_dir)
-    if os.path.exists(out) and os.listdir(out) and not force:
-        raise UserError(f"{out} exists and is not empty; choose another --out or pass --force")
     from safetensors.torch import save_file
     with ckpt.atomic_output_dir(out, prefix=".export_") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"),
@@ -85,6 +85,17 @@ def export_main(argv: list[str]) -> int:
     return 0
 
 
+def check_generate_args(args) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise UserError(f"--top-k must be >= 1 (or left out for the whole vocabulary), got {args.top_k}")
+    if args.recur is not None and args.recur < 1:
+        raise UserError(f"--recur must be >= 1, got {args.recur}")
+
+
 def generate_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="megaloop generate", description="Continue a prompt with a trained model.")
     ap.add_argument("path", help="a run directory or an export folder")
@@ -97,8 +108,7 @@ def generate_main(argv: list[str]) -> int:
     from .inference.cli import add_decoding_args, decode
     add_decoding_args(ap)
     args = ap.parse_args(argv)
-    if args.recur is not None and args.recur < 1:
-        raise UserError(f"--recur must be >= 1, got {args.recur}")
+    check_generate_args(args)
     from .data.tokenizer import Tokenizer
     model, cfg, tok_path = load_pretrained(args.path)
     tok = Tokenizer(tok_path or _tokenizer_for(cfg))
@@ -127,8 +137,13 @@ def checkpoint_main(argv: list[str]) -> int:
         from .reshard import convert
         print(f"converted to {convert(args.src, args.out, args.force)}")
         return 0
+    if not os.path.isdir(args.run_dir):
+        raise UserError(f"{args.run_dir} does not exist or is not a folder: pass a run directory (train.run_dir)")
     steps = ckpt.list_complete(args.run_dir)
     latest = ckpt.latest_path(args.run_dir)
+    if not steps:
+        print(f"{args.run_dir}: no checkpoints (a run writes them every train.save_every steps and at its end)")
+        return 0
     print(json.dumps({"run_dir": args.run_dir, "complete": steps,
                       "latest": os.path.basename(latest) if latest else None,
                       "meta": {k: v for k, v in ckpt.read_meta(latest).items() if k != "config"} if latest else None}))

@@ -1,23 +1,43 @@
-"""Fault injection for the crash-safety tests: MEGALOOP_FAULT="point:step[,point:step...]".
+"""Fault injection for the reliability tests: MEGALOOP_FAULT="point:step[@rank][,point:step[@rank]...]".
 
-Points: `step` (SIGKILL right after training step N), `save` (SIGKILL in the middle of writing
-the checkpoint of step N, after some files are on disk), `nan` (the loss of step N becomes NaN),
-`pause` (stop after step N, its checkpoint and metrics written, until the file named by
-MEGALOOP_FAULT_RELEASE exists, at most 10 minutes: holds a run mid-training while a test starts a
-second writer or cancels the job). Unset in normal runs, where every call is a dictionary lookup.
+Points:
+  `step`        SIGKILL right after training step N
+  `save`        SIGKILL in the middle of writing the checkpoint of step N, after some files are on disk
+  `step_error`  raise an error right after training step N (a crash of this rank's Python code)
+  `save_error`  raise an error while writing the checkpoint of step N, before this rank's files
+                (the other ranks are then inside the save's collectives)
+  `nan`         the loss of step N becomes NaN (a real non-finite step: the update is skipped)
+  `spike`       the loss reported for step N is multiplied by SPIKE (the divergence guard's input)
+  `pause`       stop after step N, its checkpoint and metrics written, until the file named by
+                MEGALOOP_FAULT_RELEASE exists, at most 10 minutes (holds a run mid-training while a
+                test starts a second writer or cancels the job)
+`@rank` limits a fault to one global rank (default: every rank). Each fault fires once per process,
+so a run that rewinds past step N does not meet it again. Unset in normal runs, where every call is
+a dictionary lookup.
 """
 from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
+
+SPIKE = 100.0
+
+
+class InjectedFailure(RuntimeError):
+    """The error `step_error` / `save_error` raise: stands in for a crash (a bug, an OOM)."""
 
 
 def _parse() -> dict:
     spec = os.environ.get("MEGALOOP_FAULT", "")
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0)
     out: dict = {}
     for item in filter(None, spec.split(",")):
-        point, _, step = item.partition(":")
+        point, _, at = item.partition(":")
+        step, _, only = at.partition("@")
+        if only.strip() and int(only) != rank:
+            continue
         out.setdefault(point.strip(), set()).add(int(step))
     return out
 
@@ -26,7 +46,12 @@ _FAULTS = _parse()
 
 
 def armed(point: str, step: int) -> bool:
-    return step in _FAULTS.get(point, ())
+    """True once for each configured (point, step) of this rank."""
+    steps = _FAULTS.get(point)
+    if not steps or step not in steps:
+        return False
+    steps.discard(step)
+    return True
 
 
 def maybe_kill(point: str, step: int) -> None:
@@ -36,3 +61,14 @@ def maybe_kill(point: str, step: int) -> None:
         release, deadline = os.environ.get("MEGALOOP_FAULT_RELEASE"), time.monotonic() + 600
         while not (release and os.path.exists(release)) and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def maybe_fail(point: str, step: int) -> None:
+    if armed(f"{point}_error", step):
+        # The time stamp lets the tests measure how long the other ranks take to stop.
+        print(f"megaloop fault: {point}_error at step {step}, time {time.time():.3f}", file=sys.stderr, flush=True)
+        raise InjectedFailure(f"injected failure ({point}_error at step {step}, MEGALOOP_FAULT)")
+
+
+def spiked(loss: float, step: int) -> float:
+    return loss * SPIKE if armed("spike", step) else loss

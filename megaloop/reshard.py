@@ -172,12 +172,12 @@ def convert(src: str, out: str, force: bool = False) -> str:
     """Write a layout-independent checkpoint folder: model.pt, optim_full.pt, and trainer.pt /
     meta.json when the source has them. Resumable under any layout (copy it into a run's
     checkpoints/ and point `latest` at it, or pass it to the test harness's --resume)."""
-    from .checkpoint import atomic_output_dir, load_file, torch_save_synced
+    from .checkpoint import atomic_output_dir, check_out_dir, load_file, torch_save_synced
     from .errors import UserError
 
+    check_out_dir(out, [src], force)
     path, run_dir = resolve_checkpoint(src)
-    if os.path.exists(out) and os.listdir(out) and not force:
-        raise UserError(f"{out} exists and is not empty; choose another --out or pass --force")
+    check_out_dir(out, [src] + ([run_dir] if run_dir else []), force)
     if os.path.isfile(os.path.join(path, FULL_OPTIM)):
         full = None  # copied as is
     elif os.path.isfile(os.path.join(path, LOCAL_OPTIM)):

@@ -22,6 +22,7 @@ from . import faults
 from . import run_lock
 from .accounting import count_params
 from .config import Config, ConfigError, load_config, save_config
+from .divergence import DivergenceGuard
 from .errors import UserError
 from .model import LoopedLM
 from .optim import lr_factor
@@ -114,6 +115,9 @@ def check_run_dir(cfg: Config, resume: bool) -> Optional[str]:
     run_dir = cfg.train.run_dir
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise UserError(f"train.run_dir={run_dir} exists and is not a directory; choose another run_dir")
+    if resume and not os.path.isdir(run_dir):  # a typo must not start a fresh run
+        raise UserError(f"--resume: train.run_dir={run_dir} does not exist, so there is no run to resume. "
+                        f"Check the path, or drop --resume to start a new run there")
     latest = ckpt.latest_path(run_dir) if os.path.isdir(run_dir) else None
     has_run = os.path.isfile(os.path.join(run_dir, "config.yaml")) or latest is not None
     if has_run and not resume:
@@ -144,12 +148,17 @@ class MetricsLog:
 
     def __init__(self, path: str, resume_step: int, enabled: bool):
         self.path, self.enabled = path, enabled
-        if enabled and resume_step >= 0 and os.path.isfile(path):
-            with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            ckpt.write_atomic(path, "".join(keep).encode())
+        if enabled and resume_step >= 0:
+            self.truncate(resume_step)
         elif enabled and resume_step < 0 and os.path.isfile(path):
             os.remove(path)
+
+    def truncate(self, step: int) -> None:
+        """Drop the lines past `step` (a resume, or a rewind, continues from there)."""
+        if self.enabled and os.path.isfile(self.path):
+            with open(self.path) as f:
+                keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            ckpt.write_atomic(self.path, "".join(keep).encode())
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -174,6 +183,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     is_main = engine.is_main
     sinks: list = []  # optional live views (TensorBoard, wandb); metrics.jsonl stays the record
     lock = None
+    finished = False
     try:
         # Everything that can be wrong is checked before the run directory is touched.
         latest = check_run_dir(cfg, resume)
@@ -191,6 +201,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         if cfg.train.compile:
             compile_blocks(engine.model if hasattr(engine.model, "blocks") else model)
         step = 0
+        guard = DivergenceGuard(cfg.train)
         if latest is not None:
             engine.load_files(latest)
             state = ckpt.load_file(latest, "trainer.pt")
@@ -202,6 +213,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                     f"{budget.tokens_per_step:,} (micro_batch_size x grad_accum x seq_len x data-parallel size). "
                     f"Set train.grad_accum or train.micro_batch_size so the global batch is unchanged")
             loader.load_state_dict(state["loader"])
+            guard.load_state_dict(state.get("guard"))
             log(f"resumed from {latest} at step {step}")
         if is_main:
             save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
@@ -217,25 +229,27 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                                      cfg.train.eval_tokens)
 
         last_time, last_tokens = time.perf_counter(), step * budget.tokens_per_step
-        bad_in_a_row, skipped_total, stats = 0, 0, None
+        stats = None
         start = time.perf_counter()
         bar = _progress(cfg, budget.steps, step, is_main)
         while step < budget.steps:
             factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac)
+            factor *= guard.lr_scale(step)
             batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
             stats = engine.train_step(batches, factor, inject_nan=faults.armed("nan", step + 1))
             step += 1
+            stats.loss = faults.spiked(stats.loss, step)
+            diverged = guard.observe(stats.loss, stats.skipped)
             if stats.skipped:
-                bad_in_a_row, skipped_total = bad_in_a_row + 1, skipped_total + 1
                 log(f"step {step}: non-finite loss or gradient (loss={stats.loss}, grad_norm={stats.grad_norm}); "
-                    f"update skipped ({bad_in_a_row} in a row)")
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    raise UserError(
-                        f"training diverged: {bad_in_a_row} non-finite steps in a row, the last at step {step}. "
-                        f"The last good checkpoint is intact ({ckpt.latest_path(cfg.train.run_dir) or 'none yet'}); "
-                        f"lower optim.lr or raise optim.warmup_steps and resume")
-            else:
-                bad_in_a_row = 0
+                    f"update skipped ({guard.bad_in_a_row} in a row)")
+            if diverged:
+                step = rewind(cfg, engine, loader, guard, metrics, step, diverged, budget.tokens_per_step, log)
+                last_time, last_tokens = time.perf_counter(), step * budget.tokens_per_step
+                if bar is not None:
+                    bar.n = step
+                    bar.refresh()
+                continue
             tokens = step * budget.tokens_per_step
             if step % cfg.train.log_every == 0 or step == budget.steps:
                 now = time.perf_counter()
@@ -244,7 +258,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                 rec = dict(step=step, tokens=tokens, loss=stats.loss, lr=factor * cfg.optim.lr,
                            grad_norm=stats.grad_norm, tokens_per_s=tps,
                            mfu=tps * counts.flops_per_token / peak if peak else None,
-                           skipped_steps=skipped_total, elapsed_s=now - start)
+                           skipped_steps=guard.skipped_total, elapsed_s=now - start)
                 metrics.write(rec)
                 for sink in sinks:
                     sink.log(rec, step)
@@ -254,19 +268,17 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                 vl = engine.eval_loss(valid())
                 metrics.write(dict(step=step, tokens=tokens, val_loss=vl))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < budget.steps:
-                _save(cfg, engine, loader, step, counts, budget.tokens_per_step)
+                _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step)
             if bar is not None:
                 bar.update(1)
             faults.maybe_kill("step", step)
+            faults.maybe_fail("step", step)
         if bar is not None:
             bar.close()
-        _save(cfg, engine, loader, step, counts, budget.tokens_per_step)
+        _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step)
 
-        val_loss = engine.eval_loss(valid())
-        by_r = {str(cfg.model.num_recur): val_loss}
-        for r in cfg.train.eval_recur:
-            if str(r) not in by_r:
-                by_r[str(r)] = engine.eval_loss(valid(), num_recur=r)
+        by_r = final_eval(cfg, engine, list(valid()), is_main)
+        val_loss = by_r[str(cfg.model.num_recur)]
         summary = dict(
             run=os.path.basename(os.path.normpath(cfg.train.run_dir)), n_once=counts.n_once, n_rec=counts.n_rec,
             r=cfg.model.num_recur, bptt_k=cfg.model.bptt_k, input_injection=cfg.model.input_injection,
@@ -274,29 +286,102 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             flops=budget.tokens * counts.flops_per_token, flops_per_token=counts.flops_per_token,
             target_flops=cfg.train.target_flops,
             n_embedding=counts.embedding, n_head=counts.head, train_loss=stats.loss if stats else None,
-            val_loss=val_loss, val_loss_by_r=by_r, skipped_steps=skipped_total,
+            val_loss=val_loss, val_loss_by_r=by_r, skipped_steps=guard.skipped_total, rewinds=guard.rewinds,
             wall_time_s=time.perf_counter() - start,
         )
         if is_main:
             summary["unigram_entropy"] = unigram_entropy(data.valid)
             ckpt.write_atomic(os.path.join(cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+        finished = True
         return summary
+    except BaseException as e:
+        # No collective after a failure (the other ranks may be inside a different one): the
+        # engine records it for them and, when another rank failed first, names that rank.
+        peer = engine.abort(e)
+        if peer is None:
+            raise
+        raise peer from None
     finally:
         close_sinks(sinks)
-        engine.close()
+        if finished:
+            engine.close()
         if lock is not None:
             lock.release()
 
 
-def _save(cfg: Config, engine, loader, step: int, counts, tokens_per_step: int) -> None:
+def trainer_state(step: int, loader, guard: DivergenceGuard, tokens_per_step: int) -> dict:
+    """trainer.pt: everything besides the weights and the optimiser that a resume needs."""
+    return {"step": step, "loader": loader.state_dict(), "tokens_per_step": tokens_per_step,
+            "guard": guard.state_dict()}
+
+
+def _save(cfg: Config, engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int) -> None:
     def write(path: str) -> None:
+        faults.maybe_fail("save", step)
         engine.save_files(path)
         faults.maybe_kill("save", step)
         if engine.is_main:
-            ckpt.torch_save_synced({"step": step, "loader": loader.state_dict(), "tokens_per_step": tokens_per_step},
-                                   os.path.join(path, "trainer.pt"))
+            ckpt.torch_save_synced(trainer_state(step, loader, guard, tokens_per_step), os.path.join(path, "trainer.pt"))
     ckpt.save(cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},
               keep=cfg.train.keep_checkpoints, is_writer=engine.is_main, barrier=engine.barrier)
+
+
+def rewind(cfg: Config, engine, loader, guard: DivergenceGuard, metrics: MetricsLog, step: int, why: str,
+           tokens_per_step: int, log=print) -> int:
+    """train.on_divergence at step `step`: stop with an error, or go back to the last complete
+    checkpoint with the loader left where it is (the batches since are skipped). Returns the step
+    the run continues from. The choice is persisted in that checkpoint's trainer.pt, so a resume
+    from it continues exactly like this run."""
+    latest = ckpt.latest_path(cfg.train.run_dir)
+    if latest is None or not guard.can_rewind():
+        if cfg.train.on_divergence == "stop":
+            hint = "lower optim.lr or raise optim.warmup_steps and resume, or set train.on_divergence=rewind"
+        elif latest is None:
+            hint = "there is no checkpoint to rewind to yet: set train.save_every so that a run can rewind"
+        else:
+            hint = f"it rewound {guard.rewinds} times already (train.max_rewinds); lower optim.lr and resume"
+        raise UserError(f"training diverged at step {step}: {why}. The last good checkpoint is intact "
+                        f"({latest or 'none yet'}); {hint}")
+    engine.load_files(latest)
+    saved = ckpt.load_file(latest, "trainer.pt")
+    to = saved["step"]
+    skipped = loader.global_samples - saved["loader"]["global_samples"]
+    guard.rewound(to, saved.get("guard"))
+    if engine.is_main:
+        ckpt.torch_save_atomic(trainer_state(to, loader, guard, tokens_per_step), os.path.join(latest, "trainer.pt"))
+    engine.barrier()
+    metrics.truncate(to)
+    metrics.write(dict(step=to, tokens=to * tokens_per_step, event="rewind", rewind=guard.rewinds, from_step=step,
+                       reason=why, skipped_samples=skipped, lr_scale=cfg.train.rewind_lr_scale,
+                       lr_scale_until_step=guard.lr_until))
+    log(f"step {step}: training diverged ({why}); rewind {guard.rewinds}/{cfg.train.max_rewinds}: back to step "
+        f"{to} ({latest}), skipping the {skipped} samples since")
+    return to
+
+
+def final_eval(cfg: Config, engine, batches: list, is_main: bool) -> dict:
+    """Validation loss at the trained r and at train.eval_recur, with one progress bar over all."""
+    rs = [cfg.model.num_recur] + [r for r in cfg.train.eval_recur if r != cfg.model.num_recur]
+    rs = list(dict.fromkeys(rs))
+    bar = None
+    if cfg.train.progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=len(rs) * len(batches), desc="eval", unit="batch", dynamic_ncols=True, mininterval=1.0)
+
+    def counted(r: int):
+        if bar is not None:
+            bar.set_postfix(r=r)
+        for b in batches:
+            yield b
+            if bar is not None:
+                bar.update(1)
+
+    by_r = {}
+    for r in rs:
+        by_r[str(r)] = engine.eval_loss(counted(r), num_recur=None if r == cfg.model.num_recur else r)
+    if bar is not None:
+        bar.close()
+    return by_r
 
 
 def _progress(cfg: Config, total: int, done: int, is_main: bool):

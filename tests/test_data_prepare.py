@@ -60,6 +60,59 @@ def test_builds_once_then_reuses(corpus_dir, tmp_path) -> None:
     assert p3.built and p3.valid != p1.valid
 
 
+def test_cache_is_keyed_on_content(corpus_dir, tmp_path) -> None:
+    """The cache key is the corpus content (size and hash per file), not paths or mtimes: a
+    `touch`, or the same files in another folder (a fresh clone), reuse the cache; a changed byte
+    of the same size builds a new entry. Unchanged files are not re-hashed (the memo is used)."""
+    import shutil
+    import time
+
+    from megaloop.data import prepare
+    cfg = _cfg(corpus_dir, tmp_path)
+    p1 = ensure_prepared(cfg, VOCAB, log=lambda s: None)
+    time.sleep(0.01)
+    os.utime(corpus_dir / "part0.txt")  # touch: a new mtime
+    p2 = ensure_prepared(cfg, VOCAB, log=lambda s: None)
+    assert not p2.built and p2.valid == p1.valid
+    moved = tmp_path / "elsewhere" / "corpus"
+    shutil.copytree(corpus_dir, moved)
+    p3 = ensure_prepared(_cfg(moved, tmp_path), VOCAB, log=lambda s: None)
+    assert not p3.built and p3.valid == p1.valid
+    real, calls = prepare._content_hash, []
+    prepare._content_hash = lambda path: calls.append(path) or real(path)
+    try:
+        ensure_prepared(_cfg(moved, tmp_path), VOCAB, log=lambda s: None)
+        assert calls == []  # the memo knows every file
+        data = (moved / "part1.txt").read_bytes()
+        (moved / "part1.txt").write_bytes(data[:-2] + (b"x" if data[-2:-1] != b"x" else b"y") + data[-1:])
+        p4 = ensure_prepared(_cfg(moved, tmp_path), VOCAB, log=lambda s: None)
+    finally:
+        prepare._content_hash = real
+    assert calls == [str(moved / "part1.txt")] and p4.built and p4.valid != p1.valid
+
+
+def test_failed_build_leaves_nothing_behind(corpus_dir, tmp_path) -> None:
+    """A build that fails (here: invalid JSON on line 2) leaves no lock file, no temporary folder
+    and no hash memo in the cache; the temporary folder of a build that was killed is removed by
+    the next build of the same key, and a successful build leaves no lock file either."""
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "c.jsonl").write_text('{"text": "a"}\n{"text": oops}\n')
+    cache = tmp_path / "cache"
+    with pytest.raises(DatasetError, match="c.jsonl:2: not valid JSON"):
+        ensure_prepared(_cfg(bad, tmp_path, corpus=[str(bad / "c.jsonl")]), VOCAB, log=lambda s: None)
+    assert os.listdir(cache) == []
+    cfg = _cfg(corpus_dir, tmp_path)
+    p1 = ensure_prepared(cfg, VOCAB, log=lambda s: None)
+    key = os.path.basename(os.path.dirname(p1.valid))
+    os.remove(os.path.join(cache, key, "DONE"))
+    stale = cache / f".tmp-{key}-999999"  # a build of this key that was SIGKILLed
+    stale.mkdir()
+    (stale / "train.bin").write_bytes(b"partial")
+    ensure_prepared(cfg, VOCAB, log=lambda s: None)
+    assert sorted(os.listdir(cache)) == sorted([key, "corpus_hashes.json"])
+
+
 def test_half_built_cache_is_not_trusted(corpus_dir, tmp_path) -> None:
     """A cache entry without its DONE marker (a crash mid-build) is rebuilt, not used."""
     cfg = _cfg(corpus_dir, tmp_path)
@@ -105,3 +158,30 @@ def test_given_files_are_validated(corpus_dir, tmp_path) -> None:
         ensure_prepared(DataConfig(train=[train], valid=valid), 512)
     with pytest.raises(DatasetError, match="data.valid"):
         ensure_prepared(DataConfig(train=[train]), VOCAB)
+
+
+def test_lock_excludes_and_leaves_no_file(tmp_path) -> None:
+    """The cache lock still excludes concurrent holders although each holder removes the lock
+    file on release (waiters that locked a removed file retry on the new one)."""
+    import threading
+    import time
+
+    from megaloop.data.prepare import _locked
+    path = str(tmp_path / "k.lock")
+    inside, overlaps = [], []
+
+    def worker() -> None:
+        for _ in range(20):
+            with _locked(path):
+                inside.append(1)
+                if len(inside) > 1:
+                    overlaps.append(1)
+                time.sleep(0.001)
+                inside.pop()
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlaps == [] and not os.path.exists(path)

@@ -96,8 +96,9 @@ def test_refuses_to_overwrite_existing_run(tiny_corpus, data_cache, tmp_path):
 
 
 def test_nan_steps_are_skipped_then_run_stops(tiny_corpus, data_cache, tmp_path, monkeypatch):
-    """Contract: a non-finite loss skips the update and is counted; max_bad_steps in a row stop
-    the run with a message naming the step, and the last good checkpoint stays intact."""
+    """Contract: a non-finite loss skips the update and is counted; under on_divergence=stop,
+    max_bad_steps in a row stop the run with a message naming the step, and the last good
+    checkpoint stays intact. (The rewind default is tested in test_divergence.py.)"""
     import importlib
     from megaloop import faults
     monkeypatch.setenv("MEGALOOP_FAULT", "nan:3")
@@ -110,7 +111,8 @@ def test_nan_steps_are_skipped_then_run_stops(tiny_corpus, data_cache, tmp_path,
     monkeypatch.setenv("MEGALOOP_FAULT", "nan:4,nan:5")
     importlib.reload(faults)
     run = str(tmp_path / "two")
-    raw = tiny_raw(tiny_corpus, data_cache, run, steps=8, save_every=2, max_bad_steps=2)
+    raw = tiny_raw(tiny_corpus, data_cache, run, steps=8, save_every=2, max_bad_steps=2,
+                   on_divergence="stop")
     with pytest.raises(UserError, match="at step 5"):
         train(load_config(raw=raw), log=lambda *a: None)
     assert ckpt.list_complete(run) == [2, 4]

@@ -95,3 +95,18 @@ def iter_documents(files: Iterable[str], text_key: str = "text") -> Iterator[str
     """All documents of all files, in the given file order."""
     for path in check_input_files(files):
         yield from iter_file_documents(path, text_key)
+
+
+def files_without_text(files: Iterable[str], text_key: str = "text") -> list[str]:
+    """The files that hold no document (empty, or only blank lines): named when a corpus turns out
+    to have no text at all."""
+    return [f for f in files if next(iter_file_documents(f, text_key), None) is None]
+
+
+def no_text_error(files: list[str], text_key: str = "text") -> DatasetError:
+    empty = files_without_text(files, text_key)
+    if not empty:
+        return DatasetError(f"the input files hold no text: {', '.join(files)}")
+    return DatasetError(f"{', '.join(empty)} {'is' if len(empty) == 1 else 'are'} empty (no text). Put documents "
+                        f"in {'it' if len(empty) == 1 else 'them'} or leave {'it' if len(empty) == 1 else 'them'} "
+                        f"out of the corpus")

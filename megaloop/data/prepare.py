@@ -1,11 +1,15 @@
 """From a `DataConfig` to ready datasets: validate given files, or build and cache from the corpus.
 
 Cache layout: data.cache_dir/<key>/{tokenizer.model, train.bin/.idx, valid.bin/.idx, DONE}, where
-key hashes everything the result depends on (corpus file paths, sizes and mtimes, vocab size,
-tokenizer type or given tokenizer, valid fraction, text key, format version). A build happens in a
-temporary directory that is renamed into place only after DONE is written, so a crash never
-leaves a half-built cache that a later run would trust. A file lock makes concurrent callers
-(e.g. the ranks of one node) build once and share the result.
+key hashes everything the result depends on: the corpus files' contents (size and hash, in path
+order; not their paths or mtimes, so a fresh clone, a moved corpus or a `touch` reuses the cache),
+vocab size, tokenizer type or given tokenizer, valid fraction, text key, format version. File
+hashes are memoised in cache_dir/corpus_hashes.json by (path, size, mtime, ctime, inode), so an
+unchanged corpus is not re-read. A build happens in a temporary directory that is renamed into
+place only after DONE is written, so a crash never leaves a half-built cache that a later run
+would trust. A file lock makes concurrent callers (e.g. the ranks of one node) build once and
+share the result; its holder removes the lock file, and the temporary folders of killed builds,
+so no failed build leaves files behind.
 """
 from __future__ import annotations
 
@@ -70,25 +74,88 @@ def _check_datasets(train: list, valid: str, vocab_size: int, tok: Optional[Toke
 
 @contextlib.contextmanager
 def _locked(path: str) -> Iterator[None]:
+    """An exclusive lock on `path` that leaves no file behind. The holder removes the file before
+    it unlocks; a waiter that then gets the lock on the removed file sees that the path no longer
+    names the file it locked, and tries again on the new one."""
     try:
         import fcntl
     except ImportError:  # not POSIX: rely on the atomic rename alone
         yield
         return
-    with open(path, "a") as f:
+    while True:
+        f = open(path, "a")
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
-def cache_key(files: list[str], vocab_size: int, tokenizer_type: str, valid_fraction: float,
+def _content_hash(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class HashMemo:
+    """Content hashes of corpus files, remembered by (path, size, mtime, ctime, inode) in
+    cache_root/corpus_hashes.json, so only new or modified files are read. Saved only after a
+    successful preparation: a failed build writes nothing."""
+
+    def __init__(self, cache_root: str):
+        self.path = os.path.join(cache_root, "corpus_hashes.json")
+        try:
+            with open(self.path) as f:
+                self.memo = json.load(f)
+        except (OSError, ValueError):
+            self.memo = {}
+        self.changed = False
+
+    def digests(self, files: list[str]) -> list[tuple[int, str]]:
+        out = []
+        for path in files:
+            st = os.stat(path)
+            ident = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+            hit = self.memo.get(path)
+            if not (isinstance(hit, list) and len(hit) == 2 and hit[0] == ident):
+                hit, self.changed = [ident, _content_hash(path)], True
+                self.memo[path] = hit
+            out.append((st.st_size, hit[1]))
+        return out
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        try:
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(self.memo, f)
+            os.replace(tmp, self.path)
+        except OSError:  # only a speed-up: a read-only cache still works
+            pass
+
+
+def cache_key(digests: list, vocab_size: int, tokenizer_type: str, valid_fraction: float,
               text_key: str, tokenizer: Optional[Tokenizer]) -> str:
+    """`digests`: (size, content hash) per corpus file, in path order (HashMemo.digests)."""
     meta = {"format": CACHE_FORMAT, "vocab_size": vocab_size, "valid_fraction": valid_fraction,
             "text_key": text_key,
             "tokenizer": f"given:{tokenizer.fingerprint:016x}" if tokenizer else f"train:{tokenizer_type}",
-            "files": [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]}
+            "files": [list(d) for d in digests]}
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,8 +176,10 @@ def ensure_prepared(data_cfg, vocab_size: int, log: Callable[[str], None] = prin
         return Prepared(data_cfg.tokenizer, train, given_valid, built=False)
 
     files = resolve_corpus(list(data_cfg.corpus))
-    key = cache_key(files, vocab_size, data_cfg.tokenizer_type, data_cfg.valid_fraction, data_cfg.text_key, tok)
     cache_root = os.path.abspath(data_cfg.cache_dir)
+    hashes = HashMemo(cache_root)
+    key = cache_key(hashes.digests(files), vocab_size, data_cfg.tokenizer_type, data_cfg.valid_fraction,
+                    data_cfg.text_key, tok)
     final = os.path.join(cache_root, key)
     tok_path = data_cfg.tokenizer or os.path.join(final, "tokenizer.model")
     result = Prepared(tok_path, [(os.path.join(final, "train"), 1.0)], os.path.join(final, "valid"))
@@ -120,11 +189,14 @@ def ensure_prepared(data_cfg, vocab_size: int, log: Callable[[str], None] = prin
         if os.path.isfile(os.path.join(final, "DONE")):
             log(f"data: using cached datasets in {final}")
             _check_datasets(result.train, result.valid, vocab_size, tok or Tokenizer(tok_path))
+            hashes.save()
             return result
         if os.path.exists(final):  # not complete, so never trusted: built by hand or an old bug
             shutil.rmtree(final)
+        for name in os.listdir(cache_root):  # builds of this key that were killed (we hold its lock)
+            if name.startswith(f".tmp-{key}-"):
+                shutil.rmtree(os.path.join(cache_root, name), ignore_errors=True)
         tmp = os.path.join(cache_root, f".tmp-{key}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         try:
             t0 = time.perf_counter()
@@ -147,6 +219,7 @@ def ensure_prepared(data_cfg, vocab_size: int, log: Callable[[str], None] = prin
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        hashes.save()
     log(f"data: built {final} (tokenizer {t1 - t0:.1f}s, datasets {t2 - t1:.1f}s)")
     result.built = True
     return result

@@ -18,7 +18,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from .documents import check_input_files, iter_documents
+from .documents import check_input_files, iter_documents, no_text_error
 from .errors import DatasetError
 from .indexed import IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
 from .tokenizer import Tokenizer
@@ -37,6 +37,8 @@ def assign_split(files: Sequence[str], text_key: str, valid_fraction: float) -> 
     if not 0.0 < valid_fraction < 1.0:
         raise DatasetError(f"valid fraction must be in (0, 1), got {valid_fraction}")
     scores = np.array([split_score(d) for d in iter_documents(files, text_key)], dtype=np.float64)
+    if len(scores) == 0:
+        raise no_text_error(list(files), text_key)
     if len(scores) < 2:
         raise DatasetError(f"the input has {len(scores)} document(s); a train/validation split needs at least 2. "
                            f"Separate documents in .txt files with a line holding only a form feed (\\f), "

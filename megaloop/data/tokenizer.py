@@ -21,8 +21,8 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
-from .documents import iter_documents
-from .errors import TokenizerError
+from .documents import iter_documents, no_text_error
+from .errors import DatasetError, TokenizerError
 
 MODEL_TYPES = ("unigram", "bpe")
 # sentencepiece's unigram trainer gives different pieces for different thread counts, so the
@@ -66,9 +66,22 @@ def train_tokenizer(files: Iterable[str], out_prefix: str, vocab_size: int, mode
                              f"ids and the corpus characters need at least ~300 (use e.g. 512 or more)")
     model = io.BytesIO()
     spm.set_random_generator_seed(SEED)
+    # An error raised inside the iterator would come back wrapped in sentencepiece's INTERNAL
+    # message; catch it here and raise it as it is once training returns.
+    caught: list = []
+    seen = [0]
+
+    def sentences() -> Iterator[str]:
+        try:
+            for s in _training_sentences(files, text_key, max_sentence_length):
+                seen[0] += 1
+                yield s
+        except DatasetError as e:
+            caught.append(e)
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_training_sentences(files, text_key, max_sentence_length),
+            sentence_iterator=sentences(),
             model_writer=model, vocab_size=vocab_size, model_type=model_type,
             normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
             byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
@@ -79,6 +92,10 @@ def train_tokenizer(files: Iterable[str], out_prefix: str, vocab_size: int, mode
             num_threads=TRAIN_THREADS, minloglevel=2,
         )
     except RuntimeError as e:
+        if caught:
+            raise caught[0] from None
+        if not seen[0]:
+            raise no_text_error(files, text_key) from None
         msg = str(e)
         m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         if m:
@@ -89,6 +106,8 @@ def train_tokenizer(files: Iterable[str], out_prefix: str, vocab_size: int, mode
             raise TokenizerError(f"vocab size {vocab_size} is too large for this small corpus: use at most "
                                  f"{m.group(2)} or add more text") from None
         raise TokenizerError(f"sentencepiece training failed on {len(files)} file(s): {msg}") from None
+    if caught:  # the iterator stopped early: the model saw part of the corpus only
+        raise caught[0]
     path = f"{out_prefix}.model"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"

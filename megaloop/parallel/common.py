@@ -35,9 +35,18 @@ class DistributedEngineBase:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
+    failfast = None  # set by build_distributed_engine
+
+    def abort(self, exc: BaseException):
+        """This rank failed: tell the others (no collective) and return the error to report
+        (another rank's, when it failed first), or None to report `exc` itself."""
+        return self.failfast.fail(exc) if self.failfast is not None else None
+
     def close(self) -> None:
         # Destroying the group at exit avoids occasional aborts at shutdown (see REFERENCES).
         from . import state
+        if self.failfast is not None:  # before the last barrier: a rank that finished may now exit
+            self.failfast.stop()
         if dist.is_initialized():
             try:
                 dist.barrier()

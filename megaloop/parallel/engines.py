@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config, ConfigError
-from . import state
+from . import failfast, state
 from .pipeline import check_pipeline
 from .state import Layout, make_layout
 
@@ -118,9 +118,19 @@ def build_distributed_engine(cfg: Config, model: torch.nn.Module, device: torch.
     if device.type == "cuda":
         device = torch.device("cuda", rdv.local_rank)
     init_torch_distributed(rdv, device)
-    st = state.initialize(layout)
-    if choose_engine(cfg) == "deepspeed":
-        from .deepspeed_engine import DeepSpeedEngine
-        return DeepSpeedEngine(cfg, model, device, st)
-    from .torch_engine import TorchEngine
-    return TorchEngine(cfg, model, device, st)
+    watch = failfast.start(rdv.rank, rdv.world)  # from here on, one failed rank stops every rank
+    try:
+        st = state.initialize(layout)
+        if choose_engine(cfg) == "deepspeed":
+            from .deepspeed_engine import DeepSpeedEngine
+            engine = DeepSpeedEngine(cfg, model, device, st)
+        else:
+            from .torch_engine import TorchEngine
+            engine = TorchEngine(cfg, model, device, st)
+    except BaseException as e:
+        peer = watch.fail(e)
+        if peer is None:
+            raise
+        raise peer from None
+    engine.failfast = watch
+    return engine

@@ -77,6 +77,7 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
         if resume:
             loader.load_state_dict(torch.load(os.path.join(resume, "trainer.pt"), weights_only=False)["loader"])
     losses, norms, times = [], [], []
+    finished = False
     try:
         for step in range(start, steps):
             t = time.perf_counter()
@@ -98,12 +99,18 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
                 json.dump(result, f)
         with open(os.path.join(out, f"rank{getattr(engine, 'rank', 0)}.json"), "w") as f:
             json.dump(dict(step_times=times, peak_rss_mb=peak), f)
+        finished = True
         return result
+    except BaseException as e:  # no collective after a failure: the other ranks are stopped instead
+        peer = engine.abort(e)
+        if peer is None:
+            raise
+        raise peer from None
     finally:
-        if keep_group:
+        if finished and keep_group:
             engine.barrier()
             state.destroy()
-        else:
+        elif finished:
             engine.close()
 
 

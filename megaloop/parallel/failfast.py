@@ -1,0 +1,208 @@
+"""One failed rank ends every rank within seconds, with one message that names it.
+
+Ranks meet in collectives. A rank that fails between two of them (a bug, a full disk, running out
+of memory) leaves the others waiting in the next one until the process-group timeout, and if it
+then runs the usual clean-up (a final barrier) it waits forever too. So:
+  - a failing rank does no further collective. It writes one record, {rank, error, exit code},
+    into the job's rendezvous store (the TCP key-value store that torchrun, or rank 0, hosts; the
+    first record wins, so it names the root cause), waits a moment for the others to read it,
+    and exits;
+  - every rank runs a watchdog thread that polls that record every POLL_S on its own store
+    connection. When another rank's record appears it prints, on one rank,
+    `rank K failed: ERROR`, and ends its process at once with rank K's exit code (os._exit: the
+    main thread may be blocked inside a collective, which no Python exception interrupts);
+  - a rank whose collective fails because a peer vanished without a record (SIGKILL, a lost
+    node) waits up to GRACE_S for that peer's own record; meanwhile it calls the roll (every
+    live rank's watchdog answers), so when none comes it names the ranks that did not answer;
+  - if the store itself is gone (its host stopped), the watchdog ends its process too.
+A stopped rank never exits between renaming a checkpoint into place and updating `latest`
+(checkpoint.PUBLISH_LOCK), and the checkpoint of a save that any rank failed is never published
+(checkpoint.save publishes only after every rank has written its files).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import threading
+import time
+from typing import Optional
+
+import torch.distributed as dist
+
+from ..errors import UserError
+
+POLL_S = 0.5        # how often every rank looks for a failure record
+ACK_WAIT_S = 2.0    # how long a failing rank waits for the others to read its record
+GRACE_S = 2.0       # how long a rank that lost a peer waits for that peer's own record
+STORE_TIMEOUT_S = 20
+
+
+class PeerFailure(UserError):
+    """Raised on a rank whose work was cut short by another rank's failure."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def describe(exc: BaseException) -> tuple[str, int]:
+    """(one-line message, exit status) of a rank's failure, as the CLI would report it."""
+    from ..data.errors import DatasetError
+    if isinstance(exc, (UserError, DatasetError)):
+        return " ".join(str(exc).split()), getattr(exc, "exit_code", 2)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted", 130
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}"[:500], 1
+
+
+def _lost_peer(exc: BaseException) -> bool:
+    """A collective failed because another rank went away (gloo and NCCL phrase it so)."""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "remote process exit",
+                            "NCCL communicator was aborted", "Broken pipe"))
+
+
+def _summary(rec: dict) -> str:
+    what = rec["error"] if rec.get("lost") else f"failed: {rec['error']}"
+    return (f"rank {rec['rank']} {what}. Every rank stopped; the last complete checkpoint is intact: "
+            f"fix the cause and resume with --resume")
+
+
+class FailFast:
+    def __init__(self, rank: int, world: int, host: str, port: int):
+        self.rank, self.world = rank, world
+        self.where = f"{host}:{port}"
+        prefix = f"megaloop/failfast/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        self.key, self.acks, self.rollcall = prefix + "failed", prefix + "acks", prefix + "rollcall"
+        self.alive = prefix + "alive/"
+        # A connection of our own: the process group's one may be busy in the main thread.
+        self.store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=STORE_TIMEOUT_S))
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._failing = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="megaloop-failfast", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ the store
+    def _record(self) -> Optional[dict]:
+        with self._lock:
+            if not self.store.check([self.key]):
+                return None
+            return json.loads(self.store.get(self.key))
+
+    def _ack(self) -> None:
+        try:
+            with self._lock:
+                self.store.add(self.acks, 1)
+        except Exception:  # noqa: BLE001 - the store may be gone; acks only shorten a wait
+            pass
+
+    # ------------------------------------------------------------------ the watchdog
+    def _watch(self) -> None:
+        answered = False
+        while not self._stop.wait(POLL_S):
+            try:
+                rec = self._record()
+                if not answered:
+                    with self._lock:
+                        if self.store.check([self.rollcall]):
+                            self.store.set(f"{self.alive}{self.rank}", "1")
+                            answered = True
+            except Exception as e:  # noqa: BLE001 - any store error: its host is gone
+                if self._stop.is_set() or self._failing.is_set():
+                    return
+                self._exit(dict(rank=self.rank, code=1, lost=True,
+                                error=f"lost the job's rendezvous store at {self.where} ({type(e).__name__}): the "
+                                      f"process that hosts it (rank 0, or the launcher) stopped"), lost_store=True)
+                return
+            if rec is not None and rec["rank"] != self.rank and not self._failing.is_set():
+                self._ack()
+                self._exit(rec)
+                return
+
+    def _exit(self, rec: dict, lost_store: bool = False) -> None:
+        from ..checkpoint import PUBLISH_LOCK
+        PUBLISH_LOCK.acquire(timeout=30)  # let a checkpoint being published finish
+        # One line for the job: from rank 0, or from rank 1 when rank 0 is the one that failed.
+        if self.rank == (1 if rec["rank"] == 0 else 0) or (lost_store and self.rank <= 1):
+            print(f"megaloop: error: {_summary(rec)}", file=sys.stderr, flush=True)
+        try:
+            sys.stdout.flush()
+        finally:
+            os._exit(int(rec.get("code", 1)))
+
+    # ------------------------------------------------------------------ the failing rank
+    def fail(self, exc: BaseException) -> Optional[PeerFailure]:
+        """Called by a rank that caught `exc`, before it exits. Returns None when this rank's own
+        error is the one to report, or the PeerFailure to raise instead when another rank failed first."""
+        self._failing.set()
+        try:
+            msg, code = describe(exc)
+            mine = self._lost_peer_record(msg) if _lost_peer(exc) else dict(rank=self.rank, code=code, error=msg)
+            with self._lock:
+                root = json.loads(self.store.compare_set(self.key, "", json.dumps(mine)))
+            if root == mine:  # this rank's record is the job's
+                deadline = time.monotonic() + ACK_WAIT_S
+                expected = self.world - 1 - mine.get("n_missing", 0)  # the vanished ranks never answer
+                while time.monotonic() < deadline and self._acked() < expected:
+                    time.sleep(0.05)
+                return PeerFailure(_summary(mine), mine["code"]) if mine.get("lost") else None
+            self._ack()
+            if root["error"] == msg:  # the same error on every rank (e.g. a bad config): report it as is
+                return None
+            return PeerFailure(_summary(root), int(root["code"]))
+        except Exception:  # noqa: BLE001 - no store: report this rank's own error
+            return None
+        finally:
+            self.stop()
+
+    def _lost_peer_record(self, msg: str) -> dict:
+        """A collective failed under us: wait for the vanished peer's own record, calling the roll
+        meanwhile; without a record, name the ranks that did not answer."""
+        with self._lock:
+            self.store.set(f"{self.alive}{self.rank}", "1")
+            self.store.set(self.rollcall, "1")
+        deadline = time.monotonic() + GRACE_S
+        while time.monotonic() < deadline:
+            rec = self._record()
+            if rec is not None:
+                return rec
+            time.sleep(0.1)
+        with self._lock:
+            missing = [r for r in range(self.world) if not self.store.check([f"{self.alive}{r}"])]
+        detail = msg.split(". ")[0][:160]
+        if not missing:
+            return dict(rank=self.rank, code=1, lost=True,
+                        error=f"lost contact with another rank inside a collective ({detail})")
+        others = f" (so did ranks {', '.join(map(str, missing[1:9]))})" if len(missing) > 1 else ""
+        return dict(rank=missing[0], code=1, lost=True, n_missing=len(missing),
+                    error=f"stopped without a message{others}: killed by a signal, or out of memory? Rank "
+                          f"{self.rank} lost contact with it inside a collective ({detail})")
+
+    def _acked(self) -> int:
+        with self._lock:
+            return int(self.store.add(self.acks, 0))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2 * POLL_S + STORE_TIMEOUT_S)
+        global _ACTIVE
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+
+_ACTIVE: Optional[FailFast] = None
+
+
+def start(rank: int, world: int) -> FailFast:
+    """The watchdog of this process (one per process; a second call returns the running one)."""
+    global _ACTIVE
+    if _ACTIVE is None:
+        _ACTIVE = FailFast(rank, world, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    return _ACTIVE
