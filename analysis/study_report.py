@@ -151,28 +151,37 @@ def markdown(fit: dict, table: pd.DataFrame, curves: pd.DataFrame, rec: Optional
     L += ["## The law per variant (95 % intervals: bootstrap, then profile likelihood)", "",
           "| variant | runs | phi (bootstrap) | phi (profile) | dphi vs baseline | E | alpha | beta | R^2 | at bound | identified |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def par(f, k):
+        if k in (f.get("at_bound") or []):
+            return "at bound: not identified"
+        ok = (f.get("identified") or {}).get(k, True)
+        return _ci(f.get(k), f.get(k + "_ci")) + ("" if ok else " (not identified)")
+
     for name, f in _variant_fits(fit).items():
         prof = (f.get("profile_ci") or {}).get("phi")
         ident = f.get("identified")
         ident_s = ", ".join(k for k, ok in ident.items() if ok) if isinstance(ident, dict) else ""
         L.append(f"| {name} | {f.get('n_runs', '')} | {_ci(f.get('phi'), f.get('phi_ci'))} | "
                  f"{_ci(f.get('phi'), prof) if prof else '-'} | "
-                 f"{_ci(f.get('dphi'), f.get('dphi_ci')) if 'dphi' in f else '-'} | "
-                 f"{_ci(f.get('E'), f.get('E_ci'))} | {_ci(f.get('alpha'), f.get('alpha_ci'))} | "
-                 f"{_ci(f.get('beta'), f.get('beta_ci'))} | {f.get('r2', float('nan')):.4f} | "
+                 f"{_ci(f.get('dphi'), f.get('dphi_ci')) if name != 'baseline' and 'dphi' in f else '-'} | "
+                 f"{par(f, 'E')} | {par(f, 'alpha')} | {par(f, 'beta')} | {f.get('r2', float('nan')):.4f} | "
                  f"{', '.join(f.get('at_bound') or []) or '-'} | {ident_s or '-'} |")
     joint = fit.get("joint")
     if joint:
         L += ["", "Joint fit (E, A, alpha, B, beta shared; one phi per variant):", ""]
-        for name, v in (joint.get("phi_by_variant") or joint.get("variants") or {}).items():
-            if isinstance(v, dict):
-                L.append(f"- {name}: phi {_ci(v.get('phi'), v.get('phi_ci'))}"
-                         + (f", dphi {_ci(v.get('dphi'), v.get('dphi_ci'))}" if "dphi" in v else ""))
+        prof = joint.get("profile_ci") or {}
+        for name, phi in (joint.get("phi") or {}).items():
+            p_ci = prof.get(f"phi[{name}]") or prof.get(name)
+            L.append(f"- {name}: phi {_ci(phi, (joint.get('phi_ci') or {}).get(name))} (bootstrap)"
+                     + (f", {_ci(phi, p_ci)} (profile)" if p_ci else "")
+                     + (f", dphi {_ci(joint['dphi'][name], joint['dphi_ci'][name])}" if name != "baseline" else ""))
+        L.append(f"- shared: E {par(joint, 'E')}, alpha {par(joint, 'alpha')}, beta {par(joint, 'beta')}, "
+                 f"R^2 {joint.get('r2', float('nan')):.4f}, {joint.get('n_runs')} runs")
     hold = fit.get("holdout")
     if hold:
-        L += ["", f"Hold-out (refit without the largest budget {hold.get('budget')}, predict its "
-                  f"{hold.get('n_runs')} runs): RMSE {hold.get('rmse_log')} in log loss, max |error| "
-                  f"{hold.get('max_abs_log')}."]
+        L += ["", f"Hold-out (refit without the largest budget {float(hold.get('budget')):.3g}, predict its "
+                  f"{hold.get('n_runs')} runs): RMSE {float(hold.get('rmse_log')):.4f} in log loss, max |error| "
+                  f"{float(hold.get('max_abs_log')):.4f}."]
     if fit.get("diverged"):
         L += ["", f"Runs far from the fit (kept): {', '.join(map(str, fit['diverged']))}"]
     L += ["", "## Runs", "", "| run | d_model | r | budget | tokens | tokens/param | val loss |", "|---|---|---|---|---|---|---|"]
@@ -240,7 +249,17 @@ def main(argv=None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--wall", default=None, help="the study's wall time, as text for the report")
     ap.add_argument("--no-recurrence", action="store_true", help="skip the pass-by-pass diagnostics")
+    ap.add_argument("--markdown-only", action="store_true",
+                    help="rewrite OUT/report.md from the files already in OUT (no collect, fit or models)")
     a = ap.parse_args(argv)
+    if a.markdown_only:
+        rec = os.path.join(a.out, "recurrence.csv")
+        with open(os.path.join(a.out, "report.md"), "w") as f:
+            f.write(markdown(json.load(open(os.path.join(a.out, "fit.json"))),
+                             pd.read_csv(os.path.join(a.out, "fit_table.csv")),
+                             pd.read_csv(os.path.join(a.out, "test_time.csv")),
+                             pd.read_csv(rec) if os.path.isfile(rec) else None, a.wall))
+        return 0
     print(json.dumps(build(a.sweep_dir, a.out, a.bootstrap, a.wall, not a.no_recurrence)))
     return 0
 
