@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from functools import lru_cache
 from statistics import NormalDist
 from typing import Optional
 
@@ -131,11 +132,17 @@ class DepthSampler:
         return (total + (steps - ramp) * float(self.pmf() @ values)) / steps
 
 
+@lru_cache(maxsize=1)
+def _nodes() -> tuple[np.ndarray, np.ndarray]:
+    """Gauss-Hermite nodes and weights for E over z ~ N(0, 1)."""
+    z, w = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)
+    return z, w / w.sum()
+
+
 def _poisson_lognormal_pmf(mu: np.ndarray, sigma: float, max_r: int) -> np.ndarray:
     """P(r) for r = 1..max_r of r = min(1 + Poisson(tau), max_r), log tau ~ N(mu, sigma^2), one
     row per mu: Gauss-Hermite quadrature over log tau."""
-    z, w = np.polynomial.hermite_e.hermegauss(QUADRATURE_NODES)
-    w = w / w.sum()                                               # E over z ~ N(0, 1)
+    z, w = _nodes()
     log_tau = mu[:, None] + sigma * z[None, :]                    # (S, Q)
     n = np.arange(max_r - 1)                                      # Poisson counts below the cap
     log_fact = np.array([math.lgamma(k + 1) for k in n])
@@ -143,6 +150,18 @@ def _poisson_lognormal_pmf(mu: np.ndarray, sigma: float, max_r: int) -> np.ndarr
     below = np.einsum("q,sqn->sn", w, np.exp(log_p))
     tail = np.clip(1.0 - below.sum(1, keepdims=True), 0.0, None)  # the clamped tail, at the cap
     return np.concatenate([below, tail], axis=1)
+
+
+def mean_test_r(model: ModelConfig) -> int:
+    """The integer test depth that stands for a sampled run's training depth: round(E[r])."""
+    return max(1, round(DepthSampler(model, 0).expected_r()))
+
+
+def law_recurrences(model: ModelConfig, grid_r) -> list[int]:
+    """The r at which a sampled run is evaluated for the scaling-law table: its mean depth,
+    twice it, and the fixed-r values of the grid it is compared with (docs/sweeps.md)."""
+    m = mean_test_r(model)
+    return sorted({m, 2 * m, *grid_r})
 
 
 def describe(model: ModelConfig) -> str:
