@@ -148,6 +148,7 @@ def run_units(model: nn.Module, units: list[Unit], carry: tuple, first: bool, la
     `last_pass` (default num_recur - 1, the last pass that runs)."""
     cfg = model.cfg
     last_pass = num_recur - 1 if last_pass is None else last_pass
+    received = () if first else carry
     if first:
         x, aux = model.embed_tokens(carry[0]), None
     else:
@@ -176,14 +177,36 @@ def run_units(model: nn.Module, units: list[Unit], carry: tuple, first: bool, la
                 x = aux.sum(0) if inj.mode == "hyperconnect" else x
                 aux = None
     if last:
-        return (model.norm_final(x),)
+        return (_tie(model.norm_final(x), received),)
     # Fresh views, so a carried tensor is never the received input buffer itself. The schedule
     # fixes whether each carried tensor needs a gradient at its first step, while a sampled depth
-    # detaches different passes on different steps: in training every carried tensor requires
-    # grad (a detached one as a fresh leaf, where its gradient simply stops).
+    # detaches or skips different passes on different steps: in training every carried tensor
+    # requires grad (a detached one as a fresh leaf, where its gradient simply stops), and every
+    # received one gets a gradient to send back (zero where this step did not use it).
     out = (x,) if aux is None else (x, aux)
     grad = torch.is_grad_enabled()
-    return tuple(t.view_as(t) if t.requires_grad or not grad else t.detach().requires_grad_() for t in out)
+    out = tuple(t.view_as(t) if t.requires_grad or not grad else t.detach().requires_grad_() for t in out)
+    return (_tie(out[0], received), *out[1:])
+
+
+class _ZeroGradTie(torch.autograd.Function):
+    """Identity on `out`, with a zero gradient for each of `inputs` (added to any real one)."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        ctx.like = [(t.shape, t.dtype, t.device) for t in inputs]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=dev) for shape, dtype, dev in ctx.like))
+
+
+def _tie(out: torch.Tensor, received: tuple) -> torch.Tensor:
+    inputs = [t for t in received if t.requires_grad]
+    if not inputs or not torch.is_grad_enabled():
+        return out
+    return _ZeroGradTie.apply(out, *inputs)
 
 
 class StageModule(nn.Module):
