@@ -11,12 +11,18 @@ where g = min(bptt_k, r) recurrences carry gradients and f = r - g run forward o
 hyperconnect lane mixing is charged as (N^2 + 2N) d FLOP-equivalent parameters per recurrence
 (one multiply-add per lane coefficient per channel), as the reference implementation does.
 
+With a sampled training depth (model.recur_sampling) the FLOPs per token are the expectation
+over the distribution of r (megaloop.depth), and a budget buys the tokens whose expected FLOPs
+equal it, the curriculum's shallower first steps included.
+
 Counts are computed from the config alone (a hand count); tests check them against a built model.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Optional
+
+import numpy as np
 
 from .config import ModelConfig
 
@@ -60,9 +66,9 @@ def block_params(cfg: ModelConfig) -> int:
 def injection_params(cfg: ModelConfig) -> int:
     if cfg.input_injection == "linear":
         return 2 * cfg.d_model * cfg.d_model
-    if cfg.input_injection == "hyperconnect":
+    if cfg.input_injection == "hyperconnect":  # one alpha, M, beta per training recurrence
         n = cfg.num_lanes
-        return cfg.num_recur * (2 * n + n * n)
+        return cfg.max_recur * (2 * n + n * n)
     return 0
 
 
@@ -87,6 +93,41 @@ def flops_per_token(cfg: ModelConfig, num_recur: Optional[int] = None) -> float:
     return float(6 * once + (2 * f + 6 * g) * rec + attn_flops)
 
 
+def flops_by_r(cfg: ModelConfig) -> np.ndarray:
+    """FLOPs per token of a step at each r = 0..max_recur (index = r; r = 0 never runs)."""
+    return np.array([0.0] + [flops_per_token(cfg, r) for r in range(1, cfg.max_recur + 1)])
+
+
+def expected_flops_per_token(cfg: ModelConfig, step: Optional[int] = None) -> float:
+    """FLOPs per token in expectation over the training depth at `step` (None: after any
+    curriculum); flops_per_token at num_recur when the depth is fixed."""
+    if not cfg.recur_sampling.sampled:
+        return flops_per_token(cfg)
+    from .depth import DepthSampler
+    return float(DepthSampler(cfg, 0).pmf(step) @ flops_by_r(cfg))
+
+
+def tokens_for_budget(cfg: ModelConfig, flops: float, tokens_per_step: int) -> float:
+    """Tokens whose (expected) training FLOPs equal `flops`. With a curriculum, each ramp step is
+    charged at its own, shallower, expectation."""
+    s = cfg.recur_sampling
+    if not (s.sampled and s.curriculum_steps):
+        return flops / expected_flops_per_token(cfg)
+    from .depth import DepthSampler
+    per_step = DepthSampler(cfg, 0).pmfs(range(1, s.curriculum_steps + 1)) @ flops_by_r(cfg)
+    spent = np.cumsum(tokens_per_step * per_step)            # expected FLOPs after each ramp step
+    k = int(np.searchsorted(spent, flops, side="right"))     # ramp steps the budget pays in full
+    before = float(spent[k - 1]) if k else 0.0
+    rate = float(per_step[k]) if k < len(per_step) else expected_flops_per_token(cfg)
+    return k * tokens_per_step + (flops - before) / rate
+
+
+def realised_flops(cfg: ModelConfig, draws: list[int], tokens_per_step: int) -> float:
+    """The FLOPs a run actually spent, given the r of each of its steps."""
+    steps_at = {r: draws.count(r) for r in set(draws)}
+    return float(sum(steps_at[r] * tokens_per_step * flops_per_token(cfg, r) for r in sorted(steps_at)))
+
+
 def count_params(cfg: ModelConfig, num_recur: Optional[int] = None) -> ParamCounts:
     d = cfg.d_model
     blk = block_params(cfg)
@@ -98,7 +139,8 @@ def count_params(cfg: ModelConfig, num_recur: Optional[int] = None) -> ParamCoun
     return ParamCounts(
         embedding=emb, head=head, prelude=prelude, recur_group=group, coda=coda, injection=inj,
         outer_norms=outer, n_once=n_once, n_rec=n_rec, total=emb + head + n_once + n_rec,
-        r=num_recur or cfg.num_recur, flops_per_token=flops_per_token(cfg, num_recur),
+        r=num_recur or cfg.num_recur,
+        flops_per_token=flops_per_token(cfg, num_recur) if num_recur else expected_flops_per_token(cfg),
     )
 
 

@@ -117,8 +117,16 @@ def cmd_params(argv: list[str]) -> int:
     c = count_params(cfg.model)
     out = c.as_dict()
     budget = args.flops if args.flops is not None else cfg.train.target_flops
+    depth = _depth_figures(cfg) if cfg.model.recur_sampling.sampled else None
     if budget:
         out["budget_flops"], out["budget_tokens"] = budget, c.tokens_for(budget)
+    if depth:
+        out.update(depth)
+        if budget:  # a curriculum's shallow first steps buy extra tokens (one process: dp = 1)
+            from .accounting import tokens_for_budget
+            t = cfg.train
+            out["budget_tokens"] = int(tokens_for_budget(cfg.model, budget, t.micro_batch_size * t.grad_accum
+                                                         * cfg.model.seq_len))
     if args.json:
         print(json.dumps(out))
         return 0
@@ -132,10 +140,32 @@ def cmd_params(argv: list[str]) -> int:
             ("N_once + r N_rec (unrolled)", c.effective_compute_params)]
     for name, v in rows:
         print(f"  {name:<40} {v:>16,}")
-    print(f"  {'FLOPs per token (training)':<40} {c.flops_per_token:>16,.0f}")
+    if depth:
+        from .depth import describe
+        print(f"  training depth: {describe(m)}")
+        print("  P(r): " + "  ".join(f"{r}: {p:.3f}" for r, p in depth["r_pmf"].items() if p >= 5e-4))
+        print(f"  {'FLOPs per token (training, E over r)':<40} {c.flops_per_token:>16,.0f}")
+        from .accounting import flops_per_token
+        print(f"  {'FLOPs per token at the evaluated r=%d' % m.num_recur:<40} {flops_per_token(m):>16,.0f}")
+    else:
+        print(f"  {'FLOPs per token (training)':<40} {c.flops_per_token:>16,.0f}")
     if budget:
         print(f"  {'tokens for %.3g FLOPs' % budget:<40} {out['budget_tokens']:>16,}")
     return 0
+
+
+def _depth_figures(cfg) -> dict:
+    """A sampled training depth's expected figures: E[r], range, P(r) and FLOPs per token by r."""
+    from dataclasses import asdict
+
+    from .accounting import flops_by_r
+    from .depth import DepthSampler
+    d = DepthSampler(cfg.model, cfg.train.seed)
+    pmf, per_r = d.pmf(), flops_by_r(cfg.model)
+    rs = range(d.min_r, d.max_r + 1)
+    return {"recur_sampling": asdict(cfg.model.recur_sampling), "r_expected": d.expected_r(),
+            "r_min": d.min_r, "r_max": d.max_r, "r_pmf": {str(r): float(pmf[r]) for r in rs},
+            "flops_per_token_by_r": {str(r): float(per_r[r]) for r in rs}}
 
 
 def _delegate(module: str, func: str) -> Callable[[list[str]], int]:

@@ -21,6 +21,43 @@ class ConfigError(UserError, ValueError):
 
 
 INJECTION_MODES = ("linear", "additive", "passthrough", "hyperconnect")
+RECUR_SAMPLING_KINDS = ("fixed", "poisson_lognormal", "uniform")
+
+
+@dataclass
+class RecurSampling:
+    """How many recurrences each training step runs (megaloop.depth draws and accounts them).
+
+    fixed: every step runs model.num_recur (the default).
+    poisson_lognormal: tau ~ LogNormal(log(mean) - sigma^2/2, sigma), r = Poisson(tau) + 1, as
+        Huginn draws it, so E[r] = mean + 1 before the cap; sigma defaults to 0.5; draws above
+        `cap` (default ceil(3 (mean + 1))) are clamped to it.
+    uniform: r uniform on the integers lo..hi.
+    curriculum_steps: ramp the distribution up over the first N optimizer steps (see depth.py).
+    """
+    kind: str = "fixed"
+    mean: Optional[float] = None
+    sigma: Optional[float] = None
+    lo: Optional[int] = None
+    hi: Optional[int] = None
+    cap: Optional[int] = None
+    curriculum_steps: Optional[int] = None
+
+    @property
+    def sampled(self) -> bool:
+        return self.kind != "fixed"
+
+    def max_draw(self, num_recur: int) -> int:
+        """The deepest recurrence a training step can run."""
+        if self.kind == "poisson_lognormal":
+            return self.cap if self.cap is not None else math.ceil(3 * (self.mean + 1))
+        if self.kind == "uniform":
+            return self.hi
+        return num_recur
+
+    def min_draw(self, num_recur: int) -> int:
+        """The shallowest recurrence a training step can run."""
+        return {"poisson_lognormal": 1, "uniform": self.lo}.get(self.kind, num_recur)
 
 
 @dataclass
@@ -43,6 +80,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     rope_base: float = 10000.0
     checkpoint_recurrence: bool = False      # recompute each pass through the group in backward
+    recur_sampling: RecurSampling = field(default_factory=RecurSampling)  # training-time depth
 
     @property
     def kv_heads(self) -> int:
@@ -51,6 +89,12 @@ class ModelConfig:
     @property
     def hdim(self) -> int:
         return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def max_recur(self) -> int:
+        """The deepest training recurrence: num_recur, or the sampler's largest draw. It sizes
+        what is per recurrence (hyperconnect parameters, the pipeline's unrolled passes)."""
+        return self.recur_sampling.max_draw(self.num_recur)
 
     @property
     def grad_recurrences(self) -> int:
@@ -315,6 +359,44 @@ def _validate_divergence(t: TrainConfig) -> None:
     _need(t.rewind_lr_steps >= 0, f"train.rewind_lr_steps must be >= 0, got {t.rewind_lr_steps}")
 
 
+def _validate_recur_sampling(m: ModelConfig) -> None:
+    s, where = m.recur_sampling, "model.recur_sampling"
+    _need(s.kind in RECUR_SAMPLING_KINDS,
+          f"{where}.kind={s.kind!r} is unknown: use one of {', '.join(RECUR_SAMPLING_KINDS)}")
+    used = {"fixed": (), "poisson_lognormal": ("mean", "sigma", "cap", "curriculum_steps"),
+            "uniform": ("lo", "hi", "curriculum_steps")}[s.kind]
+    for key in ("mean", "sigma", "lo", "hi", "cap", "curriculum_steps"):
+        _need(getattr(s, key) is None or key in used,
+              f"{where}.{key} is set but kind={s.kind} does not use it (it uses "
+              f"{', '.join(used) or 'nothing: every step runs model.num_recur'}); remove it or change the kind")
+    if s.kind == "poisson_lognormal":
+        _need(s.mean is not None, f"{where}.mean is required for kind=poisson_lognormal (E[r] = mean + 1)")
+        _need(math.isfinite(s.mean) and s.mean >= 1,
+              f"{where}.mean must be >= 1, got {s.mean}: it is the mean of the lognormal rate, and r = "
+              f"Poisson(rate) + 1; for a shallower model use kind=fixed or kind=uniform")
+        _need(s.sigma is None or (math.isfinite(s.sigma) and s.sigma > 0),
+              f"{where}.sigma must be > 0 (Huginn uses 0.5), got {s.sigma}")
+        _need(s.cap is None or s.cap >= 2,
+              f"{where}.cap must be >= 2 (the deepest draw; draws above it are clamped), got {s.cap}")
+    if s.kind == "uniform":
+        _need(s.lo is not None and s.hi is not None, f"{where}: kind=uniform needs lo and hi (r uniform on lo..hi)")
+        _need(s.lo >= 1, f"{where}.lo must be >= 1, got {s.lo}")
+        _need(s.lo <= s.hi, f"{where}.lo={s.lo} is above hi={s.hi}: r is drawn uniformly from lo..hi; swap them")
+    if s.curriculum_steps is not None:
+        _need(s.curriculum_steps >= 1, f"{where}.curriculum_steps must be >= 1 or null, got {s.curriculum_steps}")
+    if not s.sampled or m.bptt_k is None:
+        return
+    lo, hi = s.min_draw(m.num_recur), s.max_draw(m.num_recur)
+    _need(m.bptt_k >= 1, f"model.bptt_k must be >= 1 or null, got {m.bptt_k}")
+    _need(m.bptt_k <= hi,
+          f"model.bptt_k={m.bptt_k} is above the deepest draw ({hi}), so it would never truncate: "
+          f"use model.bptt_k=null for full backprop, or a smaller k")
+    if s.kind == "uniform":  # a chosen floor: below it the shallow draws would silently skip truncation
+        _need(m.bptt_k <= lo,
+              f"model.bptt_k={m.bptt_k} is above the smallest draw lo={lo}: steps that draw r < k would run "
+              f"full backprop. Use bptt_k <= {lo} or raise {where}.lo")
+
+
 def validate(cfg: Config) -> None:
     m, p, o, t, d = cfg.model, cfg.parallel, cfg.optim, cfg.train, cfg.data
     _need(m.d_model > 0, f"model.d_model must be positive, got {m.d_model}")
@@ -332,7 +414,8 @@ def validate(cfg: Config) -> None:
         _need(getattr(m, k) >= 0, f"model.{k} must be >= 0, got {getattr(m, k)}")
     _need(m.n_recur_block >= 1, f"model.n_recur_block must be >= 1, got {m.n_recur_block}")
     _need(m.num_recur >= 1, f"model.num_recur (r) must be >= 1, got {m.num_recur}")
-    if m.bptt_k is not None:
+    _validate_recur_sampling(m)
+    if m.bptt_k is not None and not m.recur_sampling.sampled:
         _need(1 <= m.bptt_k <= m.num_recur,
               f"model.bptt_k={m.bptt_k} must be between 1 and model.num_recur={m.num_recur} "
               f"(or null for full backprop)")
@@ -340,7 +423,7 @@ def validate(cfg: Config) -> None:
           f"model.input_injection={m.input_injection!r} is unknown: use one of {', '.join(INJECTION_MODES)}")
     if m.input_injection == "hyperconnect":
         _need(m.num_lanes >= 2, f"model.num_lanes must be >= 2 for hyperconnect, got {m.num_lanes}")
-        _need(m.bptt_k is None or m.bptt_k == m.num_recur,
+        _need(m.bptt_k is None or (m.bptt_k == m.num_recur and not m.recur_sampling.sampled),
               "hyperconnect needs full backprop (model.bptt_k null): its per-recurrence lane "
               "parameters in detached recurrences would never get gradients")
     if m.logit_softcap is not None:

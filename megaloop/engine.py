@@ -40,15 +40,17 @@ class LocalEngine:
         self.optimizer = build_optimizer(model, cfg.optim)
 
     def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float,
-                   inject_nan: bool = False) -> StepStats:
-        """One optimizer step over grad_accum micro-batches. A non-finite loss or gradient skips
-        the update (counted by the caller). inject_nan poisons the loss (fault-injection tests)."""
+                   inject_nan: bool = False, num_recur: Optional[int] = None) -> StepStats:
+        """One optimizer step over grad_accum micro-batches at num_recur recurrences (None: the
+        model's; the loop passes the step's draw of a sampled depth). A non-finite loss or
+        gradient skips the update (counted by the caller). inject_nan poisons the loss
+        (fault-injection tests)."""
         set_lr(self.optimizer, lr_factor)
         batches = list(batches)
         total = torch.zeros((), device=self.device)
         for x, y in batches:
             with autocast_for(self.cfg, self.device):
-                loss = self.model(x.to(self.device), y.to(self.device))
+                loss = self.model(x.to(self.device), y.to(self.device), num_recur=num_recur)
             if inject_nan:
                 loss = loss * float("nan")
             (loss / len(batches)).backward()

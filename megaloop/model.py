@@ -130,7 +130,7 @@ class Injection(nn.Module):
         d = cfg.d_model
         self.weight = nn.Parameter(torch.empty(d, 2 * d)) if self.mode == "linear" else None
         if self.mode == "hyperconnect":
-            R, N = cfg.num_recur, cfg.num_lanes
+            R, N = cfg.max_recur, cfg.num_lanes  # one set per training recurrence (a sampled depth: its cap)
             self.alpha = nn.Parameter(torch.empty(R, N))
             self.mix = nn.Parameter(torch.empty(R, N, N))
             self.beta = nn.Parameter(torch.empty(R, N))

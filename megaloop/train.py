@@ -20,8 +20,9 @@ import torch
 from . import checkpoint as ckpt
 from . import faults
 from . import run_lock
-from .accounting import count_params
+from .accounting import count_params, realised_flops, tokens_for_budget
 from .config import Config, ConfigError, load_config, save_config
+from .depth import DepthSampler, describe
 from .divergence import DivergenceGuard
 from .errors import UserError
 from .model import LoopedLM
@@ -81,7 +82,10 @@ def plan_budget(cfg: Config, flops_per_token: float, dp_size: int) -> Budget:
     tps = t.micro_batch_size * t.grad_accum * cfg.model.seq_len * dp_size
     if t.steps is not None:
         return Budget(t.steps, tps)
-    tokens = t.tokens if t.tokens is not None else t.target_flops / flops_per_token
+    # a sampled depth: FLOPs in expectation over its draws (megaloop.depth), curriculum included
+    tokens = t.tokens if t.tokens is not None else (
+        t.target_flops / flops_per_token if not cfg.model.recur_sampling.sampled
+        else tokens_for_budget(cfg.model, t.target_flops, tps))
     steps = int(tokens // tps)
     if steps < 1:
         raise ConfigError(
@@ -190,6 +194,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         check_backends(cfg.logging)
         counts = count_params(cfg.model)
         budget = plan_budget(cfg, counts.flops_per_token, engine.dp_size)
+        depth = DepthSampler(cfg.model, cfg.train.seed)  # r of each step: a pure function of (seed, step)
         data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if is_main else (lambda *a: None))
         if is_main:
             create_run_dir(cfg.train.run_dir)
@@ -217,7 +222,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             log(f"resumed from {latest} at step {step}")
         if is_main:
             save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
-            log(f"model: N_once={counts.n_once:,} N_rec={counts.n_rec:,} r={cfg.model.num_recur} "
+            log(f"model: N_once={counts.n_once:,} N_rec={counts.n_rec:,} {describe(cfg.model)} "
                 f"embedding={counts.embedding:,} head={counts.head:,} FLOPs/token={counts.flops_per_token:.3e}")
             log(f"budget: {budget.steps} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens "
                 f"({budget.tokens * counts.flops_per_token:.3e} FLOPs) on {device}")
@@ -229,14 +234,15 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                                      cfg.train.eval_tokens)
 
         last_time, last_tokens = time.perf_counter(), step * budget.tokens_per_step
-        stats = None
+        stats, window = None, []  # window: the draws of the steps since the last logged one
         start = time.perf_counter()
         bar = _progress(cfg, budget.steps, step, is_main)
         while step < budget.steps:
             factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac)
             factor *= guard.lr_scale(step)
             batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
-            stats = engine.train_step(batches, factor, inject_nan=faults.armed("nan", step + 1))
+            window.append(depth.draw(step + 1))
+            stats = engine.train_step(batches, factor, inject_nan=faults.armed("nan", step + 1), num_recur=window[-1])
             step += 1
             stats.loss = faults.spiked(stats.loss, step)
             diverged = guard.observe(stats.loss, stats.skipped)
@@ -246,6 +252,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             if diverged:
                 step = rewind(cfg, engine, loader, guard, metrics, step, diverged, budget.tokens_per_step, log)
                 last_time, last_tokens = time.perf_counter(), step * budget.tokens_per_step
+                window = []  # the rewound steps' draws are not logged (they are drawn again: same r)
                 if bar is not None:
                     bar.n = step
                     bar.refresh()
@@ -258,7 +265,10 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                 rec = dict(step=step, tokens=tokens, loss=stats.loss, lr=factor * cfg.optim.lr,
                            grad_norm=stats.grad_norm, tokens_per_s=tps,
                            mfu=tps * counts.flops_per_token / peak if peak else None,
-                           skipped_steps=guard.skipped_total, elapsed_s=now - start)
+                           skipped_steps=guard.skipped_total, elapsed_s=now - start, num_recur=window[-1])
+                if depth.sampled and len(window) > 1:  # every step's draw, not only the logged one's
+                    rec["num_recur_window"] = window
+                window = []
                 metrics.write(rec)
                 for sink in sinks:
                     sink.log(rec, step)
@@ -277,14 +287,17 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             bar.close()
         _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step)
 
-        by_r = final_eval(cfg, engine, list(valid()), is_main)
+        by_r = final_eval(cfg, engine, list(valid()), is_main)  # num_recur and every train.eval_recur
         val_loss = by_r[str(cfg.model.num_recur)]
+        draws = depth.draws(1, budget.steps)
         summary = dict(
             run=os.path.basename(os.path.normpath(cfg.train.run_dir)), n_once=counts.n_once, n_rec=counts.n_rec,
             r=cfg.model.num_recur, bptt_k=cfg.model.bptt_k, input_injection=cfg.model.input_injection,
             d_model=cfg.model.d_model, tokens=budget.tokens, steps=budget.steps,
-            flops=budget.tokens * counts.flops_per_token, flops_per_token=counts.flops_per_token,
-            target_flops=cfg.train.target_flops,
+            flops=realised_flops(cfg.model, draws, budget.tokens_per_step), flops_per_token=counts.flops_per_token,
+            target_flops=cfg.train.target_flops, recur_sampling=cfg.model.recur_sampling.kind,
+            r_expected=depth.mean_over_steps(np.arange(depth.max_r + 1), budget.steps), r_mean=sum(draws) / max(len(draws), 1),
+            r_hist={str(r): draws.count(r) for r in sorted(set(draws))},
             n_embedding=counts.embedding, n_head=counts.head, train_loss=stats.loss if stats else None,
             val_loss=val_loss, val_loss_by_r=by_r, skipped_steps=guard.skipped_total, rewinds=guard.rewinds,
             wall_time_s=time.perf_counter() - start,

@@ -34,6 +34,7 @@ def _inside(path: str, folder: str) -> bool:
 
 def hf_config(cfg, tok) -> dict:
     m = cfg.model
+    # trained_num_recur sizes hyperconnect's per-recurrence parameters: the deepest training draw
     return {
         "architectures": ["MegaloopForCausalLM"], "model_type": "megaloop",
         "auto_map": {"AutoConfig": "configuration_megaloop.MegaloopConfig",
@@ -41,7 +42,7 @@ def hf_config(cfg, tok) -> dict:
         "d_model": m.d_model, "n_head": m.n_head, "n_kv_head": m.kv_heads, "head_dim": m.hdim,
         "vocab_size": m.vocab_size, "seq_len": m.seq_len, "n_prelude": m.n_prelude,
         "n_recur_block": m.n_recur_block, "n_coda": m.n_coda, "num_recur": m.num_recur,
-        "trained_num_recur": m.num_recur, "input_injection": m.input_injection, "num_lanes": m.num_lanes,
+        "trained_num_recur": m.max_recur, "input_injection": m.input_injection, "num_lanes": m.num_lanes,
         "logit_softcap": m.logit_softcap, "mlp_ratio": m.mlp_ratio, "norm_eps": m.norm_eps,
         "rope_base": m.rope_base, "eos_token_id": tok.eos_id, "pad_token_id": tok.eos_id,
         "dtype": "float32", "use_cache": False, "tie_word_embeddings": False,

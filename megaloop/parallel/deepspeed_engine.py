@@ -137,7 +137,7 @@ class DeepSpeedEngine(DistributedEngineBase):
         opt.step = step
 
     def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float,
-                   inject_nan: bool = False) -> StepStats:
+                   inject_nan: bool = False, num_recur: Optional[int] = None) -> StepStats:
         set_lr(self.optimizer, lr_factor)
         batches = list(batches)
         if len(batches) != self.ds.gradient_accumulation_steps():
@@ -146,7 +146,7 @@ class DeepSpeedEngine(DistributedEngineBase):
         total = torch.zeros((), device=self.device)
         for x, y in batches:
             with autocast_for(self.cfg, self.device):
-                loss = self.ds(x.to(self.device), y.to(self.device))
+                loss = self.ds(x.to(self.device), y.to(self.device), num_recur=num_recur)
             if inject_nan:  # fault-injection tests: the guarded optimiser step then skips everywhere
                 loss = loss * float("nan")
             self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps

@@ -17,6 +17,12 @@ hyperconnect lanes. Passes before the last bptt_k run under no_grad, as in the m
 Training uses torch.distributed.pipelining's 1F1B schedule over the step's micro-batches;
 evaluation (any num_recur) uses a forward-only relay below, with the passes of the requested r
 spread over the stages that hold the recurrent group.
+
+A sampled training depth (model.recur_sampling) runs on a fixed, padded schedule: the units
+unroll model.max_recur passes (the sampler's cap), every rank computes the step's draw r itself,
+and pass slots r..max_recur-1 are skipped (they carry their input through). The recurrence is
+left after the last slot, so every stage sends and receives tuples of one shape on every step,
+which the schedule's static buffers need; stages whose slots are all skipped only relay.
 """
 from __future__ import annotations
 
@@ -39,7 +45,8 @@ class Unit:
 
 
 def units_for(cfg: ModelConfig, num_recur: Optional[int] = None) -> list[Unit]:
-    r = num_recur or cfg.num_recur
+    """The training schedule's units (max_recur pass slots), or those of a forward at num_recur."""
+    r = num_recur or cfg.max_recur
     return ([Unit("prelude", i) for i in range(cfg.n_prelude)] + [Unit("pass", i) for i in range(r)]
             + [Unit("coda", i) for i in range(cfg.n_coda)])
 
@@ -78,7 +85,7 @@ def check_pipeline(cfg: ModelConfig, pp: int) -> None:
     if pp > n:
         raise ConfigError(
             f"parallel.pp={pp} is more pipeline stages than the model has pipeline units ({n}: "
-            f"{cfg.n_prelude} prelude blocks + {cfg.num_recur} recurrences + {cfg.n_coda} coda blocks). "
+            f"{cfg.n_prelude} prelude blocks + {cfg.max_recur} recurrences + {cfg.n_coda} coda blocks). "
             f"Use parallel.pp <= {n}")
 
 
@@ -135,9 +142,13 @@ def owned_prefixes(plan: StagePlan) -> tuple[str, ...]:
 
 # ----------------------------------------------------------------------------- stage compute
 def run_units(model: nn.Module, units: list[Unit], carry: tuple, first: bool, last: bool,
-              num_recur: int) -> tuple:
-    """Run `units` of a LoopedLM on the carried tuple; mirrors LoopedLM.final_hidden."""
+              num_recur: int, last_pass: Optional[int] = None) -> tuple:
+    """Run `units` of a LoopedLM on the carried tuple; mirrors LoopedLM.final_hidden. Passes
+    i >= num_recur are skipped slots of a padded schedule; the recurrence is left after pass
+    `last_pass` (default num_recur - 1, the last pass that runs)."""
     cfg = model.cfg
+    last_pass = num_recur - 1 if last_pass is None else last_pass
+    received = () if first else carry
     if first:
         x, aux = model.embed_tokens(carry[0]), None
     else:
@@ -151,36 +162,65 @@ def run_units(model: nn.Module, units: list[Unit], carry: tuple, first: bool, la
             x = model.run_blocks([model.coda[u.index]], x)
         else:
             i = u.index
-            with torch.no_grad() if i < num_recur - g else nullcontext():
-                if i == 0:  # x is the prelude output e: start the recurrence state
-                    aux = x.unsqueeze(0).expand(inj.alpha.size(1), *x.shape) if inj.mode == "hyperconnect" else x
-                    x = x if inj.mode == "hyperconnect" else inj.initial_state(x)
-                if inj.mode == "hyperconnect":
-                    R = inj.alpha.size(0)
-                    s = model.norm_recur(model._group(K.hc_combine(aux, inj.alpha[i % R])))
-                    aux, x = K.hc_update(aux, s, inj.mix[i % R], inj.beta[i % R]), s
-                else:
-                    x = model.norm_recur(model._group(K.inject(aux, x, inj.mode, inj.weight)))
-            if i == num_recur - 1:  # leaving the recurrence: only the coda input travels on
+            if i < num_recur:  # else a skipped slot: the state passes through unchanged
+                with torch.no_grad() if i < num_recur - g else nullcontext():
+                    if i == 0:  # x is the prelude output e: start the recurrence state
+                        aux = x.unsqueeze(0).expand(inj.alpha.size(1), *x.shape) if inj.mode == "hyperconnect" else x
+                        x = x if inj.mode == "hyperconnect" else inj.initial_state(x)
+                    if inj.mode == "hyperconnect":
+                        R = inj.alpha.size(0)
+                        s = model.norm_recur(model._group(K.hc_combine(aux, inj.alpha[i % R])))
+                        aux, x = K.hc_update(aux, s, inj.mix[i % R], inj.beta[i % R]), s
+                    else:
+                        x = model.norm_recur(model._group(K.inject(aux, x, inj.mode, inj.weight)))
+            if i == last_pass:  # leaving the recurrence: only the coda input travels on
                 x = aux.sum(0) if inj.mode == "hyperconnect" else x
                 aux = None
     if last:
-        return (model.norm_final(x),)
-    # A fresh view, so a carried tensor is never the received input buffer itself.
-    return (x,) if aux is None else (x, aux.view_as(aux))
+        return (_tie(model.norm_final(x), received),)
+    # Fresh views, so a carried tensor is never the received input buffer itself. The schedule
+    # fixes whether each carried tensor needs a gradient at its first step, while a sampled depth
+    # detaches or skips different passes on different steps: in training every carried tensor
+    # requires grad (a detached one as a fresh leaf, where its gradient simply stops), and every
+    # received one gets a gradient to send back (zero where this step did not use it).
+    out = (x,) if aux is None else (x, aux)
+    grad = torch.is_grad_enabled()
+    out = tuple(t.view_as(t) if t.requires_grad or not grad else t.detach().requires_grad_() for t in out)
+    return (_tie(out[0], received), *out[1:])
+
+
+class _ZeroGradTie(torch.autograd.Function):
+    """Identity on `out`, with a zero gradient for each of `inputs` (added to any real one)."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        ctx.like = [(t.shape, t.dtype, t.device) for t in inputs]
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=dev) for shape, dtype, dev in ctx.like))
+
+
+def _tie(out: torch.Tensor, received: tuple) -> torch.Tensor:
+    inputs = [t for t in received if t.requires_grad]
+    if not inputs or not torch.is_grad_enabled():
+        return out
+    return _ZeroGradTie.apply(out, *inputs)
 
 
 class StageModule(nn.Module):
     """One pipeline stage as a module for torch.distributed.pipelining."""
 
-    def __init__(self, model: nn.Module, plan: StagePlan, autocast):
+    def __init__(self, model: nn.Module, plan: StagePlan, autocast, recur=None):
         super().__init__()
         self.model, self.plan, self.autocast = model, plan, autocast
+        self.recur = recur or (lambda: model.cfg.num_recur)  # this step's r (a sampled depth's draw)
 
     def forward(self, *carry):
         with self.autocast():
             out = run_units(self.model, self.plan.units, carry, self.plan.first, self.plan.last,
-                            self.model.cfg.num_recur)
+                            self.recur(), last_pass=self.model.cfg.max_recur - 1)
         return out[0] if len(out) == 1 else out
 
 

@@ -45,6 +45,7 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
     checkpoint and run the remaining steps. keep_group leaves torch.distributed up for another run
     in the same processes (the harness runs several layouts per launch to pay imports once)."""
     from ..config import _merge, config_from_dict, parse_overrides
+    from ..depth import DepthSampler
     from ..optim import lr_factor
     from ..train import build_model, seed_everything
     from . import build_engine, state
@@ -76,14 +77,17 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
                               engine.dp_rank, engine.dp_size)
         if resume:
             loader.load_state_dict(torch.load(os.path.join(resume, "trainer.pt"), weights_only=False)["loader"])
-    losses, norms, times = [], [], []
+    depth = DepthSampler(cfg.model, cfg.train.seed)  # the loop's draw: each rank computes it alone
+    losses, norms, times, draws = [], [], [], []
     finished = False
     try:
         for step in range(start, steps):
             t = time.perf_counter()
             if loader is not None:
                 mine = [loader.next_batch() for _ in range(ga)]
-            st = engine.train_step(mine, lr_factor(step, steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac))
+            draws.append(depth.draw(step + 1))
+            st = engine.train_step(mine, lr_factor(step, steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac),
+                                   num_recur=draws[-1])
             times.append(time.perf_counter() - t)
             losses.append(st.loss)
             norms.append(st.grad_norm)
@@ -93,12 +97,12 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
         _save(engine, os.path.join(out, "final"), steps, loader)
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
         result = dict(losses=losses, grad_norms=norms, eval_loss=eval_loss, step_times=times,
-                      setup_s=time.perf_counter() - t0 - sum(times), peak_rss_mb=peak)
+                      setup_s=time.perf_counter() - t0 - sum(times), peak_rss_mb=peak, num_recur=draws)
         if engine.is_main:
             with open(os.path.join(out, "result.json"), "w") as f:
                 json.dump(result, f)
         with open(os.path.join(out, f"rank{getattr(engine, 'rank', 0)}.json"), "w") as f:
-            json.dump(dict(step_times=times, peak_rss_mb=peak), f)
+            json.dump(dict(step_times=times, peak_rss_mb=peak, num_recur=draws), f)
         finished = True
         return result
     except BaseException as e:  # no collective after a failure: the other ranks are stopped instead

@@ -55,6 +55,7 @@ class TorchEngine(DistributedEngineBase):
         self.optimizer = MuonAdamW([g for g in groups if g["params"]])
         self._schedules: dict[int, object] = {}
         self._poison = 1.0
+        self._recur = cfg.model.num_recur  # this step's recurrence count (read by the pipeline stage)
         self._pipe_stage = None
 
     # ------------------------------------------------------------------ pipeline plumbing
@@ -81,7 +82,8 @@ class TorchEngine(DistributedEngineBase):
         if n_micro not in self._schedules:
             lay = self.st.layout
             if self._pipe_stage is None:
-                mod = StageModule(self.model, self.plan, lambda: autocast_for(self.cfg, self.device))
+                mod = StageModule(self.model, self.plan, lambda: autocast_for(self.cfg, self.device),
+                                  lambda: self._recur)
                 self._pipe_stage = PipelineStage(mod, lay.pp_rank, lay.pp, self.device, group=self.st.pp_group)
 
             def loss_fn(h, y):
@@ -95,18 +97,20 @@ class TorchEngine(DistributedEngineBase):
 
     # ------------------------------------------------------------------ training
     def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float,
-                   inject_nan: bool = False) -> StepStats:
-        """One step over the micro-batches; inject_nan poisons the loss (fault-injection tests):
+                   inject_nan: bool = False, num_recur: Optional[int] = None) -> StepStats:
+        """One step over the micro-batches at num_recur recurrences (None: the model's; every
+        rank is handed the same draw); inject_nan poisons the loss (fault-injection tests):
         every rank then skips the update, because the loss and grad norm are global."""
         set_lr(self.optimizer, lr_factor)
         self._poison = float("nan") if inject_nan else 1.0
+        self._recur = num_recur or self.cfg.model.num_recur
         batches = list(batches)
         n = len(batches)
         if self.plan is None:
             total = torch.zeros((), device=self.device)
             for x, y in batches:
                 with autocast_for(self.cfg, self.device):
-                    loss = self.model(x.to(self.device), y.to(self.device)) * self._poison
+                    loss = self.model(x.to(self.device), y.to(self.device), num_recur=self._recur) * self._poison
                 (loss / n).backward()
                 total += loss.detach().float()
             loss_t = total / n

@@ -16,6 +16,13 @@ iso-FLOP group into several. Every other run is reported by status, so a researc
   running     its run directory's lock is held by a live training (any host sharing the folder)
   incomplete  has checkpoints but no summary (interrupted; `sweep run` resumes it)
   missing     never started
+
+A run trained with a sampled depth (model.recur_sampling) has no single r: it enters the law at
+the r it is *evaluated* at. It gives one row under its own variant at r = round(E[r]) (its mean
+depth: same shape and expected FLOPs as the fixed-r run it is compared with), named like the run,
+and one row per evaluated r (its mean, twice its mean and the grid's fixed r, as `sweep plan`
+sets train.eval_recur) under the variant `VARIANT_tt` ("test-time"), named `RUN@rR`. Its
+test_time.csv rows are its own (name, variant, r = round(E[r])), one per evaluated r_test.
 """
 from __future__ import annotations
 
@@ -36,6 +43,7 @@ TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "fl
                  "vocab_size", "skipped_steps")
 # One row per finished run and evaluated r_test (summary.json's val_loss_by_r): test-time curves.
 TEST_TIME_COLUMNS = ("run", "variant", "r", "r_test", "loss", "n_once", "n_rec", "tokens", "flops")
+TEST_TIME_SUFFIX = "_tt"   # variant of a sampled-depth run's fit-table rows at every evaluated r
 STATUSES = ("finished", "diverged", "failed", "running", "incomplete", "missing")
 
 
@@ -45,6 +53,8 @@ class RunStatus:
     status: str
     reason: str = ""
     row: Optional[dict] = None     # the fit-table row, for finished runs
+    extra_rows: list = field(default_factory=list)  # a sampled-depth run's rows at its evaluated r
+    curve_row: Optional[dict] = None  # the run's own row, read for test_time.csv (None: `row`)
 
 
 @dataclass
@@ -52,6 +62,7 @@ class Collection:
     name: str
     table_path: Optional[str]
     runs: list[RunStatus] = field(default_factory=list)
+    n_rows: int = 0                # table rows (a sampled-depth run gives several)
 
     def by_status(self, status: str) -> list[RunStatus]:
         return [r for r in self.runs if r.status == status]
@@ -107,6 +118,9 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
                      "val_loss_by_r": s.get("val_loss_by_r") or {}}
         if s.get("skipped_steps"):
             notes.append(f"{s['skipped_steps']} non-finite step(s) skipped")
+        if s.get("recur_sampling", "fixed") != "fixed":
+            main, extra, own = _sampled_rows(run_dir, s, table_row, uniform, notes)
+            return RunStatus(name, "finished", "; ".join(notes), main, extra, own)
         return RunStatus(name, "finished", "; ".join(notes), table_row)
     live = holder(run_dir)
     if live is not None:
@@ -121,12 +135,37 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
     return RunStatus(name, "missing", "not started")
 
 
+def _sampled_rows(run_dir: str, s: dict, row: dict, uniform: Optional[float], notes: list):
+    """A sampled-depth run's rows: (the row at its mean depth or None, the rows at every evaluated r,
+    the run's own row at its mean depth for test_time.csv, whether or not that depth is usable)."""
+    from ..config import load_config
+    from ..depth import mean_test_r
+    cfg = load_config(os.path.join(run_dir, "config.yaml"))
+    by_r = {int(k): float(v) for k, v in (s.get("val_loss_by_r") or {}).items()}
+    planned = sorted({cfg.model.num_recur, *cfg.train.eval_recur})
+    usable = {}
+    for r in planned:
+        loss = by_r.get(r)
+        if loss is None:
+            notes.append(f"not evaluated at r={r}: megaloop eval {run_dir} --recur {r}")
+        elif not math.isfinite(loss) or (uniform is not None and loss > uniform):
+            notes.append(f"val_loss at r={r} is {loss:.4g}, worse than uniform guessing: row left out")
+        else:
+            usable[r] = loss
+    m = mean_test_r(cfg.model)
+    main = dict(row, r=m, loss=usable[m]) if m in usable else None
+    extra = [dict(row, r=r, loss=loss, run=f"{row['run']}@r{r}", variant=row["variant"] + TEST_TIME_SUFFIX)
+             for r, loss in usable.items()]
+    return main, extra, dict(row, r=m)
+
+
 def collect(sweep_dir: str, out: Optional[str] = None) -> Collection:
     """Statuses of every run; writes the table of the finished ones (UserError when there are none)."""
     manifest = read_manifest(sweep_dir)
     result = Collection(name=manifest.get("name", ""), table_path=None,
                         runs=[run_status(sweep_dir, row) for row in manifest["runs"]])
-    rows = [r.row for r in result.by_status("finished") if r.row is not None]
+    finished = result.by_status("finished")
+    rows = [row for r in finished for row in ([r.row] if r.row else []) + r.extra_rows]
     if not rows:
         c = result.counts()
         raise UserError(f"{sweep_dir}: none of its {len(result.runs)} runs has finished yet "
@@ -137,10 +176,11 @@ def collect(sweep_dir: str, out: Optional[str] = None) -> Collection:
     _write_csv(path, TABLE_COLUMNS, rows)
     curves = [{"run": r["run"], "variant": r["variant"], "r": r["r"], "r_test": int(k), "loss": v,
                "n_once": r["n_once"], "n_rec": r["n_rec"], "tokens": r["tokens"], "flops": r["flops"]}
-              for r in rows for k, v in sorted(r["val_loss_by_r"].items(), key=lambda kv: int(kv[0]))]
+              for r in (s.curve_row or s.row for s in finished) if r is not None
+              for k, v in sorted(r["val_loss_by_r"].items(), key=lambda kv: int(kv[0]))]
     if curves:
         _write_csv(os.path.join(os.path.dirname(os.path.abspath(path)), "test_time.csv"), TEST_TIME_COLUMNS, curves)
-    result.table_path = path
+    result.table_path, result.n_rows = path, len(rows)
     return result
 
 
@@ -157,7 +197,8 @@ def _write_csv(path: str, columns: tuple, rows: list[dict]) -> None:
 def format_collection(c: Collection, limit: int = 10) -> str:
     counts = c.counts()
     lines = [f"sweep {c.name}: {len(c.runs)} runs: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k == "finished"),
-             f"fit table: {c.table_path} ({counts['finished']} runs)"]
+             f"fit table: {c.table_path} ({counts['finished']} runs"
+             + (f", {c.n_rows} rows)" if c.n_rows != counts["finished"] else ")")]
     noted = [r for r in c.by_status("finished") if r.reason]
     if noted:
         lines.append("finished, with notes:")

@@ -22,7 +22,7 @@ from typing import Optional
 
 import yaml
 
-from ..accounting import count_params
+from ..accounting import count_params, tokens_for_budget
 from ..config import Config, ConfigError, load_config, save_config
 from .spec import SweepSpec, merge
 
@@ -118,7 +118,7 @@ def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: 
     model = dict(d_model=d, n_head=d // g.head_dim, n_kv_head=d // g.head_dim, head_dim=None,
                  n_prelude=g.n_prelude, n_recur_block=g.total_recur_depth // r, n_coda=g.n_coda,
                  num_recur=r, bptt_k=variant.k_for(r), input_injection=injection)
-    model.update(variant.model)
+    model.update(variant.model_for(r))
     fields = dict(variant=variant.name, r=r, size=size, d_model=d, flops=flops, flops_tag=flops_tag(flops),
                   k=model["bptt_k"] if model["bptt_k"] is not None else "full", sweep=spec.name)
     try:
@@ -133,10 +133,11 @@ def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: 
     if g.test_time_recur:
         train["eval_recur"] = list(range(1, g.test_time_recur * r + 1))
     raw = merge(base, {"model": model, "train": train})
-    try:
-        cfg = load_config(raw=raw)
-    except ConfigError as e:
-        raise ConfigError(f"run {name}: {e}") from None
+    cfg = _load_run(name, raw)
+    if cfg.model.recur_sampling.sampled:  # the r its fit-table rows are read at (sweep collect)
+        from ..depth import law_recurrences
+        eval_r = sorted(set(law_recurrences(cfg.model, g.r)) | set(cfg.train.eval_recur))
+        cfg = _load_run(name, merge(raw, {"train": {"eval_recur": eval_r}}))
     counts = count_params(cfg.model)
     p = cfg.parallel
     if spec.resources.gpus % (p.tp * p.pp):
@@ -144,7 +145,8 @@ def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: 
                           f"= {p.tp * p.pp}")
     dp = spec.resources.gpus // (p.tp * p.pp)
     tps = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len * dp
-    tokens = counts.tokens_for(flops)
+    tokens = (int(tokens_for_budget(cfg.model, flops, tps)) if cfg.model.recur_sampling.sampled  # in expectation
+              else counts.tokens_for(flops))
     if tokens < tps:
         raise ConfigError(
             f"run {name}: budget {flops:g} FLOPs buys {tokens:,} tokens at {counts.flops_per_token:.4g} FLOPs/token, "
@@ -156,6 +158,13 @@ def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: 
         n_once=counts.n_once, n_rec=counts.n_rec, flops_per_token=counts.flops_per_token, tokens=tokens,
         target_flops=flops, tokens_per_step=tps, steps=tokens // tps, gpus=spec.resources.gpus,
         config=os.path.join("runs", name, "config.yaml"), cfg=cfg)
+
+
+def _load_run(name: str, raw: dict) -> Config:
+    try:
+        return load_config(raw=raw)
+    except ConfigError as e:
+        raise ConfigError(f"run {name}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- manifest

@@ -20,6 +20,7 @@
       baseline: {}
       truncbptt: {bptt_k: ceil_half, r: [2, 4, 8], budgets: 4}   # budgets: first N, or flops values
       hyperconnect: {input_injection: hyperconnect, num_lanes: 2, overrides: {optim: {...}}}
+      randdepth: {recur_sampling: {kind: poisson_lognormal, mean: match_r, sigma: 0.5}}  # E[r] = r
     name_format: "{variant}_r{r}_s{size}_c{flops_tag}"
     resources: {gpus: 8}       # GPUs per run: fixes the data-parallel size, so the tokens per step
 
@@ -69,6 +70,12 @@ class GridSpec:
 # `bptt_k` in a variant: a fixed k, null (full backprop), or a rule of r.
 BpttRule = Union[None, int, str]
 BPTT_RULES = {"ceil_half": lambda r: math.ceil(r / 2), "full": lambda r: None}
+# `match_r` in a variant's recur_sampling: the value that makes the expected training depth the
+# grid's r, so a sampled run pairs with the fixed-r run of the same shape and budget.
+#   poisson_lognormal mean: r - 1 (E[r] = mean + 1, less the cap's clamped tail)
+#   uniform hi: 2 r - lo (E[r] = (lo + hi) / 2)
+MATCH_R = "match_r"
+MATCH_R_KEYS = {"mean": lambda r, s: r - 1, "hi": lambda r, s: 2 * r - int(s.get("lo") or 1)}
 
 
 @dataclass
@@ -84,6 +91,17 @@ class VariantSpec:
         if isinstance(self.bptt_k, str):
             return BPTT_RULES[self.bptt_k](r)
         return None if self.bptt_k is None else min(self.bptt_k, r)
+
+    def model_for(self, r: int) -> dict:
+        """The variant's model keys at grid r, with `match_r` values resolved."""
+        out = dict(self.model)
+        if isinstance(out.get("recur_sampling"), dict):
+            rs = dict(out["recur_sampling"])
+            for key, rule in MATCH_R_KEYS.items():
+                if rs.get(key) == MATCH_R:
+                    rs[key] = rule(r, rs)
+            out["recur_sampling"] = rs
+        return out
 
 
 @dataclass
@@ -247,6 +265,12 @@ def _parse_variant(name: str, v: Any, grid: GridSpec) -> VariantSpec:
         if k not in model_keys:
             raise ConfigError(f"unknown key '{where}.{k}'. A variant takes r, budgets, bptt_k, overrides "
                               f"and model keys ({', '.join(sorted(model_keys - set(GRID_MODEL_KEYS)))})")
+        if k == "recur_sampling":
+            val = _mapping(val, f"{where}.recur_sampling")
+            for key, x in val.items():
+                if x == MATCH_R and key not in MATCH_R_KEYS:
+                    raise ConfigError(f"{where}.recur_sampling.{key}: {MATCH_R} applies to "
+                                      f"{' and '.join(MATCH_R_KEYS)} only")
         out.model[k] = val
     return out
 
