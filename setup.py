@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Pretraining and scaling-law measurement for looped language models",
     python_requires=">=3.10",
-    packages=["megaloop", "megaloop.data", "megaloop.parallel", "megaloop.sweep", "megaloop.kernels", "megaloop.analysis"],
+    packages=["megaloop", "megaloop.data", "megaloop.inference", "megaloop.inference.hf_modeling", "megaloop.inference.tasks", "megaloop.parallel", "megaloop.sweep", "megaloop.kernels", "megaloop.analysis"],
     package_dir={
         "megaloop": "megaloop",
         "megaloop.kernels": "kernels",
@@ -35,7 +35,10 @@ setup(
         "distributed": ["deepspeed>=0.15"],
         "gpu": ["triton>=3.0", "flash-attn"],
         "logging": ["tensorboard", "wandb"],
-        "dev": ["pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel", "tensorboard", "wandb"],
+        "hf": ["transformers>=5.0"],
+        "eval": ["lm-eval>=0.4.13"],
+        "dev": ["pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel", "tensorboard", "wandb", "transformers>=5.0", "lm-eval>=0.4.13"],
     },
+    package_data={"megaloop.inference.tasks": ["*/*.yaml", "*/*.jsonl", "*/*.py", "*/*.md"]},
     entry_points={"console_scripts": ["megaloop=megaloop.cli:main"]},
 )

@@ -28,8 +28,11 @@ def resample_weights(n_boot: int, strata: np.ndarray, rng: np.random.Generator) 
 
 def bootstrap(data: LawData, delta: float, free: np.ndarray, raw_hat: np.ndarray, n_boot: int,
               seed: int, strata: np.ndarray | None = None, phi_starts=None,
-              max_iter: int = 200, chunk: int = 4000) -> np.ndarray:
-    """Refit n_boot resamples; returns (n_boot, P) raw parameter vectors (best start each)."""
+              max_iter: int = 200, chunk: int = 4000,
+              box: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Refit n_boot resamples; returns (n_boot, P) raw parameter vectors (best start each).
+    With a search `box` (centred coordinates) each refit is moved into it afterwards: a resample
+    that runs off towards a term of zero is reported at the region's edge, as the point fit is."""
     rng = np.random.default_rng(seed)
     strata = np.zeros(len(data.log_l), int) if strata is None else np.asarray(strata)
     w = resample_weights(n_boot, strata, rng)
@@ -53,7 +56,10 @@ def bootstrap(data: LawData, delta: float, free: np.ndarray, raw_hat: np.ndarray
         x, f = batched_lbfgs(x0, data, delta, weights=wb, free=free, max_iter=max_iter)
         f = np.where(np.isfinite(f), f, np.inf).reshape(hi - lo, k)
         best = np.argmin(f, axis=1)
-        out[lo:hi] = to_raw(x.reshape(hi - lo, k, -1)[np.arange(hi - lo), best], data)
+        xb = x.reshape(hi - lo, k, -1)[np.arange(hi - lo), best]
+        if box is not None:
+            xb = np.clip(xb, box[0], box[1])
+        out[lo:hi] = to_raw(xb, data)
     return out
 
 

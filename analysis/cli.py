@@ -40,7 +40,8 @@ def fit_parser() -> argparse.ArgumentParser:
                     "(Huber on log loss, summed; grid-started batched L-BFGS; bootstrap intervals), "
                     "plus the iso-FLOP frontier.")
     ap.add_argument("inputs", nargs="+", metavar="TABLE_OR_RUN_DIR",
-                    help="a CSV (columns n_once, n_rec, r, tokens, loss; optional run, variant, flops), "
+                    help="a CSV (columns n_once, n_rec, r, tokens, loss; optional run, variant, flops, "
+                         "vocab_size, skipped_steps: a run whose record says it diverged is excluded), "
                          "or run / sweep directories (searched recursively for summary.json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--huber-delta", type=_positive_float, default=1e-3, help="Huber delta (default 1e-3)")
@@ -49,14 +50,20 @@ def fit_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--joint", action="store_true",
                     help="also fit all variants jointly: shared E, A, alpha, B, beta, one phi each")
+    ap.add_argument("--drop-outliers", action="store_true",
+                    help="also drop the runs far from the fit (log-loss residual above min(0.1, "
+                         "max(5 robust sigmas, 0.02))) and refit; by default they are listed and kept")
     ap.add_argument("--keep-diverged", action="store_true",
-                    help="keep runs flagged as diverged in the fit (default: flag and drop them)")
+                    help="accepted for old scripts; does nothing: keeping every run is now the default")
     ap.add_argument("--plots", metavar="DIR", help="write figures (PNG and PDF) to DIR")
     return ap
 
 
 def fit_main(argv: list[str]) -> int:
     args = fit_parser().parse_args(argv)
+    if args.keep_diverged:
+        print("megaloop fit: note: --keep-diverged does nothing now: runs far from the fit are kept "
+              "by default (listed as diverged); --drop-outliers drops them", file=sys.stderr)
     try:
         from .table import load_table
 
@@ -66,7 +73,7 @@ def fit_main(argv: list[str]) -> int:
         if args.joint and ("variant" not in df.columns or df["variant"].nunique() < 2):
             raise FitInputError("--joint needs a variant column with at least two variants")
         report, fits = analyse(df, args.huber_delta, args.bootstrap, args.seed, joint=args.joint,
-                               keep_diverged=args.keep_diverged)
+                               drop_outliers=args.drop_outliers)
         if args.plots:
             from .plots import make_plots
 

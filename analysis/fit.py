@@ -1,7 +1,13 @@
-"""Fitting the looped law to a validated table: point estimate, bootstrap, variants, joint fit.
+"""Fitting the looped law to a validated table: point estimate, profile likelihood, hold-out,
+bootstrap, variants, joint fit.
 
 `analyse(df, ...)` is what `megaloop fit` runs; it returns a JSON-ready report plus the fit
-objects the plots need.
+objects the plots need. Formatting lives in report.py.
+
+Which runs are fitted: all of them, except those whose own record says they diverged (non-finite
+steps skipped in training, or a loss above ln(vocab_size): `table.record_divergence`); those are
+listed under `excluded`. Runs far from the fit are listed under `diverged` and kept, unless
+drop_outliers asks for the residual rule below to drop them.
 """
 from __future__ import annotations
 
@@ -13,16 +19,19 @@ import numpy as np
 import pandas as pd
 
 from .bootstrap import bootstrap, percentile_ci
-from .isoflop import isoflop
-from .law import N_BASE, LawData, multistart_fit, predict_log_loss, start_grid
-from .table import FitInputError
+from .isoflop import budget_column, isoflop
+from .law import N_BASE, LawData, multistart_fit, polish, predict_log_loss, search_box, start_grid, to_centred, to_raw
+from .profile import ProfileResult, profile_fit
+from .report import format_fit, format_report, json_safe  # noqa: F401  (re-exported)
+from .table import FitInputError, record_divergence
 
 PHI_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # where phi cannot be identified it is pinned here, which makes N_eff = n_once + r * n_rec
 # (the compute-equivalent size); for r = 1 or n_rec = 0 the value is irrelevant.
 PINNED_PHI = 1.0
-# a run is "diverged" when its loss sits this far above the fit (log-loss residual)
+# a run is "far from the fit" when its loss sits this far above it (log-loss residual)
 DIVERGED_SIGMAS, DIVERGED_FLOOR, DIVERGED_CAP = 5.0, 0.02, 0.1
+HOLDOUT_MIN_RUNS = 3  # the hold-out predicts at least this many runs (when the budgets allow)
 
 
 def phi_identifiability(df: pd.DataFrame) -> tuple[bool, str]:
@@ -47,26 +56,49 @@ class LawFit:
 
     raw: np.ndarray                 # a, b, e, alpha, beta, phi_1..phi_K
     phi_names: list[str]
-    identifiable: list[bool]
+    identifiable: list[bool]        # structurally (phi_identifiability)
     objective: float
     df: pd.DataFrame                # runs used, with pred/resid columns
     boot: np.ndarray | None = None  # (n_boot, P) raw vectors
-    diverged: list[dict] = field(default_factory=list)
+    diverged: list[dict] = field(default_factory=list)   # far from the fit
+    excluded: list[dict] = field(default_factory=list)   # diverged by their own record
     message: str = ""
-    seconds_fit: float = 0.0
-    seconds_bootstrap: float = 0.0
+    profile: ProfileResult | None = None
+    holdout: dict | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
     delta: float = 1e-3
+    joint: bool = False
+
+    def pname(self, k: int) -> str:
+        """The name of phi k in the diagnostics: 'phi', or 'phi[variant]' in a joint fit."""
+        return f"phi[{self.phi_names[k]}]" if self.joint else "phi"
 
     def params(self) -> dict[str, float]:
         a, b, e, alpha, beta = self.raw[:N_BASE]
         return {"E": float(np.exp(e)), "A": float(np.exp(a)), "alpha": float(alpha),
                 "B": float(np.exp(b)), "beta": float(beta)}
 
+    def why_not(self, name: str, k: int = 0) -> str:
+        """'' when the parameter is identified, else the reason."""
+        if name.startswith("phi") and not self.identifiable[k]:
+            return self.message_for(k)
+        if self.profile is None or name not in self.profile.profiles:
+            return ""
+        return self.profile.profiles[name].reason
+
+    def message_for(self, k: int) -> str:
+        return phi_identifiability(self.df[self.df["variant"] == self.phi_names[k]]
+                                   if self.joint else self.df)[1]
+
+    def phi_identified(self, k: int = 0) -> bool:
+        return not self.why_not(self.pname(k), k)
+
     def phi(self, k: int = 0) -> float | None:
-        return float(self.raw[N_BASE + k]) if self.identifiable[k] else None
+        """phi when the data identify it, else None (never a number the data cannot support)."""
+        return float(self.raw[N_BASE + k]) if self.phi_identified(k) else None
 
     def law_params(self, k: int = 0) -> dict[str, float]:
-        """Parameters for evaluating the law (phi pinned where unidentified)."""
+        """Parameters for evaluating the law (phi pinned or at its estimate where unidentified)."""
         return {**self.params(), "phi": float(self.raw[N_BASE + k])}
 
     def samples(self) -> dict[str, np.ndarray]:
@@ -79,12 +111,34 @@ class LawFit:
             out[f"phi:{name}"] = b[:, N_BASE + k]
         return out
 
+    def diagnostics(self) -> dict[str, Any]:
+        """profile_ci, at_bound, identified (and the reasons) for every parameter."""
+        names = [self.pname(k) for k in range(len(self.phi_names))] + ["E", "A", "alpha", "B", "beta"]
+        prof = self.profile.profiles if self.profile is not None else {}
+        out: dict[str, Any] = {
+            "profile_ci": {n: (prof[n].ci if n in prof else None) for n in names},
+            "profile_open": {n: list(prof[n].open) for n in names if n in prof},
+            "at_bound": [n for n in names if n in prof and prof[n].at_bound],
+            "bound_side": {n: prof[n].at_bound for n in names if n in prof and prof[n].at_bound},
+            "search_region": {n: list(prof[n].box) for n in names if n in prof},
+            "identified": {}, "not_identified_because": {}}
+        for n in names:
+            k = next((k for k in range(len(self.phi_names)) if self.pname(k) == n), 0)
+            why = self.why_not(n, k)
+            out["identified"][n] = not why
+            if why:
+                out["not_identified_because"][n] = why
+        if self.profile is not None:
+            out["profile_calibration"] = self.profile.calibration.to_dict()
+        return out
+
     def to_dict(self, k: int = 0) -> dict[str, Any]:
-        """The JSON contract: phi, phi_ci, E, E_ci, ..., n_runs, huber_delta, objective, r2, rmse_log."""
+        """The JSON contract: phi, phi_ci, E, E_ci, ..., n_runs, huber_delta, objective, r2, rmse_log,
+        profile_ci, at_bound, identified, holdout, diverged, excluded."""
         s = self.samples()
-        out: dict[str, Any] = {"phi": self.phi(k)}
-        out["phi_ci"] = (percentile_ci(s[f"phi:{self.phi_names[k]}"])
-                         if s and self.identifiable[k] else None)
+        ident = self.phi_identified(k)
+        out: dict[str, Any] = {"phi": self.phi(k), "phi_estimate": float(self.raw[N_BASE + k])}
+        out["phi_ci"] = percentile_ci(s[f"phi:{self.phi_names[k]}"]) if s and ident else None
         for name, v in self.params().items():
             out[name] = v
             out[f"{name}_ci"] = percentile_ci(s[name]) if s else None
@@ -96,11 +150,12 @@ class LawFit:
             "r2": float(1 - np.sum((y - pred) ** 2) / np.sum((y - y.mean()) ** 2)),
             "rmse_log": float(np.sqrt(np.mean(res ** 2))),
             "n_bootstrap": 0 if self.boot is None else int(len(self.boot)),
-            "diverged": self.diverged,
-            "seconds": {"fit": round(self.seconds_fit, 3), "bootstrap": round(self.seconds_bootstrap, 3)},
         })
-        if not self.identifiable[k]:
-            out["phi_message"] = self.message
+        out.update(self.diagnostics())
+        out.update({"holdout": self.holdout, "diverged": self.diverged, "excluded": self.excluded,
+                    "seconds": {key: round(v, 3) for key, v in self.seconds.items()}})
+        if not ident:
+            out["phi_message"] = self.why_not(self.pname(k), k)
         return out
 
 
@@ -111,73 +166,137 @@ def _law_data(df: pd.DataFrame, phi_index: np.ndarray, n_phi: int) -> LawData:
 def _fit_point(df: pd.DataFrame, phi_index: np.ndarray, names: list[str], ident: list[bool],
                delta: float, extra_starts: np.ndarray | None = None,
                warm: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """Grid-started fit; with `warm` (a previous estimate on nearly the same runs) only that
-    point and its phi-grid variants are used as starts."""
+    """Grid-started fit inside the search region; with `warm` (a previous estimate on nearly the
+    same runs) only that point and its phi-grid variants are used as starts."""
     K = len(names)
     data = _law_data(df, phi_index, K)
     free = np.array([True] * N_BASE + ident)
+    box = search_box(data, K)
     fixed = np.array([np.nan if i else PINNED_PHI for i in ident])
     if warm is None:
         grid = start_grid(K, PHI_GRID, fixed_phi=fixed)
-        return multistart_fit(data, delta, free, grid, extra_starts=extra_starts)
+        return multistart_fit(data, delta, free, grid, extra_starts=extra_starts, box=box)
     starts = np.repeat(warm[None], len(PHI_GRID) + 1, axis=0)
     for i, p in enumerate(PHI_GRID):
         starts[i + 1, N_BASE:][np.array(ident)] = p
-    return multistart_fit(data, delta, free, starts, schedule=((200, 4), (1000, 4)))
+    return multistart_fit(data, delta, free, starts, schedule=((200, 4), (1000, 4)), box=box)
 
 
-def _residuals(df: pd.DataFrame, raw: np.ndarray, phi_index: np.ndarray, K: int) -> np.ndarray:
-    pred = predict_log_loss(raw, _law_data(df, phi_index, K))
-    return pred
+def far_from_fit(res: np.ndarray) -> np.ndarray:
+    """Runs whose loss sits far above the fit: log residual above min(0.1, max(5 robust sigmas,
+    0.02)). Listed in the report; dropped only on request (drop_outliers)."""
+    sigma = 1.4826 * np.median(np.abs(res - np.median(res)))
+    return res > min(DIVERGED_CAP, max(DIVERGED_SIGMAS * sigma, DIVERGED_FLOOR))
+
+
+def holdout_check(df: pd.DataFrame, delta: float) -> dict[str, Any]:
+    """Refit without the runs of the largest budget, predict them, and report the error of the
+    prediction in log loss: does the law extrapolate to the next budget? Where budgets are not
+    on a grid (every run its own budget, as in the Chinchilla extraction) the next budgets down
+    join until HOLDOUT_MIN_RUNS runs are held out; `min_budget` then says from where."""
+    budget = budget_column(df)
+    levels = np.sort(budget.unique())[::-1]
+    top = float(levels[0])
+    n_levels = 1
+    while (budget >= levels[n_levels - 1]).sum() < HOLDOUT_MIN_RUNS and n_levels < len(levels) - 1:
+        n_levels += 1
+    low = float(levels[n_levels - 1])
+    test = (budget >= low).to_numpy()
+    out: dict[str, Any] = {"budget": top, "n_runs": int(test.sum()), "n_train": int((~test).sum()),
+                           "rmse_log": None, "max_abs_log": None, "bias_log": None, "phi": None}
+    if n_levels > 1:
+        out["min_budget"] = low
+    train = df[~test].reset_index(drop=True)
+    ok, _ = phi_identifiability(train) if len(train) else (False, "")
+    n_free = N_BASE + int(ok)
+    if not len(train) or budget.nunique() < 2:
+        out["skipped"] = "every run has the same budget: nothing to hold out"
+        return out
+    if len(train) <= n_free:
+        out["skipped"] = (f"{len(train)} run(s) below the largest budget; fitting {n_free} parameters "
+                          f"needs at least {n_free + 1}")
+        return out
+    raw, _ = _fit_point(train, np.zeros(len(train), int), ["all"], [ok], delta)
+    held = df[test].reset_index(drop=True)
+    pred = predict_log_loss(raw, _law_data(held, np.zeros(len(held), int), 1))
+    res = np.log(held["loss"].to_numpy()) - pred
+    out.update({"rmse_log": float(np.sqrt(np.mean(res ** 2))), "max_abs_log": float(np.max(np.abs(res))),
+                "bias_log": float(np.mean(res)), "phi": float(raw[N_BASE]) if ok else None,
+                "runs": [{"run": str(r), "loss": float(lv), "predicted": float(np.exp(p)), "log_residual": float(e)}
+                         for r, lv, p, e in zip(held["run"], held["loss"], pred, res)]})
+    return out
 
 
 def fit_law(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int = 0,
-            joint: bool = False, keep_diverged: bool = False,
-            extra_starts: np.ndarray | None = None) -> LawFit:
+            joint: bool = False, drop_outliers: bool = False, extra_starts: np.ndarray | None = None,
+            profile: bool = True, holdout: bool = True) -> LawFit:
     """Fit one law to df. joint=True gives each variant its own phi with shared E, A, alpha, B, beta."""
     df = df.reset_index(drop=True)
+    if "run" not in df.columns:  # tables built in code may skip validate(), which names rows so
+        df = df.assign(run=[f"row{i + 1}" for i in range(len(df))])
+    why = record_divergence(df)
+    excluded = [{"run": str(df["run"].iloc[i]), "loss": float(df["loss"].iloc[i]), "reason": w}
+                for i, w in enumerate(why) if w]
+    df = df[[not w for w in why]].reset_index(drop=True)
     if joint:
         names = list(pd.unique(df["variant"]))
         phi_index = pd.Categorical(df["variant"], categories=names).codes.astype(int)
         idents = [phi_identifiability(df[df["variant"] == v]) for v in names]
     else:
         names, phi_index = ["all"], np.zeros(len(df), int)
-        idents = [phi_identifiability(df)]
+        idents = [phi_identifiability(df)] if len(df) else [(False, "")]
     ident = [i for i, _ in idents]
     n_free = N_BASE + sum(ident)
     if len(df) <= n_free:
-        what = f"variant {df['variant'].iloc[0]!r}" if "variant" in df.columns and not joint else "the table"
-        raise FitInputError(f"{what} has {len(df)} runs; fitting {n_free} parameters needs at least {n_free + 1}")
+        what = f"variant {df['variant'].iloc[0]!r}" if "variant" in df.columns and not joint and len(df) else "the table"
+        dropped = f" after excluding {len(excluded)} diverged run(s)" if excluded else ""
+        raise FitInputError(f"{what} has {len(df)} runs{dropped}; fitting {n_free} parameters needs at least {n_free + 1}")
     message = "; ".join(f"{n}: {m}" if joint else m for n, (i, m) in zip(names, idents) if not i)
+    K = len(names)
+    seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     raw, obj = _fit_point(df, phi_index, names, ident, delta, extra_starts)
-    pred = _residuals(df, raw, phi_index, len(names))
-    res = np.log(df["loss"].to_numpy()) - pred
-    sigma = 1.4826 * np.median(np.abs(res - np.median(res)))
-    thresh = min(DIVERGED_CAP, max(DIVERGED_SIGMAS * sigma, DIVERGED_FLOOR))
-    bad = res > thresh
+    res = np.log(df["loss"].to_numpy()) - predict_log_loss(raw, _law_data(df, phi_index, K))
+    bad = far_from_fit(res)
     diverged = [{"run": str(df["run"].iloc[i]), "loss": float(df["loss"].iloc[i]),
-                 "predicted": float(np.exp(pred[i])), "log_residual": float(res[i]),
-                 "dropped": not keep_diverged} for i in np.flatnonzero(bad)]
-    if bad.any() and not keep_diverged and (~bad).sum() >= 8:
-        # refit without them: a diverged run is a failed experiment, not a point on the law
+                 "predicted": float(np.exp(np.log(df["loss"].iloc[i]) - res[i])), "log_residual": float(res[i]),
+                 "dropped": False} for i in np.flatnonzero(bad)]
+    if drop_outliers and bad.any() and (~bad).sum() > n_free:
+        # on request: refit without them, as a failed experiment rather than a point on the law
+        for d in diverged:
+            d["dropped"] = True
         df, phi_index = df[~bad].reset_index(drop=True), phi_index[~bad]
         raw, obj = _fit_point(df, phi_index, names, ident, delta, warm=raw)
-        pred = _residuals(df, raw, phi_index, len(names))
-    elif bad.any():
-        for d in diverged:
-            d["dropped"] = False
-    seconds_fit = time.perf_counter() - t0
-    df = df.assign(pred_log_loss=pred, log_residual=np.log(df["loss"].to_numpy()) - pred)
-    fit = LawFit(raw, names, ident, obj, df, diverged=diverged, message=message,
-                 seconds_fit=seconds_fit, delta=delta)
+    seconds["fit"] = time.perf_counter() - t0
+    data = _law_data(df, phi_index, K)
+    free = np.array([True] * N_BASE + ident)
+    box = search_box(data, K)
+    fit = LawFit(raw, names, ident, obj, df, diverged=diverged, excluded=excluded, message=message,
+                 delta=delta, joint=joint)
+    if profile:
+        t1 = time.perf_counter()
+        pnames = [fit.pname(k) for k in range(K)]
+        pr = profile_fit(data, delta, raw, obj, free, box, pnames)
+        if pr.better is not None:  # the profile found a lower objective than the grid fit: adopt it
+            x, obj = polish(to_centred(pr.better, data), data, delta, free, box=box)
+            raw = to_raw(x, data)
+            fit.raw, fit.objective = raw, obj
+            pr = profile_fit(data, delta, raw, obj, free, box, pnames)
+            pr.better = None
+        fit.profile = pr
+        seconds["profile"] = time.perf_counter() - t1
+    pred = predict_log_loss(raw, data)
+    fit.df = df.assign(pred_log_loss=pred, log_residual=np.log(df["loss"].to_numpy()) - pred)
+    if holdout and not joint:
+        t1 = time.perf_counter()
+        fit.holdout = holdout_check(df, delta)
+        seconds["holdout"] = time.perf_counter() - t1
     if n_boot > 0:
         t1 = time.perf_counter()
-        data = _law_data(df, phi_index, len(names))
-        free = np.array([True] * N_BASE + ident)
         strata = phi_index if joint else None
-        fit.boot = bootstrap(data, delta, free, raw, n_boot, seed, strata=strata)
-        fit.seconds_bootstrap = time.perf_counter() - t1
+        fit.boot = bootstrap(data, delta, free, raw, n_boot, seed, strata=strata, box=box)
+        seconds["bootstrap"] = time.perf_counter() - t1
+    fit.seconds = seconds
     return fit
 
 
@@ -186,7 +305,7 @@ def _baseline(variants: list[str]) -> str:
 
 
 def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int = 0,
-            joint: bool = False, keep_diverged: bool = False) -> tuple[dict[str, Any], dict[str, LawFit]]:
+            joint: bool = False, drop_outliers: bool = False) -> tuple[dict[str, Any], dict[str, LawFit]]:
     """The whole `megaloop fit` report. Without a variant column (or with one variant) the top
     level is the fit of all runs; with several variants the top level is the baseline's fit
     (variant 'baseline', else the first) and `variants` holds every variant's fit plus its phi
@@ -194,17 +313,17 @@ def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
     fits: dict[str, LawFit] = {}
     variants = list(pd.unique(df["variant"])) if "variant" in df.columns else []
     if len(variants) <= 1:
-        fits["all"] = fit_law(df, delta, n_boot, seed, keep_diverged=keep_diverged)
+        fits["all"] = fit_law(df, delta, n_boot, seed, drop_outliers=drop_outliers)
         report = fits["all"].to_dict()
     else:
         base = _baseline(variants)
         per: dict[str, Any] = {}
         for v in variants:
-            fits[v] = fit_law(df[df["variant"] == v], delta, n_boot, seed, keep_diverged=keep_diverged)
+            fits[v] = fit_law(df[df["variant"] == v], delta, n_boot, seed, drop_outliers=drop_outliers)
             per[v] = fits[v].to_dict()
         for v in variants:
             fb, fv = fits[base], fits[v]
-            ok = fb.identifiable[0] and fv.identifiable[0]
+            ok = fb.phi_identified() and fv.phi_identified()
             per[v]["dphi"] = float(fv.raw[N_BASE] - fb.raw[N_BASE]) if ok else None
             # independent data, independent resamples: the difference of draws is a draw of dphi
             per[v]["dphi_ci"] = (percentile_ci(fv.boot[:, N_BASE] - fb.boot[:, N_BASE])
@@ -214,91 +333,30 @@ def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
         report["baseline"] = base
         report["variants"] = per
         if joint:
-            starts = np.array([np.concatenate([fits[base].raw[:N_BASE],
-                                               [fits[v].raw[N_BASE] for v in variants]])])
-            jf = fit_law(df, delta, n_boot, seed, joint=True, keep_diverged=keep_diverged,
-                         extra_starts=starts)
-            fits["joint"] = jf
-            j = jf.to_dict(0)
-            for key in ("phi", "phi_ci", "phi_message"):
-                j.pop(key, None)
-            j["phi"] = {v: jf.phi(k) for k, v in enumerate(jf.phi_names)}
-            s = jf.samples()
-            j["phi_ci"] = {v: (percentile_ci(s[f"phi:{v}"]) if s and jf.identifiable[k] else None)
-                           for k, v in enumerate(jf.phi_names)}
-            kb = jf.phi_names.index(base)
-            j["dphi"], j["dphi_ci"] = {}, {}
-            for k, v in enumerate(jf.phi_names):
-                ok = jf.identifiable[k] and jf.identifiable[kb]
-                j["dphi"][v] = float(jf.raw[N_BASE + k] - jf.raw[N_BASE + kb]) if ok else None
-                j["dphi_ci"][v] = (percentile_ci(s[f"phi:{v}"] - s[f"phi:{base}"])
-                                   if ok and s else None)
-            if jf.message:
-                j["phi_message"] = jf.message
-            report["joint"] = j
+            report["joint"] = _joint_report(df, fits, variants, base, delta, n_boot, seed, drop_outliers)
     report["isoflop"] = isoflop(df, seed=seed)
     return report, fits
 
 
-def json_safe(obj: Any) -> Any:
-    """Report -> strict JSON: numpy scalars to Python, non-finite floats to null."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if np.isfinite(obj) else None
-    return obj
-
-
-def _fmt_ci(v: float | None, ci: list[float] | None, fmt: str) -> str:
-    if v is None:
-        return "not identifiable"
-    return format(v, fmt) + ("" if ci is None else f"  [{format(ci[0], fmt)}, {format(ci[1], fmt)}]")
-
-
-def format_fit(d: dict[str, Any], title: str = "") -> str:
-    lines = [title] if title else []
-    lines.append(f"  phi   = {_fmt_ci(d['phi'], d['phi_ci'], '.4f')}")
-    if d.get("phi_message"):
-        lines.append(f"          ({d['phi_message']})")
-    for name, fmt in (("E", ".4f"), ("A", ".4g"), ("alpha", ".4f"), ("B", ".4g"), ("beta", ".4f")):
-        lines.append(f"  {name:<5} = {_fmt_ci(d[name], d[name + '_ci'], fmt)}")
-    lines.append(f"  n_runs={d['n_runs']}  objective={d['objective']:.6g} (Huber delta {d['huber_delta']:g}, "
-                 f"summed)  R^2(loss)={d['r2']:.4f}  RMSE(log loss)={d['rmse_log']:.4g}"
-                 f"  bootstrap={d['n_bootstrap']}")
-    for dv in d.get("diverged", []):
-        lines.append(f"  DIVERGED run {dv['run']}: loss {dv['loss']:.4g} vs fit {dv['predicted']:.4g} "
-                     f"(log residual {dv['log_residual']:+.3f}){', dropped' if dv['dropped'] else ', kept'}")
-    return "\n".join(lines)
-
-
-def format_report(rep: dict[str, Any]) -> str:
-    """Human-readable report (intervals are 95 % bootstrap percentiles)."""
-    from .isoflop import format_isoflop
-    out = []
-    if "variants" in rep:
-        for v, d in rep["variants"].items():
-            out.append(format_fit(d, f"variant {v}{' (baseline)' if v == rep['baseline'] else ''}:"))
-            if v != rep["baseline"]:
-                dp = "n/a" if d["dphi"] is None else _fmt_ci(d["dphi"], d["dphi_ci"], "+.4f")
-                out.append(f"  dphi vs {rep['baseline']} = {dp}")
-        if "joint" in rep:
-            j = rep["joint"]
-            out.append("joint fit (shared E, A, alpha, B, beta; one phi per variant):")
-            for v in j["phi"]:
-                out.append(f"  phi[{v}] = {_fmt_ci(j['phi'][v], j['phi_ci'][v], '.4f')}"
-                           + ("" if v == rep["baseline"] or j["dphi"][v] is None else
-                              f"   dphi = {_fmt_ci(j['dphi'][v], j['dphi_ci'][v], '+.4f')}"))
-            for name, fmt in (("E", ".4f"), ("A", ".4g"), ("alpha", ".4f"), ("B", ".4g"), ("beta", ".4f")):
-                out.append(f"  {name:<5} = {_fmt_ci(j[name], j[name + '_ci'], fmt)}")
-            out.append(f"  n_runs={j['n_runs']}  objective={j['objective']:.6g}  R^2={j['r2']:.4f}  "
-                       f"RMSE(log loss)={j['rmse_log']:.4g}")
-    else:
-        out.append(format_fit(rep, "scaling law  L = E + A (N_once + r^phi N_rec)^-alpha + B D^-beta:"))
-    out.append(format_isoflop(rep["isoflop"]))
-    return "\n".join(out)
+def _joint_report(df, fits, variants, base, delta, n_boot, seed, drop_outliers) -> dict[str, Any]:
+    starts = np.array([np.concatenate([fits[base].raw[:N_BASE], [fits[v].raw[N_BASE] for v in variants]])])
+    jf = fit_law(df, delta, n_boot, seed, joint=True, drop_outliers=drop_outliers, extra_starts=starts)
+    fits["joint"] = jf
+    j = jf.to_dict(0)
+    for key in ("phi", "phi_ci", "phi_message", "phi_estimate"):
+        j.pop(key, None)
+    j["phi"] = {v: jf.phi(k) for k, v in enumerate(jf.phi_names)}
+    j["phi_estimate"] = {v: float(jf.raw[N_BASE + k]) for k, v in enumerate(jf.phi_names)}
+    s = jf.samples()
+    j["phi_ci"] = {v: (percentile_ci(s[f"phi:{v}"]) if s and jf.phi_identified(k) else None)
+                   for k, v in enumerate(jf.phi_names)}
+    kb = jf.phi_names.index(base)
+    j["dphi"], j["dphi_ci"] = {}, {}
+    for k, v in enumerate(jf.phi_names):
+        ok = jf.phi_identified(k) and jf.phi_identified(kb)
+        j["dphi"][v] = float(jf.raw[N_BASE + k] - jf.raw[N_BASE + kb]) if ok else None
+        j["dphi_ci"][v] = percentile_ci(s[f"phi:{v}"] - s[f"phi:{base}"]) if ok and s else None
+    msgs = {v: jf.why_not(jf.pname(k), k) for k, v in enumerate(jf.phi_names) if not jf.phi_identified(k)}
+    if msgs:
+        j["phi_message"] = "; ".join(f"{v}: {m}" for v, m in msgs.items())
+    return j

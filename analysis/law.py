@@ -25,6 +25,13 @@ import numpy as np
 from scipy.optimize import minimize
 
 PHI_MAX = 1.5
+# The search region of the other parameters (internal, centred coordinates; see `search_box`):
+# exponents in [0, EXPONENT_MAX]; each of the three terms (E, and the size and data terms at the
+# table's central size / token count) between TERM_FLOOR x the smallest loss and TERM_CEIL x the
+# largest. A term below the floor changes log L by < 1e-6: it is absent, so a fit that ends there
+# says the table cannot see that term.
+EXPONENT_MAX = 3.0
+TERM_FLOOR, TERM_CEIL = 1e-6, 2.0
 N_BASE = 5  # a_c, b_c, e, alpha, beta; phis follow
 BASE_NAMES = ("a", "b", "e", "alpha", "beta")
 CHUNK = 1024  # starts per batch: large enough to amortise Python overhead, small enough for cache
@@ -69,6 +76,15 @@ class LawData:
         return cls(n_once_a, np.asarray(n_rec, float), np.log(np.asarray(r, float)),
                    np.log(np.asarray(tokens, float)), np.log(np.asarray(loss, float)), idx, n_phi)
 
+    def with_centre(self, c_n: float | None = None, c_d: float | None = None) -> "LawData":
+        """A copy centred elsewhere (c_n = 0 makes coordinate 0 the raw a, c_d = 0 coordinate 1
+        the raw b: what the profiles of A and B pin)."""
+        out = LawData(self.n_once, self.n_rec, self.log_r, self.log_d, self.log_l, self.phi_index, self.n_phi)
+        out.c_n = self.c_n if c_n is None else float(c_n)
+        out.c_d = self.c_d if c_d is None else float(c_d)
+        out._derived()
+        return out
+
     def astype(self, dtype) -> "LawData":
         """A copy in another float type (float32 makes the wide screening stage ~2x cheaper)."""
         out = LawData(*(np.asarray(v, dtype) for v in (self.n_once, self.n_rec, self.log_r,
@@ -100,13 +116,14 @@ def to_raw(x: np.ndarray, data: LawData) -> np.ndarray:
     return raw
 
 
-def phi_to_u(phi: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(phi, float) / PHI_MAX, 1e-4, 1 - 1e-4)
+def _to_u(x: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Bounded coordinate -> unconstrained u, x = lo + (hi - lo) sigmoid(u)."""
+    p = np.clip((x - lo) / (hi - lo), 1e-4, 1 - 1e-4)
     return np.log(p) - np.log1p(-p)
 
 
-def u_to_phi(u: np.ndarray) -> np.ndarray:
-    return PHI_MAX / (1.0 + np.exp(-np.clip(u, -50.0, 50.0)))
+def _from_u(u: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    return lo + (hi - lo) / (1.0 + np.exp(-np.clip(u, -50.0, 50.0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,42 +194,73 @@ def predict_log_loss(raw: np.ndarray, data: LawData) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # batched L-BFGS (all starts advance in lock-step, each with its own history and step length)
 
-def _u_objective(z: np.ndarray, data: LawData, delta: float, weights, free: np.ndarray):
-    """Objective in the optimiser's space: phis as u (sigmoid transform); pinned params masked."""
-    x = z.copy()
-    x[:, N_BASE:] = np.where(free[N_BASE:], u_to_phi(z[:, N_BASE:]), z[:, N_BASE:])
-    f, g = objective(x, data, delta, weights)
-    s = x[:, N_BASE:] / PHI_MAX
-    g[:, N_BASE:] *= np.where(free[N_BASE:], PHI_MAX * s * (1 - s), 1.0)
-    return f, g * free
+def _bounds_rows(S: int, P: int, free, lo, hi, dtype):
+    """Per-row masks: free (S, P), bounds (S, P) and which coordinates go through the sigmoid.
+    Defaults keep the historical behaviour: only free phis are bounded, to [0, PHI_MAX]."""
+    free = np.broadcast_to(np.ones(P, bool) if free is None else np.asarray(free, bool), (S, P))
+    if lo is None:
+        lo = np.r_[np.full(N_BASE, -np.inf), np.zeros(P - N_BASE)]
+    if hi is None:
+        hi = np.r_[np.full(N_BASE, np.inf), np.full(P - N_BASE, PHI_MAX)]
+    lo = np.broadcast_to(np.asarray(lo, float), (S, P))
+    hi = np.broadcast_to(np.asarray(hi, float), (S, P))
+    tr = free & np.isfinite(lo) & np.isfinite(hi)
+    # finite placeholders where untransformed, so the sigmoid arithmetic stays finite
+    lo_t = np.where(tr, lo, 0.0).astype(dtype)
+    hi_t = np.where(tr, hi, 1.0).astype(dtype)
+    return free, tr, lo_t, hi_t
+
+
+def _u_objective(z, data, delta, weights, fm, tr, lo, hi, shift=None):
+    """Objective in the optimiser's space: bounded coordinates as u (sigmoid); pinned ones masked.
+    shift (S, 2): rows whose coordinates 0 / 1 are the raw a / b rather than the centred ones
+    (a_c = a - alpha * shift[:, 0], b_c = b - beta * shift[:, 1]), so a profile can pin raw a."""
+    x = np.where(tr, _from_u(z, lo, hi), z)
+    if shift is None:
+        f, g = objective(x, data, delta, weights)
+    else:
+        xc = x.copy()
+        xc[:, 0] -= x[:, 3] * shift[:, 0]
+        xc[:, 1] -= x[:, 4] * shift[:, 1]
+        f, g = objective(xc, data, delta, weights)
+        g[:, 3] -= shift[:, 0] * g[:, 0]
+        g[:, 4] -= shift[:, 1] * g[:, 1]
+    s = (x - lo) / (hi - lo)
+    g *= np.where(tr, (hi - lo) * s * (1 - s), 1.0)
+    return f, g * fm
 
 
 def batched_lbfgs(x0: np.ndarray, data: LawData, delta: float, weights: np.ndarray | None = None,
                   free: np.ndarray | None = None, max_iter: int = 300, m: int = 10,
-                  ftol: float = 1e-11, gtol: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+                  ftol: float = 1e-11, gtol: float = 1e-12, lo: np.ndarray | None = None,
+                  hi: np.ndarray | None = None, shift: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Minimise from every row of x0 (centred, natural phi) at once. Returns (x, f) per start.
 
+    free: (P,) or per row (S, P), False pins a coordinate at its start value (a profile pins a
+    different one per row). lo/hi: (P,) or (S, P) bounds, enforced through a sigmoid
+    transform; by default only phi is bounded, to [0, PHI_MAX]. shift: see _u_objective.
     Line search: vectorised backtracking (Armijo) from step 1, which suits L-BFGS once its
     history scales the direction. A start stops when its relative decrease stays below ftol
     for 3 iterations, its gradient vanishes, or its line search fails.
     """
     with np.errstate(all="ignore"):  # overflowing trial points are rejected by the line search
-        return _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol)
+        return _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, hi, shift)
 
 
-def _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol):
+def _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, hi, shift):
     dtype = data.log_l.dtype
     S, P = x0.shape
-    free = np.ones(P, bool) if free is None else np.asarray(free, bool)
+    free, tr, lo, hi = _bounds_rows(S, P, free, lo, hi, dtype)
     fm = free.astype(dtype)
     delta = dtype.type(delta)
     z = x0.astype(dtype).copy()
-    z[:, N_BASE:] = np.where(free[N_BASE:], phi_to_u(x0[:, N_BASE:]), x0[:, N_BASE:])
+    z = np.where(tr, _to_u(z, lo, hi), z)
     wfull = None if weights is None else np.broadcast_to(weights, (S, weights.shape[-1]))
 
     def fg(idx: np.ndarray, zz: np.ndarray):
         w = None if wfull is None else wfull[idx]
-        return _u_objective(zz, data, delta, w, fm)
+        return _u_objective(zz, data, delta, w, fm[idx], tr[idx], lo[idx], hi[idx],
+                            None if shift is None else shift[idx])
 
     f, g = fg(np.arange(S), z)
     s_hist = np.zeros((m, S, P), dtype)
@@ -286,15 +334,31 @@ def _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol):
         done = (slow[ia] >= 3) | (np.abs(g[ia]).max(1) <= gtol)
         active[ia[done]] = False
         active[idx[failed]] = False
-    x = z.astype(float)
-    x[:, N_BASE:] = np.where(free[N_BASE:], u_to_phi(x[:, N_BASE:]), x[:, N_BASE:])
+    x = np.where(tr, _from_u(z.astype(float), lo.astype(float), hi.astype(float)), z.astype(float))
     return x, f.astype(float)
 
 
+def search_box(data: LawData, n_phi: int) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of the search region in centred coordinates (a_c, b_c, e, alpha, beta, phi...).
+
+    exp(a_c) = A N_c^-alpha and exp(b_c) = B D_c^-beta are the size and data terms at the table's
+    geometric-mean size and token count, so all three log-terms share one region, set by the
+    observed losses; the exponents live in [0, EXPONENT_MAX] and phi in [0, PHI_MAX]."""
+    loss = np.exp(np.asarray(data.log_l, float))
+    t_lo, t_hi = np.log(TERM_FLOOR * loss.min()), np.log(TERM_CEIL * loss.max())
+    lo = np.array([t_lo, t_lo, t_lo, 0.0, 0.0] + [0.0] * n_phi)
+    hi = np.array([t_hi, t_hi, t_hi, EXPONENT_MAX, EXPONENT_MAX] + [PHI_MAX] * n_phi)
+    return lo, hi
+
+
 def polish(x0: np.ndarray, data: LawData, delta: float, free: np.ndarray,
-           weights: np.ndarray | None = None) -> tuple[np.ndarray, float]:
-    """scipy L-BFGS-B from one centred start, natural phi bounded to [0, PHI_MAX], tight tolerances
-    (the objective is tiny, ~1e-3, so scipy's default absolute gtol would stop it early)."""
+           weights: np.ndarray | None = None,
+           box: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
+    """scipy L-BFGS-B from one centred start, tight tolerances (the objective is tiny, ~1e-3, so
+    scipy's default absolute gtol would stop it early). Bounds: `box` (lo, hi) for every
+    coordinate when given, else natural phi in [0, PHI_MAX] only; the start is moved into them."""
+    if box is not None:
+        x0 = np.clip(x0, box[0], box[1])
     fixed = x0.copy()
     fi = np.flatnonzero(free)
 
@@ -304,7 +368,10 @@ def polish(x0: np.ndarray, data: LawData, delta: float, free: np.ndarray,
         f, g = objective(x[None], data, delta, weights)
         return float(f[0]), g[0, fi]
 
-    bounds = [(0.0, PHI_MAX) if i >= N_BASE else (None, None) for i in fi]
+    if box is None:
+        bounds = [(0.0, PHI_MAX) if i >= N_BASE else (None, None) for i in fi]
+    else:
+        bounds = [(float(box[0][i]), float(box[1][i])) for i in fi]
     r = minimize(fun, x0[fi], jac=True, method="L-BFGS-B", bounds=bounds,
                  options={"maxiter": 5000, "ftol": 1e-15, "gtol": 1e-14, "maxcor": 20})
     x = fixed.copy()
@@ -337,11 +404,13 @@ def start_grid(n_phi: int, phi_values: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 
 def multistart_fit(data: LawData, delta: float, free: np.ndarray, grid_raw: np.ndarray,
                    extra_starts: np.ndarray | None = None,
                    schedule: Sequence[tuple[int, int]] = ((1, 100), (100, 20), (1000, 4)),
-                   n_polish: int = 4) -> tuple[np.ndarray, float]:
+                   n_polish: int = 4,
+                   box: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, float]:
     """Best minimiser over the grid: batched L-BFGS on all starts with successive pruning
     (iterations, survivors) per stage, then scipy polishing of the best few. The first, widest
-    stage runs in float32 (it only ranks basins); later stages in float64. Returns
-    (raw parameter vector, objective)."""
+    stage runs in float32 (it only ranks basins); later stages in float64. With a `box` the
+    batched stages roam freely and only polished points, which lie in the box, are candidates.
+    Returns (raw parameter vector, objective)."""
     data32 = data.astype(np.float32)
     x = to_centred(grid_raw, data)
     if extra_starts is not None and len(extra_starts):
@@ -356,9 +425,9 @@ def multistart_fit(data: LawData, delta: float, free: np.ndarray, grid_raw: np.n
         f = np.where(np.isfinite(f), f, np.inf)
         order = np.argsort(f)[:keep]
         x, f = x[order], f[order]
-    best_x, best_f = x[0], float(f[0])
+    best_x, best_f = (x[0], float(f[0])) if box is None else (x[0], np.inf)
     for i in range(min(n_polish, len(x))):
-        xp, fp = polish(x[i], data, delta, free)
+        xp, fp = polish(x[i], data, delta, free, box=box)
         if fp < best_f:
             best_x, best_f = xp, fp
     return to_raw(best_x, data), best_f

@@ -5,7 +5,9 @@ law        loss minus the fitted data term B D^-beta against the effective size
            every r collapses onto the one curve.
 isoflop    loss against compute-equivalent N per budget, with the OLS parabolas.
 phi_bootstrap  bootstrap distribution of phi (per variant).
-residuals  log-loss residuals against the prediction; diverged runs marked.
+profile    the profile statistic D of every parameter (one row per fit) with the chi2(1) 95 %
+           threshold: where D stays under it up to an edge, the data do not identify that side.
+residuals  log-loss residuals against the prediction; runs far from the fit marked.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -127,6 +130,37 @@ def plot_phi_bootstrap(fits: dict[str, LawFit], out: Path) -> list[str]:
     return _save(fig, out, "phi_bootstrap")
 
 
+def plot_profiles(fits: dict[str, LawFit], out: Path) -> list[str]:
+    from .profile import CHI2_95
+
+    rows = [(n, f) for n, f in fits.items() if f.profile is not None and f.profile.profiles]
+    if not rows:
+        return []
+    ncol = max(len(f.profile.profiles) for _, f in rows)
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(3.0 * ncol, 2.6 * len(rows)), squeeze=False)
+    for (name, f), row in zip(rows, axes):
+        for ax, (pname, p) in zip(row, f.profile.profiles.items()):
+            # show where D is below 3x the threshold (and one point beyond): the whole region when flat
+            inside = np.flatnonzero(p.stat <= 3 * CHI2_95)
+            lo_i, hi_i = max(inside.min() - 1, 0), min(inside.max() + 1, len(p.values) - 1)
+            ax.plot(p.values[lo_i:hi_i + 1], p.stat[lo_i:hi_i + 1], ".-", ms=3, lw=0.8, color="C0")
+            ax.axhline(CHI2_95, color="k", lw=0.6, ls="--")
+            ax.axvline(p.estimate, color="C3", lw=0.6)
+            for v, is_open in zip(p.ci, p.open):
+                if not is_open:
+                    ax.axvline(v, color="C2", lw=0.6, ls=":")
+            if pname in ("A", "B"):  # these span decades
+                ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+            ax.set_ylim(0, 3 * CHI2_95)
+            ax.set_title(f"{name}: {pname}" + ("" if p.identified else " (not identified)"), fontsize=8)
+            ax.tick_params(labelsize=7)
+        for ax in row[len(f.profile.profiles):]:
+            ax.axis("off")
+        row[0].set_ylabel("D = 2k (F - F_min)", fontsize=8)
+    return _save(fig, out, "profile")
+
+
 def plot_residuals(fits: dict[str, LawFit], out: Path) -> list[str]:
     names = [n for n in fits if n != "joint"]
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), squeeze=False)
@@ -138,7 +172,12 @@ def plot_residuals(fits: dict[str, LawFit], out: Path) -> list[str]:
             m = d["r"] == r
             ax.scatter(np.exp(d["pred_log_loss"][m]), d["log_residual"][m], s=12, color=c, label=f"r={r:g}")
         ax.axhline(0, color="k", lw=0.6)
-        ax.set_title(f"{name}: residuals ({len(f.diverged)} diverged)")
+        far = [d["run"] for d in f.diverged]
+        m = d["run"].isin(far)
+        if m.any():
+            ax.scatter(np.exp(d["pred_log_loss"][m]), d["log_residual"][m], s=40, facecolors="none",
+                       edgecolors="r", label="far from the fit")
+        ax.set_title(f"{name}: residuals ({len(f.diverged)} far from the fit)")
         ax.set_xlabel("predicted loss")
         ax.set_ylabel("log loss - log prediction")
         ax.legend(fontsize=8)
@@ -152,5 +191,6 @@ def make_plots(report: dict[str, Any], fits: dict[str, LawFit], df, out_dir: str
     paths = plot_law(fits, out)
     paths += plot_isoflop(report["isoflop"], df, out)
     paths += plot_phi_bootstrap(fits, out)
+    paths += plot_profiles(fits, out)
     paths += plot_residuals(fits, out)
     return paths

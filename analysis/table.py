@@ -16,6 +16,8 @@ except Exception:  # pragma: no cover - analysis used standalone
 
 REQUIRED = ("n_once", "n_rec", "r", "tokens", "loss")
 OPTIONAL_NUMERIC = ("flops",)
+# what a run's own record says about its health; an empty cell means "not recorded"
+RECORD_COLUMNS = ("vocab_size", "skipped_steps")
 
 
 class FitInputError(ValueError, _UserError):
@@ -37,7 +39,8 @@ def validate(df: pd.DataFrame, source: str = "table") -> pd.DataFrame:
     missing = [c for c in REQUIRED if c not in df.columns]
     if missing:
         raise FitInputError(f"{source}: missing column(s) {', '.join(missing)}; "
-                            f"need {', '.join(REQUIRED)} (optional: run, variant, flops)")
+                            f"need {', '.join(REQUIRED)} (optional: run, variant, flops, "
+                            f"{', '.join(RECORD_COLUMNS)})")
     if len(df) == 0:
         raise FitInputError(f"{source}: no runs")
     problems: list[str] = []
@@ -58,6 +61,17 @@ def validate(df: pd.DataFrame, source: str = "table") -> pd.DataFrame:
                 problems.append(f"{_row_label(df, i)}: r must be >= 1, got {v:g}")
             elif col not in ("n_rec", "r") and v <= 0:
                 problems.append(f"{_row_label(df, i)}: {col} must be positive, got {v:g}")
+        df[col] = num.astype(float)
+    for col in (c for c in RECORD_COLUMNS if c in df.columns):
+        num = pd.to_numeric(df[col], errors="coerce")
+        for i in range(len(df)):
+            v, raw = num.iloc[i], df[col].iloc[i]
+            if pd.isna(v) and not (pd.isna(raw) or str(raw).strip().lower() in ("nan", "")):
+                problems.append(f"{_row_label(df, i)}: {col} is not a number ({raw!r})")
+            elif col == "vocab_size" and not (pd.isna(v) or v >= 2):
+                problems.append(f"{_row_label(df, i)}: vocab_size must be >= 2, got {v:g}")
+            elif col == "skipped_steps" and not (pd.isna(v) or v >= 0):
+                problems.append(f"{_row_label(df, i)}: skipped_steps must be >= 0, got {v:g}")
         df[col] = num.astype(float)
     if "run" in df.columns:
         df["run"] = df["run"].astype(str)
@@ -82,6 +96,33 @@ def validate(df: pd.DataFrame, source: str = "table") -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def record_divergence(df: pd.DataFrame) -> list[str]:
+    """Per run, why its own record says it diverged ('' when it does not): non-finite steps
+    skipped during training, or a loss above ln(vocab_size), the loss of a uniform guess."""
+    out = []
+    for i in range(len(df)):
+        why = []
+        skipped = df["skipped_steps"].iloc[i] if "skipped_steps" in df.columns else np.nan
+        if skipped > 0:
+            why.append(f"{skipped:g} non-finite step(s) skipped during training")
+        vocab = df["vocab_size"].iloc[i] if "vocab_size" in df.columns else np.nan
+        if vocab > 0 and df["loss"].iloc[i] > np.log(vocab):
+            why.append(f"loss {df['loss'].iloc[i]:.4g} above ln(vocab_size) = {np.log(vocab):.4g}, "
+                       "the loss of a uniform guess")
+        out.append("; ".join(why))
+    return out
+
+
+def _vocab_from_config(run_dir: Path):
+    """model.vocab_size from the run's resolved config.yaml (None when unreadable)."""
+    try:
+        import yaml
+
+        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["vocab_size"])
+    except Exception:  # no config, no yaml, or no such key: the record is simply absent
+        return None
+
+
 def _read_summary(path: Path) -> dict:
     try:
         s = json.loads(path.read_text())
@@ -89,8 +130,10 @@ def _read_summary(path: Path) -> dict:
         raise FitInputError(f"{path}: cannot read summary.json ({exc})") from None
     if not isinstance(s, dict):
         raise FitInputError(f"{path}: summary.json is not a JSON object")
-    row = {k: s.get(k) for k in ("run", "n_once", "n_rec", "r", "tokens", "flops", "variant")
-           if s.get(k) is not None}
+    row = {k: s.get(k) for k in ("run", "n_once", "n_rec", "r", "tokens", "flops", "variant",
+                                 "vocab_size", "skipped_steps") if s.get(k) is not None}
+    if "vocab_size" not in row and (vocab := _vocab_from_config(path.parent)) is not None:
+        row["vocab_size"] = vocab
     row["loss"] = s.get("val_loss", s.get("loss"))
     if s.get("target_flops"):  # the run's compute budget: runs of one budget share an iso-FLOP group
         row["flops"] = s["target_flops"]

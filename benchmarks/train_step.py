@@ -10,7 +10,12 @@ Sections (all measured in ONE process, so their ratios hold on a noisy, shared m
   precision  fp32 eager, fp32 compiled, bf16 compiled at the given shape;
   checkpoint r = 8 with and without model.checkpoint_recurrence;
   bptt       bptt_k = r .. 1 at the given r (activation memory must fall with k);
-  config     the given config exactly as it is (--config / --set).
+  config     the given config exactly as it is (--config / --set);
+  sidebyside megaloop's fp32 eager and compiled steps against a plain looped GPT of the same shape
+             (benchmarks/plain_gpt.py: torch ops, each block compiled, full logits +
+             F.cross_entropy, torch.optim.AdamW), at r = 4 and r = 8 (--sidebyside-recur);
+             reported as the median of per-round speed ratios, and as the fraction of the fp32
+             matmul rate measured in the same rounds.
 The default shape is d_model 256, 2 heads, 2 + 4 + 2 blocks, r = 4, seq_len 256, batch 8.
 
 Timing: every variant of a section takes one step per round, round-robin, after a warm-up step
@@ -46,11 +51,14 @@ from megaloop.engine import LocalEngine, autocast_for
 from megaloop.mfu import cpu_model, measure_matmul_flops, native_bf16_matmul, peak_flops
 from megaloop.train import build_model, compile_blocks
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plain_gpt import PlainLoopedGPT, PlainTrainer  # noqa: E402 - the yardstick lives beside this file
+
 SHAPE = ["model.d_model=256", "model.n_head=2", "model.n_kv_head=2", "model.vocab_size=4096",
          "model.seq_len=256", "model.n_prelude=2", "model.n_recur_block=4", "model.n_coda=2",
          "model.num_recur=4", "model.input_injection=linear", "train.micro_batch_size=8", "train.steps=1",
          "optim.name=adamw", "optim.lr=0.001"]
-SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config")
+SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config", "sidebyside")
 
 
 def base_config(path: Optional[str], overrides: list[str]) -> Config:
@@ -82,10 +90,7 @@ class Variant:
         if self.compiled:
             compile_blocks(model)
         self.engine = LocalEngine(self.cfg, model, device)
-        g = torch.Generator().manual_seed(0)
-        m, t = self.cfg.model, self.cfg.train
-        x = torch.randint(0, m.vocab_size, (t.micro_batch_size, m.seq_len), generator=g)
-        self.batch = (x.to(device), torch.roll(x, -1, 1).to(device))
+        self.batch = fixed_batch(self.cfg, device)
 
     def step(self) -> float:
         sync(self.engine.device)
@@ -97,6 +102,34 @@ class Variant:
 
     def release(self) -> None:
         self.engine = self.batch = None
+
+
+class PlainVariant(Variant):
+    """The plain looped GPT of benchmarks/plain_gpt.py at the same shape, optimizer settings and
+    batch: the yardstick of the side-by-side section."""
+
+    def build(self, device: torch.device) -> None:
+        m, o = self.cfg.model, self.cfg.optim
+        torch.manual_seed(self.cfg.train.seed)
+        model = PlainLoopedGPT(m.vocab_size, m.d_model, m.n_head, m.seq_len, m.n_prelude, m.n_recur_block,
+                               m.n_coda, m.num_recur, m.logit_softcap, m.norm_eps).to(device)
+        self.engine = PlainTrainer(model, o.lr, o.betas, o.eps, o.grad_clip, self.compiled)
+        self.engine.device = device
+        self.batch = fixed_batch(self.cfg, device)
+
+    def step(self) -> float:
+        sync(self.engine.device)
+        t0 = time.perf_counter()
+        self.losses.append(self.engine.step(*self.batch))  # .item() inside: the step has finished
+        sync(self.engine.device)
+        return time.perf_counter() - t0
+
+
+def fixed_batch(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    m, t = cfg.model, cfg.train
+    x = torch.randint(0, m.vocab_size, (t.micro_batch_size, m.seq_len), generator=g)
+    return x.to(device), torch.roll(x, -1, 1).to(device)
 
 
 def sync(device: torch.device) -> None:
@@ -136,16 +169,59 @@ def state_bytes(engine: LocalEngine) -> dict[str, int]:
     return {"params": params, "grads": params, "optimizer_state": opt}
 
 
-def measure_memory(v: Variant, method: str, device: torch.device) -> dict:
+def fwd_bwd_peak_bytes(v: Variant, device: torch.device) -> int:
+    """Peak bytes allocated during one forward + backward of the variant's own model, above what
+    was allocated before it (so: activations, transients and the gradients; not the parameters
+    or optimizer state). CUDA: torch.cuda.max_memory_allocated. CPU: the allocation events of
+    torch.profiler(profile_memory=True), summed in time order (slow: ~10-60 s per variant)."""
+    model = v.engine.model
+    model.zero_grad(set_to_none=True)
     if device.type == "cuda":
-        return {"method": "torch.cuda.max_memory_allocated", "peak_bytes": torch.cuda.max_memory_allocated(device)}
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        with autocast_for(v.cfg, device):
+            loss = model(*v.batch)
+        loss.backward()
+        del loss
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+    else:
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with autocast_for(v.cfg, device):
+                loss = model(*v.batch)
+            loss.backward()
+            del loss
+        events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        live = peak = 0
+        for _, n in events:
+            live += n
+            peak = max(peak, live)
+    model.zero_grad(set_to_none=True)
+    return peak
+
+
+def measure_memory(v: Variant, method: str, device: torch.device, alloc: bool = False) -> dict:
+    """alloc: also the measured fwd+bwd allocation peak (fwd_bwd_peak_bytes); always on CUDA."""
+    if device.type == "cuda":
+        peak = fwd_bwd_peak_bytes(v, device)
+        states = state_bytes(v.engine)
+        return {"method": "torch.cuda.max_memory_allocated over one fwd+bwd, minus what was allocated before",
+                "fwd_bwd_peak_bytes": peak, **{f"{k}_bytes": b for k, b in states.items()},
+                "peak_bytes": peak + states["params"] + states["optimizer_state"]}
     if method == "rss":
         return rss_in_subprocess(v)
     eager = build_model(v.cfg).to(device)  # compiled graphs would hide their saves from the hooks
     act = saved_activation_bytes(v.cfg, eager, v.batch, device)
     states = state_bytes(v.engine)
-    return {"method": "saved_tensors_hooks+params+grads+optimizer_state", "activation_bytes": act,
-            **{f"{k}_bytes": b for k, b in states.items()}, "peak_bytes": act + sum(states.values())}
+    out = {"method": "saved_tensors_hooks+params+grads+optimizer_state", "activation_bytes": act,
+           **{f"{k}_bytes": b for k, b in states.items()}, "peak_bytes": act + sum(states.values())}
+    if alloc:
+        out["fwd_bwd_peak_bytes"] = fwd_bwd_peak_bytes(v, device)
+        out["fwd_bwd_peak_method"] = "torch.profiler allocation events over one fwd+bwd (activations + grads)"
+    return out
 
 
 def rss_in_subprocess(v: Variant) -> dict:
@@ -181,7 +257,7 @@ def child(spec_json: str) -> None:
 # ----------------------------------------------------------------------------- timing
 
 def run_section(variants: list[Variant], steps: int, device: torch.device, memory: str,
-                matmul_rounds: Optional[list[float]] = None, log=print) -> list[dict]:
+                matmul_rounds: Optional[list[float]] = None, log=print, alloc: bool = False) -> list[dict]:
     for v in variants:
         v.build(device)
         if device.type == "cuda":
@@ -198,9 +274,62 @@ def run_section(variants: list[Variant], steps: int, device: torch.device, memor
         log(f"  round {rnd + 1}/{steps}: " + ", ".join(f"{v.name} {v.times[-1]:.2f}s" for v in variants))
     out = []
     for v in variants:
-        mem = measure_memory(v, memory, device)
+        mem = measure_memory(v, memory, device, alloc)
         out.append(report(v, mem))
         v.release()
+    return out
+
+
+def run_side_by_side(cfg: Config, steps: int, recurs: list[int], device: torch.device, log=print) -> dict:
+    """megaloop's fp32 eager and compiled steps against the plain looped GPT, at each r.
+
+    All four variants of one r live in one process and step round-robin, the order rotated every
+    round so that none always runs right after the matmul probe; a 2048^3 fp32 matmul is timed
+    after every round. A ratio is formed per round (plain step time / megaloop step time, so
+    > 1 means megaloop is faster) and the median over rounds is reported: load from other
+    processes moves both members of a round together, where it would move single timings apart.
+    """
+    out: dict = {}
+    for r in recurs:
+        base = with_sets(cfg, [f"model.num_recur={r}", "model.bptt_k=null", "parallel.precision=fp32"])
+        vs = [PlainVariant("plain_compiled", base, True), Variant("megaloop_compiled", base, True),
+              PlainVariant("plain_eager", base, False), Variant("megaloop_eager", base, False)]
+        log(f"sidebyside: r={r}")
+        for v in vs:
+            v.build(device)
+            t0 = time.perf_counter()
+            v.step()  # warm-up: compilation, optimizer state
+            v.warmup_s = time.perf_counter() - t0
+            log(f"  {v.name}: warm-up {v.warmup_s:.1f}s")
+        matmul: list[float] = []
+        for rnd in range(steps):
+            k = rnd % len(vs)
+            for v in vs[k:] + vs[:k]:
+                v.times.append(v.step())
+            matmul.append(measure_matmul_flops(torch.float32, reps=1) if device.type == "cpu" else float("nan"))
+            log(f"  round {rnd + 1}/{steps}: " + ", ".join(f"{v.name} {v.times[-1]:.2f}s" for v in vs))
+        rows = {v.name: report(v, {"method": "not measured"}) for v in vs}
+        for v in vs:
+            v.release()
+        pc, mc, pe, me = (rows[n]["step_s_all"] for n in ("plain_compiled", "megaloop_compiled",
+                                                          "plain_eager", "megaloop_eager"))
+        tokens = base.train.micro_batch_size * base.model.seq_len
+        fpt = flops_per_token(base.model)
+        frac = [tokens * fpt / t / mm for t, mm in zip(mc, matmul)]
+        out[f"r{r}"] = {
+            "rows": list(rows.values()),
+            "compiled_over_plain_compiled": statistics.median(p / m for p, m in zip(pc, mc)),
+            "eager_over_plain_eager": statistics.median(p / m for p, m in zip(pe, me)),
+            "eager_over_plain_compiled": statistics.median(p / m for p, m in zip(pc, me)),
+            "plain_compiled_over_plain_eager": statistics.median(p / m for p, m in zip(pe, pc)),
+            "megaloop_compiled_frac_of_in_run_fp32_matmul": statistics.median(frac) if device.type == "cpu" else None,
+            "plain_compiled_frac_of_in_run_fp32_matmul": (statistics.median(
+                tokens * fpt / t / mm for t, mm in zip(pc, matmul)) if device.type == "cpu" else None),
+            "matmul_fp32_per_round": matmul,
+        }
+        log(f"  r={r}: compiled {out[f'r{r}']['compiled_over_plain_compiled']:.3f}x plain compiled, "
+            f"eager {out[f'r{r}']['eager_over_plain_eager']:.3f}x plain eager, "
+            f"{out[f'r{r}']['megaloop_compiled_frac_of_in_run_fp32_matmul'] or float('nan'):.3f} of the matmul rate")
     return out
 
 
@@ -228,11 +357,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="YAML config (default: the built-in benchmark shape)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    ap.add_argument("--sections", default="peak,precision,checkpoint,bptt",
+    ap.add_argument("--sections", default="peak,precision,checkpoint,bptt,sidebyside",
                     help=f"comma-separated subset of {','.join(SECTIONS)}")
     ap.add_argument("--steps", type=int, default=3, help="timed rounds per section (after one warm-up)")
     ap.add_argument("--memory", choices=("saved", "rss"), default="saved", help="CPU peak-memory method")
     ap.add_argument("--checkpoint-recur", type=int, default=8, help="r of the checkpoint section")
+    ap.add_argument("--bptt-long-recur", type=int, default=8, help="r of the bptt section's full vs k=2 pair")
+    ap.add_argument("--sidebyside-recur", default="4,8", help="r values of the sidebyside section")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     ap.add_argument("--out", help="also write the JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -285,14 +416,24 @@ def main(argv: Optional[list[str]] = None) -> dict:
         variants = [Variant(f"bptt_k{k}", with_sets(cfg, [f"model.bptt_k={k}"]), False)
                     for k in range(m.num_recur, 0, -1)]
         result["bptt"] = run_section(variants, args.steps, device, args.memory, track, log)
+        r8 = args.bptt_long_recur
+        log(f"bptt: r={r8}, full backprop and bptt_k=2")
+        long = with_sets(cfg, [f"model.num_recur={r8}"])
+        variants = [Variant(f"r{r8}_full", with_sets(long, ["model.bptt_k=null"]), False),
+                    Variant(f"r{r8}_bptt_k2", with_sets(long, ["model.bptt_k=2"]), False)]
+        result["bptt_long"] = run_section(variants, args.steps, device, args.memory, track, log, alloc=True)
     if "config" in sections:
         log("config: as given")
         result["config"] = run_section([Variant("config", cfg, cfg.train.compile)], args.steps, device,
                                        args.memory, track, log)
 
+    if "sidebyside" in sections:
+        result["sidebyside"] = run_side_by_side(cfg, args.steps, [int(r) for r in args.sidebyside_recur.split(",")],
+                                                device, log)
+
     in_run_median = statistics.median(in_run) if in_run else None
     result["matmul_fp32_in_run"] = {"median": in_run_median, "all": in_run} if in_run else None
-    for sec in ("precision", "checkpoint", "bptt", "config"):
+    for sec in ("precision", "checkpoint", "bptt", "bptt_long", "config"):
         if sec in result:
             add_mfu(result[sec], peaks, in_run_median)
     result["ratios"] = ratios(result)
@@ -320,10 +461,25 @@ def ratios(result: dict) -> dict:
         out["checkpoint_activation_memory_ratio"] = ratio_of(ck[1], ck[0], "activation_bytes")
         out["checkpoint_peak_memory_ratio"] = ratio_of(ck[1], ck[0], "peak_bytes")
         out["checkpoint_time_ratio"] = ck[1]["step_s_median"] / ck[0]["step_s_median"]
+    for key, sb in result.get("sidebyside", {}).items():
+        out[f"sidebyside_{key}_compiled_over_plain_compiled"] = sb["compiled_over_plain_compiled"]
+        out[f"sidebyside_{key}_eager_over_plain_eager"] = sb["eager_over_plain_eager"]
+        out[f"sidebyside_{key}_frac_of_in_run_fp32_matmul"] = sb["megaloop_compiled_frac_of_in_run_fp32_matmul"]
     bp = result.get("bptt", [])
     if bp:
         mem = [row["memory"].get("activation_bytes", row["memory"]["peak_bytes"]) for row in bp]
         out["bptt_memory_falls_with_k"] = all(a > b for a, b in zip(mem, mem[1:]))
+    bl = result.get("bptt_long", [])
+    if len(bl) == 2:  # truncated (k = 2) over full backprop at the long r: target <= 0.35
+        full, k2 = bl
+        r = full["num_recur"]
+        out[f"bptt_r{r}_k2_activation_memory_ratio"] = ratio_of(k2, full, "activation_bytes")
+        out[f"bptt_r{r}_k2_fwd_bwd_peak_ratio"] = ratio_of(k2, full, "fwd_bwd_peak_bytes")
+        g = full["memory"].get("grads_bytes")
+        if g is not None and full["memory"].get("fwd_bwd_peak_bytes"):  # the peak less the gradients
+            out[f"bptt_r{r}_k2_fwd_bwd_peak_less_grads_ratio"] = (
+                (k2["memory"]["fwd_bwd_peak_bytes"] - g) / (full["memory"]["fwd_bwd_peak_bytes"] - g))
+        out[f"bptt_r{r}_k2_time_ratio"] = k2["step_s_median"] / full["step_s_median"]
     return out
 
 

@@ -21,6 +21,37 @@ def backend(name: str):
             os.environ["MEGALOOP_KERNELS"] = old
 
 
+DEVICE_ENV = "MEGALOOP_TEST_DEVICE"  # cpu (default): Triton interpreter; cuda: compiled kernels on the GPU
+
+
+def test_device() -> str:
+    return os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+
+
+def select_test_device() -> str:
+    """Call at the top of a kernel test module, before anything imports triton.
+
+    cpu (the default): the kernels run under the Triton interpreter (TRITON_INTERPRET=1).
+    MEGALOOP_TEST_DEVICE=cuda: the same tests run the compiled kernels on the GPU. New tensors
+    default to that device and `generator` hands out generators on it, so the tests' inputs,
+    references and tolerances are the ones the CPU run checks.
+    """
+    device = test_device()
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+        return device
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        raise RuntimeError(f"{DEVICE_ENV}={device!r}: only cpu or cuda (with a visible GPU) can run the kernel tests")
+    os.environ.pop("TRITON_INTERPRET", None)
+    torch.set_default_device(device)
+    return device
+
+
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the test device (CPU and CUDA draw different numbers)."""
+    return torch.Generator(device=test_device()).manual_seed(seed)
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

@@ -4,7 +4,8 @@
 #   launch/torchrun.sh [--dry-run] [--nproc N] CONFIG [--set key=value ...] [--resume]
 #
 # --nproc defaults to the number of visible GPUs (1 without GPUs). The layout comes from the
-# config: parallel.tp x parallel.pp must divide N; the rest is data parallel.
+# config: parallel.tp x parallel.pp must divide N; the rest is data parallel. Inside a SLURM
+# allocation OMP_NUM_THREADS (unless set) is SLURM_CPUS_PER_TASK / N, the allocation's share.
 # --dry-run prints the exact command instead of running it.
 set -euo pipefail
 
@@ -20,7 +21,7 @@ while [[ $# -gt 0 ]]; do
       [[ $# -ge 2 && "$2" != -* ]] || die "--nproc needs a value: the number of processes, e.g. --nproc 4"
       NPROC="$2"; shift 2 ;;
     --nproc=*) NPROC="${1#--nproc=}"; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
     --set|--resume) break ;;  # megaloop train's own options
     -*) die "unknown option $1. $USAGE" ;;
     *) break ;;
@@ -38,8 +39,14 @@ if [[ -z "$NPROC" ]]; then
   [[ "$NPROC" -gt 0 ]] || NPROC=1
 fi
 
+if [[ -z "${OMP_NUM_THREADS:-}" && -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+  OMP_NUM_THREADS=$(( SLURM_CPUS_PER_TASK / NPROC ))
+  export OMP_NUM_THREADS=$(( OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1 ))
+fi
+
 cmd=(torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" -m megaloop.cli train "$@")
 if [[ "$DRY_RUN" == 1 ]]; then
+  [[ -z "${OMP_NUM_THREADS:-}" ]] || echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"
   printf '%q ' "${cmd[@]}"; echo
 else
   exec "${cmd[@]}"

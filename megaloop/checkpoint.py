@@ -11,6 +11,7 @@ rank that fails mid-save never reaches that point, and the others are stopped (p
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -33,6 +34,25 @@ PUBLISH_LOCK = threading.Lock()
 
 class CheckpointError(UserError):
     pass
+
+
+# What to do about the causes a save can meet; anything else is named as is.
+_FIXES = {
+    errno.ENOSPC: "free disk space", errno.EDQUOT: "free some of your disk quota",
+    errno.EACCES: "fix the run directory's permissions", errno.EPERM: "fix the run directory's permissions",
+    errno.EROFS: "put the run directory on a writable file system",
+    errno.ENOENT: "a file or folder of the save vanished while it was written: make sure no other process "
+                  "writes to this run directory",
+    errno.ESTALE: "the network file system dropped the file handle: check the mount",
+    errno.EIO: "the storage reported an I/O error: check the disk or the mount",
+}
+
+
+def os_error_cause(e: OSError) -> tuple[str, str]:
+    """(the real cause, with errno name and path; the fix for it) of a failed write."""
+    name = errno.errorcode.get(e.errno, "") if e.errno else ""
+    cause = f"{e.strerror or e}" + (f" ({name})" if name else "") + (f": {e.filename}" if e.filename else "")
+    return cause, _FIXES.get(e.errno, "fix that")
 
 
 def _fsync_dir(path: str) -> None:
@@ -165,9 +185,10 @@ def save(run_dir: str, step: int, write_files: Callable[[str], None], meta: dict
         # checkpoint without this rank's files; the failing rank's exit stops them.
         if is_writer:
             shutil.rmtree(tmp, ignore_errors=True)
+        cause, fix = os_error_cause(e)
         raise CheckpointError(
-            f"could not write checkpoint for step {step} in {root}: {e.strerror or e}. The previous "
-            f"checkpoint is intact; free disk space or fix permissions, then resume with --resume") from None
+            f"could not write checkpoint for step {step} in {root}: {cause}. The previous "
+            f"checkpoint is intact; {fix}, then resume with --resume") from None
     barrier()  # every rank's files are on disk
     if is_writer:
         old = os.path.join(root, f".tmp_old_{step_dir_name(step)}")
@@ -184,9 +205,10 @@ def save(run_dir: str, step: int, write_files: Callable[[str], None], meta: dict
             shutil.rmtree(tmp, ignore_errors=True)
             if os.path.isdir(old) and not os.path.exists(final):  # put the re-saved step back
                 os.replace(old, final)
+            cause, fix = os_error_cause(e)
             raise CheckpointError(
-                f"could not publish checkpoint for step {step}: {e.strerror or e}. The previous "
-                f"checkpoint is intact; free disk space, then resume with --resume") from None
+                f"could not publish checkpoint for step {step} in {root}: {cause}. The previous "
+                f"checkpoint is intact; {fix}, then resume with --resume") from None
         for stale in list_complete(run_dir)[:-keep]:
             shutil.rmtree(os.path.join(root, step_dir_name(stale)), ignore_errors=True)
     barrier()

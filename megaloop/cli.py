@@ -16,14 +16,15 @@ USAGE = """megaloop <command> [args]
 commands:
   train       pretrain a looped LM:          megaloop train CONFIG.yaml [--set key=value ...] [--resume]
   eval        val loss at several r:         megaloop eval RUN_DIR --recur 1,2,4,8
+              with per-token exit / tasks:   megaloop eval RUN_DIR --exit kl:0.01 | --tasks T1,T2 [--recur 1,4]
   params      parameters and FLOPs:          megaloop params CONFIG.yaml [--flops 1e18] [--json]
   tokenizer   train a sentencepiece model:   megaloop tokenizer --input FILES --out PREFIX --vocab-size N
   preprocess  text -> token dataset:         megaloop preprocess --input FILES --tokenizer M --out-dir DIR
   sweep       plan / run / collect a grid:   megaloop sweep {plan,run,slurm,collect} ...
   fit         fit the scaling law:           megaloop fit TABLE.csv|RUN_DIRS... [--json]
   capacity    recurrence-equivalent size:    megaloop capacity --phi 0.46 --n-once X --n-rec Y --r 4
-  export      consolidated safetensors:      megaloop export RUN_DIR --out DIR
-  generate    sample text from a run:        megaloop generate RUN_DIR --prompt TEXT
+  export      safetensors or Hugging Face:   megaloop export RUN_DIR --out DIR [--format safetensors|hf]
+  generate    sample text from a run:        megaloop generate RUN_DIR --prompt TEXT [--kv-budget K] [--exit kl:0.01]
   checkpoint  inspect / convert checkpoints: megaloop checkpoint {info,convert} ...
 
 Run `megaloop <command> --help` for the options of one command."""
@@ -76,6 +77,8 @@ def cmd_eval(argv: list[str]) -> int:
     ap.add_argument("run_dir", help="a run directory or a `megaloop export` folder")
     ap.add_argument("--recur", default=None, help="comma-separated r values, e.g. 1,2,4,8 (default: the trained r)")
     ap.add_argument("--tokens", type=int, default=None, help="validation tokens to use (default train.eval_tokens)")
+    from .inference.cli import add_eval_args, run_eval
+    add_eval_args(ap)
     args = ap.parse_args(argv)
     from .errors import UserError
     from .train import evaluate_run
@@ -95,6 +98,8 @@ def cmd_eval(argv: list[str]) -> int:
         if not os.path.isfile(cfg_path):
             raise UserError(f"{args.run_dir} is not a run directory or an export folder (no config.yaml)")
         recur = [load_config(cfg_path).model.num_recur]
+    if args.exit or args.tasks or args.thresholds or args.plot or args.max_recur:
+        return run_eval(args, recur)
     evaluate_run(args.run_dir, recur, args.tokens)
     return 0
 
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[cmd](rest) or 0)
     except errors as e:
         print(f"megaloop {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
-        return getattr(e, "exit_code", 2)  # another rank's failure keeps that rank's status
+        return getattr(e, "exit_status", 2)  # e.g. another rank's failure keeps that rank's status
     except KeyboardInterrupt:
         print(f"megaloop {cmd}: interrupted", file=sys.stderr)
         return 130

@@ -69,8 +69,8 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "muon"                       # muon | adamw
-    lr: float = 0.02                         # Muon matrix lr (muon) or the single peak lr (adamw)
+    name: str = "muon"                       # muonh | muon | adamw
+    lr: float = 0.02                         # matrix lr (muonh, muon; the reference study: muonh 0.014) or the single peak lr (adamw)
     embed_lr: float = 0.2                    # AdamW groups under muon, scaled by (d_model/512)^-0.5
     head_lr: float = 0.004
     norm_lr: float = 0.005
@@ -78,8 +78,8 @@ class OptimConfig:
     betas: tuple = (0.8, 0.95)
     eps: float = 1e-10
     weight_decay: float = 0.0
-    momentum: float = 0.95                   # Muon
-    ns_steps: int = 5                        # Muon Newton-Schulz iterations
+    momentum: float = 0.95                   # Muon / MuonH
+    ns_steps: int = 5                        # Newton-Schulz (muon) or Polar Express (muonh, at most 5) iterations
     warmup_steps: int = 0
     final_lr_frac: float = 0.1
     grad_clip: Optional[float] = 1.0         # None or 0 = no clipping
@@ -356,7 +356,12 @@ def validate(cfg: Config) -> None:
         _need(m.n_head % p.tp == 0 and m.kv_heads % p.tp == 0,
               f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and the kv heads={m.kv_heads}")
 
-    _need(o.name in ("muon", "adamw"), f"optim.name must be muon or adamw, got {o.name!r}")
+    _need(o.name in ("muonh", "muon", "adamw"), f"optim.name must be muonh, muon or adamw, got {o.name!r}")
+    if o.name == "muonh":
+        _need(1 <= o.ns_steps <= 5, f"optim.ns_steps must be 1..5 for muonh (Polar Express has 5 published "
+                                    f"iterations), got {o.ns_steps}")
+        _need(not o.weight_decay, f"optim.weight_decay must be 0 for muonh (the weights stay on a Frobenius "
+                                  f"sphere, where decay is a no-op), got {o.weight_decay}")
     _need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _need(0.0 <= o.final_lr_frac <= 1.0, f"optim.final_lr_frac must be in [0, 1], got {o.final_lr_frac}")
     _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")

@@ -3,3 +3,4 @@
 
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, impossible layout). Message names the fix."""
+    exit_status = 2

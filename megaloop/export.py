@@ -72,7 +72,15 @@ def export_main(argv: list[str]) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--out", required=True, help="output folder (model.safetensors, config.yaml, tokenizer.model)")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--format", default="safetensors", help="safetensors (default) or hf: a Hugging Face transformers "
+                    "folder (config.json, weights, modeling code, tokenizer; megaloop.inference.hf_export)")
     args = ap.parse_args(argv)
+    if args.format not in ("safetensors", "hf"):
+        raise UserError(f"unknown export format {args.format!r}; use --format safetensors or --format hf")
+    if args.format == "hf":
+        from .inference.hf_export import export_hf
+        print(f"exported (Hugging Face) to {export_hf(args.run_dir, args.out, args.force)}")
+        return 0
     print(f"exported to {export(args.run_dir, args.out, args.force)}")
     return 0
 
@@ -97,6 +105,8 @@ def generate_main(argv: list[str]) -> int:
     ap.add_argument("--top-k", type=int, default=None)
     ap.add_argument("--recur", type=int, default=None, help="recurrences at inference (default: the trained r)")
     ap.add_argument("--seed", type=int, default=0)
+    from .inference.cli import add_decoding_args, decode
+    add_decoding_args(ap)
     args = ap.parse_args(argv)
     check_generate_args(args)
     from .data.tokenizer import Tokenizer
@@ -105,7 +115,7 @@ def generate_main(argv: list[str]) -> int:
     ids = tok.encode(args.prompt) if args.prompt else [tok.eos_id]
     idx = torch.tensor([ids], dtype=torch.long)
     gen = torch.Generator().manual_seed(args.seed)
-    out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.recur, generator=gen)
+    out = decode(model, idx, args, generator=gen)
     print(args.prompt + tok.decode(out[0, len(ids) if args.prompt else 1:].tolist()))
     return 0
 

@@ -8,6 +8,9 @@ Points:
                 (the other ranks are then inside the save's collectives)
   `nan`         the loss of step N becomes NaN (a real non-finite step: the update is skipped)
   `spike`       the loss reported for step N is multiplied by SPIKE (the divergence guard's input)
+  `pause`       stop after step N, its checkpoint and metrics written, until the file named by
+                MEGALOOP_FAULT_RELEASE exists, at most 10 minutes (holds a run mid-training while a
+                test starts a second writer or cancels the job)
 `@rank` limits a fault to one global rank (default: every rank). Each fault fires once per process,
 so a run that rewinds past step N does not meet it again. Unset in normal runs, where every call is
 a dictionary lookup.
@@ -54,6 +57,10 @@ def armed(point: str, step: int) -> bool:
 def maybe_kill(point: str, step: int) -> None:
     if armed(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "step" and armed("pause", step):
+        release, deadline = os.environ.get("MEGALOOP_FAULT_RELEASE"), time.monotonic() + 600
+        while not (release and os.path.exists(release)) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def maybe_fail(point: str, step: int) -> None:

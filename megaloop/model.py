@@ -74,13 +74,16 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_head * hd, d, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        """cache: None (training, full causal attention) or one layer of a decoding KV cache
+        (megaloop.inference.cache), called as cache(q, k, v); cos/sin then start at the position
+        of x's first token."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
         q, k = K.qk_norm_rope(q, k, cos[:T], sin[:T], self.eps)
-        y = causal_attention(q, k, v.to(q.dtype))
+        y = causal_attention(q, k, v.to(q.dtype)) if cache is None else cache(q, k, v.to(q.dtype))
         return self.wo(y.reshape(B, T, -1))
 
 
@@ -106,8 +109,8 @@ class Block(nn.Module):
         self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        a = self.attn(self.norm1(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
+        a = self.attn(self.norm1(x), cos, sin, cache)
         y, h = K.add_rms_norm(a, x, self.norm2.weight, self.norm2.eps)
         return h + self.mlp(y)
 
@@ -281,18 +284,16 @@ class LoopedLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: Optional[int] = None, num_recur: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation; recomputes the window (no KV cache)."""
+                 generator: Optional[torch.Generator] = None, use_cache: bool = True, **cache_options) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation of idx [B, T].
+
+        With use_cache (the default) decoding runs over the loop-aware KV cache of
+        megaloop.inference, which also takes kv_budget, exit_rule and max_recur; without it every
+        new token recomputes the window (the plain reference)."""
+        from .inference.generate import generate, sample
+        if use_cache:
+            return generate(self, idx, max_new_tokens, temperature, top_k, num_recur, generator, **cache_options).tokens
         for _ in range(max_new_tokens):
-            window = idx[:, -self.cfg.seq_len:]
-            logits = self(window, num_recur=num_recur)[:, -1]
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], 1)
+            logits = self(idx[:, -self.cfg.seq_len:], num_recur=num_recur)[:, -1]
+            idx = torch.cat([idx, sample(logits, temperature, top_k, generator)], 1)
         return idx

@@ -1,15 +1,19 @@
 """Optimisers and the learning-rate schedule.
 
-`MuonAdamW` is a single torch optimizer whose param groups are either kind="muon" (the 2-D
-matrices of the blocks and the injection adapter: Newton-Schulz-orthogonalised Nesterov
-momentum) or kind="adamw" (embeddings, head, norm scales, hyperconnect lanes). Being one
-optimizer keeps the training loop, checkpoints and DeepSpeed's client-optimizer path simple.
+`MuonAdamW` is a single torch optimizer whose param groups are of one of three kinds:
+- kind="muonh" (the reference study's matrix optimiser, MuonH): Nesterov momentum, Polar Express
+  orthogonalisation, the update rescaled to the matrix's initial Frobenius norm, and the weights
+  projected back onto that Frobenius sphere after every step;
+- kind="muon" (plain Muon): Newton-Schulz-orthogonalised Nesterov momentum;
+- kind="adamw" (embeddings, head, norm scales, hyperconnect lanes; everything under adamw).
+Being one optimizer keeps the training loop, checkpoints and DeepSpeed's client-optimizer path
+simple.
 
-Muon needs whole matrices: Newton-Schulz on a shard is a different operation. It is therefore
-correct with plain data parallelism and ZeRO stage 0 (every rank holds full gradients); under
-tensor parallelism each shard (marked `tp_split_dim` by megaloop.parallel) is gathered to its
-whole matrix first. ZeRO >= 1 hands optimisers flat partitions, so Muon is refused there (see
-megaloop/parallel/engines.py).
+Muon and MuonH need whole matrices: orthogonalising a shard is a different operation. They are
+therefore correct with plain data parallelism and ZeRO stage 0 (every rank holds full gradients);
+under tensor parallelism each shard (marked `tp_split_dim` by megaloop.parallel) is gathered to its
+whole matrix first, and MuonH's Frobenius norms are taken over the whole matrix. ZeRO >= 1 hands
+optimisers flat partitions, so both are refused there (see megaloop/parallel/engines.py).
 """
 from __future__ import annotations
 
@@ -18,6 +22,18 @@ import math
 import torch
 
 from .config import OptimConfig
+
+
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932): per-iteration (a, b, c) of the odd
+# polynomial x -> a x + b x^3 + c x^5, computed for 5 iterations with safety factor 2e-2 and
+# cushion 2. These are the coefficients the reference study's MuonH uses.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
 
 
 @torch.no_grad()
@@ -35,18 +51,59 @@ def newton_schulz(g: torch.Tensor, steps: int) -> torch.Tensor:
     return x.T if transposed else x
 
 
-def _newton_schulz_tp(update: torch.Tensor, dim: int, tp_group, steps: int) -> tuple[torch.Tensor, int, int]:
-    """Muon on a tensor-parallel shard (megaloop.parallel marks shards with `tp_split_dim`):
-    Newton-Schulz of a shard is not the shard of Newton-Schulz, so gather the whole matrix over
-    the TP group, orthogonalise it (every TP rank does the same work) and keep this rank's slice.
-    Returns the slice and the whole matrix's shape."""
+@torch.no_grad()
+def polar_express(g: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximate U V^T of g (a matrix, or a batch [n, rows, cols] of same-shaped matrices) with
+    `steps` (<= 5) Polar Express iterations, in fp32.
+
+    The Gram matrix is taken on the short side (X X^T for a wide matrix, X^T X for a tall one), so
+    the cost is that of the smaller dimension. The reference runs this in bf16; fp32 is more
+    accurate and is what a CPU computes fast."""
+    x = g.float()
+    x = x / (1.02 * torch.linalg.matrix_norm(x, keepdim=True) + 1e-6)
+    tall = x.size(-2) > x.size(-1)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        if tall:
+            gram = x.mT @ x
+            x = a * x + x @ (b * gram + c * gram @ gram)
+        else:
+            gram = x @ x.mT
+            x = a * x + (b * gram + c * gram @ gram) @ x
+    return x
+
+
+def _tp_whole(update: torch.Tensor, p: torch.Tensor, fn) -> torch.Tensor:
+    """fn applied to the whole matrix of a tensor-parallel shard (megaloop.parallel marks shards
+    with `tp_split_dim`), returning the whole result: orthogonalising a shard is not the shard of
+    orthogonalising, so gather the matrix over the TP group first (every TP rank does the same
+    work). Unsharded parameters go straight to fn."""
+    if getattr(p, "tp_split_dim", None) is None:
+        return fn(update)
     import torch.distributed as dist
 
-    n, rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-    parts = [torch.empty_like(update) for _ in range(n)]
-    dist.all_gather(parts, update.contiguous(), group=tp_group)
-    full = torch.cat(parts, dim)
-    return newton_schulz(full, steps).chunk(n, dim)[rank], full.size(0), full.size(1)
+    parts = [torch.empty_like(update) for _ in range(dist.get_world_size(p.tp_group))]
+    dist.all_gather(parts, update.contiguous(), group=p.tp_group)
+    return fn(torch.cat(parts, p.tp_split_dim))
+
+
+def _tp_shard(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of a whole matrix computed by `_tp_whole`."""
+    if getattr(p, "tp_split_dim", None) is None:
+        return full
+    import torch.distributed as dist
+
+    n, rank = dist.get_world_size(p.tp_group), dist.get_rank(p.tp_group)
+    return full.chunk(n, p.tp_split_dim)[rank]
+
+
+def _frobenius(p: torch.Tensor) -> torch.Tensor:
+    """||W||_F of the whole matrix (summed over the TP shards), as a 0-dim fp32 tensor."""
+    sq = p.float().pow(2).sum()
+    if getattr(p, "tp_split_dim", None) is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sq, group=p.tp_group)
+    return sq.sqrt()
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -58,7 +115,9 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            if group["kind"] == "muon":
+            if group["kind"] == "muonh":
+                self._muonh(group)
+            elif group["kind"] == "muon":
                 self._muon(group)
             else:
                 self._adamw(group)
@@ -71,18 +130,55 @@ class MuonAdamW(torch.optim.Optimizer):
             mom = group["momentum"]
             buf.mul_(mom).add_(p.grad.float())
             update = p.grad.float().add(buf, alpha=mom)  # Nesterov
-            if getattr(p, "tp_split_dim", None) is not None:
-                o, rows, cols = _newton_schulz_tp(update, p.tp_split_dim, p.tp_group, group["ns_steps"])
-            else:
-                o, (rows, cols) = newton_schulz(update, group["ns_steps"]), p.shape
+            full = _tp_whole(update, p, lambda u: newton_schulz(u, group["ns_steps"]))
+            o, (rows, cols) = _tp_shard(full, p), full.shape
             # Scale so the update RMS is comparable across shapes (tall matrices get more).
             scale = math.sqrt(max(1.0, rows / cols))
             if group.get("weight_decay", 0.0):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(o.to(p.dtype), alpha=-group["lr"] * scale)
 
+    def _muonh(self, group: dict) -> None:
+        """MuonH: the weights live on the Frobenius sphere of radius ||W_0||_F (the norm the
+        matrix had at its first step), and each update has that norm too. No weight decay: on the
+        sphere it is a first-order no-op. Same-shaped whole matrices are orthogonalised as one
+        batch (a looped model has many of them; one batched product beats many small ones)."""
+        beta, steps = group["momentum"], group["ns_steps"]
+        params = [p for p in group["params"] if p.grad is not None]
+        for p in params:
+            st = self.state[p]
+            if not st:
+                st["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                st["w0_norm"] = _frobenius(p)
+        bufs = [self.state[p]["momentum_buffer"] for p in params]
+        grads = [p.grad.float() for p in params]
+        torch._foreach_lerp_(bufs, grads, 1 - beta)
+        nesterov = torch._foreach_lerp(grads, bufs, beta)
+        ortho: list = [None] * len(params)
+        batches: dict = {}
+        for i, p in enumerate(params):
+            if getattr(p, "tp_split_dim", None) is None:
+                batches.setdefault(tuple(p.shape), []).append(i)
+            else:  # a TP shard: orthogonalise its whole matrix, one at a time
+                ortho[i] = _tp_whole(nesterov[i], p, lambda u: polar_express(u, steps))
+        for idx in batches.values():
+            for i, o in zip(idx, polar_express(torch.stack([nesterov[i] for i in idx]), steps).unbind(0)):
+                ortho[i] = o
+        for p, full in zip(params, ortho):
+            radius = self.state[p]["w0_norm"].to(full.device)
+            update = _tp_shard(full, p) * (radius / full.norm().clamp_min(1e-10))
+            p.sub_(update.to(p.dtype), alpha=group["lr"])
+            p.mul_((radius / _frobenius(p).clamp_min(1e-10)).to(p.dtype))
+
     def _adamw(self, group: dict) -> None:
-        b1, b2 = group["betas"]
+        """torch's own AdamW over the group's parameters: the fused kernel where the device has one
+        (CPU, CUDA), else the foreach one. State keeps torch.optim.AdamW's keys (step, exp_avg,
+        exp_avg_sq) in fp32, so checkpoints of either load. A parameter held in a lower precision
+        steps through an fp32 copy (its state stays fp32)."""
+        from torch.optim.adamw import adamw
+
+        params, grads, avgs, sqs, steps, low = [], [], [], [], [], []
+        fused = all(p.device.type in ("cpu", "cuda") for p in group["params"])
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -91,22 +187,30 @@ class MuonAdamW(torch.optim.Optimizer):
                 st["step"] = torch.zeros((), dtype=torch.float32)
                 st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                 st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-            st["step"] += 1
-            t = st["step"].item()
-            g = p.grad.float()
-            st["exp_avg"].lerp_(g, 1 - b1)
-            st["exp_avg_sq"].mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (st["exp_avg_sq"] / (1 - b2 ** t)).sqrt_().add_(group["eps"])
-            if group["weight_decay"]:
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-            p.add_((st["exp_avg"] / (1 - b1 ** t) / denom).to(p.dtype), alpha=-group["lr"])
+            if fused and st["step"].device != p.device:  # the fused kernel counts steps on the device
+                st["step"] = st["step"].to(p.device)
+            master = p if p.dtype == torch.float32 else p.detach().float()
+            if master is not p:
+                low.append((p, master))
+            params.append(master)
+            grads.append(p.grad if p.grad.dtype == torch.float32 else p.grad.float())
+            avgs.append(st["exp_avg"])
+            sqs.append(st["exp_avg_sq"])
+            steps.append(st["step"])
+        if not params:
+            return
+        b1, b2 = group["betas"]
+        adamw(params, grads, avgs, sqs, [], steps, foreach=not fused, fused=fused, amsgrad=False, beta1=b1,
+              beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        for p, master in low:
+            p.copy_(master)
 
 
 def param_groups(model, cfg: OptimConfig) -> list[dict]:
     """Split a LoopedLM's parameters the way the reference study trained it.
 
-    muon: block matrices + injection adapter with Muon at `lr`; embeddings, head, norms and lanes
-    with AdamW at their own rates, each scaled by (d_model / 512)^-0.5.
+    muonh / muon: block matrices + injection adapter with MuonH / Muon at `lr`; embeddings, head,
+    norms and lanes with AdamW at their own rates, each scaled by (d_model / 512)^-0.5.
     adamw: everything with AdamW at `lr` (matrices) and the same per-group rates.
     """
     d = model.cfg.d_model
@@ -129,7 +233,10 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
     ]
     if lanes:
         groups.append(dict(adam, name="lanes", params=lanes, lr=cfg.lane_lr * scale))
-    if cfg.name == "muon":
+    if cfg.name == "muonh":
+        groups.append(dict(kind="muonh", name="matrices", params=matrices, lr=cfg.lr, momentum=cfg.momentum,
+                           ns_steps=cfg.ns_steps))
+    elif cfg.name == "muon":
         groups.append(dict(kind="muon", name="matrices", params=matrices, lr=cfg.lr, momentum=cfg.momentum,
                            ns_steps=cfg.ns_steps, weight_decay=cfg.weight_decay))
     else:

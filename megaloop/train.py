@@ -19,6 +19,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import faults
+from . import run_lock
 from .accounting import count_params
 from .config import Config, ConfigError, load_config, save_config
 from .divergence import DivergenceGuard
@@ -181,6 +182,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
     is_main = engine.is_main
     sinks: list = []  # optional live views (TensorBoard, wandb); metrics.jsonl stays the record
+    lock = None
     finished = False
     try:
         # Everything that can be wrong is checked before the run directory is touched.
@@ -191,6 +193,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if is_main else (lambda *a: None))
         if is_main:
             create_run_dir(cfg.train.run_dir)
+        lock = run_lock.hold(cfg.train.run_dir, engine, log)  # one writer per run directory, until the end
+        latest = check_run_dir(cfg, resume)  # again under the lock: another run may have saved meanwhile
         engine.barrier()
         loader = PackedLoader([p for p, _ in data.train], [w for _, w in data.train], cfg.model.seq_len,
                               cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
@@ -301,6 +305,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         close_sinks(sinks)
         if finished:
             engine.close()
+        if lock is not None:
+            lock.release()
 
 
 def trainer_state(step: int, loader, guard: DivergenceGuard, tokens_per_step: int) -> dict:

@@ -36,6 +36,9 @@ def trained(tmp_path_factory):
 
 
 def snapshot(folder):
+    """{path: (size, mtime, sha256)} and every folder; a run's lock file counts by its content only:
+    a refused start may take and release the lock (it names its holder meanwhile), and must leave it
+    empty, as it found it."""
     out = {}
     for dp, dirs, files in os.walk(folder):
         for d in dirs:
@@ -45,7 +48,7 @@ def snapshot(folder):
             st = os.stat(p)
             with open(p, "rb") as fh:
                 digest = hashlib.sha256(fh.read()).hexdigest()
-            out[os.path.relpath(p, folder)] = (st.st_size, st.st_mtime_ns, digest)
+            out[os.path.relpath(p, folder)] = digest if f == ".lock" else (st.st_size, st.st_mtime_ns, digest)
     return out
 
 
@@ -255,6 +258,9 @@ CASES = [
     ("export onto the folder that holds its run", export_case(lambda r: r), "holds the source"),
     ("export onto its run without --force", export_case(lambda r: r / "run", force=False), "is the source"),
     ("export onto a file", export_case(lambda r: (r / "afile").write_text("x") and r / "afile"), "is a file"),
+    ("hf export onto its run with --force", export_case(lambda r: r / "run", cmd=("export", "--format", "hf")), "is the source"),
+    ("hf export into its run with --force", export_case(lambda r: r / "run" / "checkpoints", cmd=("export", "--format", "hf")),
+     "is inside the source"),
     ("convert onto its run with --force", export_case(lambda r: r / "run", cmd=("checkpoint", "convert")), "is the source"),
     ("convert a checkpoint onto a sibling folder of its run",
      export_case(lambda r: r / "run" / "checkpoints" / "converted",

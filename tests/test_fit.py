@@ -130,18 +130,19 @@ def test_phi_not_identifiable_with_only_r1_or_one_structure():
     assert d4["phi"] is None and "confounded" in d4["phi_message"]
 
 
-def test_diverged_run_is_flagged_and_dropped():
-    """A run whose loss sits 30 % above the law is flagged as diverged and dropped (or, with
-    keep_diverged, flagged and kept); the clean runs are never flagged."""
+def test_outlier_is_listed_and_kept_unless_asked():
+    """Contract: a run whose loss sits 30 % above the law, with nothing in its record saying it
+    diverged, is listed under `diverged` (far from the fit) and still fitted by default; only
+    drop_outliers drops it (and the refit then recovers phi). Clean runs are never listed."""
     df = synthetic_table(2)
     df.loc[7, "loss"] *= 1.3
-    d = fit_law(df, n_boot=0).to_dict()
+    k = fit_law(df, n_boot=0, holdout=False).to_dict()
+    assert [x["run"] for x in k["diverged"]] == [df.run[7]] and not k["diverged"][0]["dropped"]
+    assert k["n_runs"] == len(df) and k["excluded"] == []
+    d = fit_law(df, n_boot=0, drop_outliers=True, holdout=False).to_dict()
     assert [x["run"] for x in d["diverged"]] == [df.run[7]]
     assert d["diverged"][0]["dropped"] and d["n_runs"] == len(df) - 1
     assert abs(d["phi"] - TRUTH["phi"]) < PHI_TOL
-    k = fit_law(df, n_boot=0, keep_diverged=True).to_dict()
-    assert [x["run"] for x in k["diverged"]] == [df.run[7]] and not k["diverged"][0]["dropped"]
-    assert k["n_runs"] == len(df)
 
 
 def _variant_table(noise: float = 0.0025) -> pd.DataFrame:

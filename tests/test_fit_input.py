@@ -124,3 +124,23 @@ def test_run_dirs_use_the_budget_as_flops(tmp_path):
                                                          flops=actual, target_flops=1e18, val_loss=3.0)))
     df = load_table([str(tmp_path)])
     assert list(df["flops"]) == [1e18, 1e18]
+
+
+def test_run_dirs_carry_their_health_record(tmp_path):
+    """Contract: from run directories the table takes skipped_steps from summary.json and
+    vocab_size from the summary or else the run's config.yaml (model.vocab_size); a CSV may give
+    both as optional columns, where an empty cell means "not recorded" and a bad value is named."""
+    for i, (skipped, cfg) in enumerate([(0, True), (3, False)]):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        (d / "summary.json").write_text(json.dumps(dict(run=f"run{i}", n_once=1e6, n_rec=0, r=1, tokens=1e9,
+                                                        val_loss=3.0, skipped_steps=skipped)))
+        if cfg:
+            (d / "config.yaml").write_text("model:\n  vocab_size: 512\n")
+    df = load_table([tmp_path]).set_index("run")
+    assert df.loc["run0", "vocab_size"] == 512 and df.loc["run1", "skipped_steps"] == 3
+    assert pd.isna(df.loc["run1", "vocab_size"])
+    bad = GOOD.assign(vocab_size=[100, "x", None], skipped_steps=[0, 1, -1])
+    msg = _err(bad)
+    assert "row 2 (run 'b'): vocab_size is not a number ('x')" in msg
+    assert "row 3 (run 'c'): skipped_steps must be >= 0" in msg and "row 3 (run 'c'): vocab_size" not in msg

@@ -61,3 +61,28 @@ def test_small_groups_skipped_and_variants_kept_apart():
     skipped = [g for g in iso["groups"] if g.get("skipped")]
     assert len(skipped) == 1 and skipped[0]["variant"] == "baseline" and skipped[0]["budget"] == 4.64e17
     assert {f["variant"] for f in iso["frontier"]} == {"baseline", "other"}
+
+
+def test_three_size_group_is_one_line_without_library_warnings():
+    """Contract: a budget with exactly 3 sizes gets its vertex (the parabola through the 3 points,
+    exactly: equal to the vertex of the interpolating polynomial) but no interval, with no library
+    warning (statsmodels divides by zero residual dof there), and the text says so in one line."""
+    import warnings
+
+    from megaloop.analysis.isoflop import format_isoflop
+
+    df = synthetic_table(0, noise=0.0, rs=(1,))
+    df = df[df["flops"] != 4.64e17].copy()
+    keep = df.groupby("flops")["n_once"].transform(lambda s: s.rank() <= 3) | (df["flops"] != 1e18)
+    df = df[keep]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        iso = isoflop(df)
+    g = next(g for g in iso["groups"] if g["budget"] == 1e18)
+    assert g["n_points"] == 3 and g["N_opt_ci"] is None and "no interval" in g["no_interval"]
+    sub = df[df["flops"] == 1e18]
+    x = np.log(sub.n_once + sub.r * sub.n_rec).to_numpy()
+    c2, c1, c0 = np.polyfit(x, sub.loss.to_numpy(), 2)
+    assert g["N_opt"] == pytest.approx(np.exp(-c1 / (2 * c2)), rel=1e-9)
+    text = format_isoflop(iso)
+    assert sum("only 3 sizes" in line for line in text.splitlines()) == 1

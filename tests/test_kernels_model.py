@@ -1,8 +1,8 @@
 """End to end: a tiny looped model gives the same loss and gradients with the Triton kernels
-(under the interpreter) as with the PyTorch references."""
-import os
+(under the interpreter on CPU, compiled with MEGALOOP_TEST_DEVICE=cuda) as with the PyTorch references."""
+from megaloop.kernels.testing import select_test_device
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere (the import is lazy)
+select_test_device()  # before triton is imported anywhere (the import is lazy)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,6 +1,6 @@
-import os
+from megaloop.kernels.testing import generator, select_test_device
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+select_test_device()  # before triton is imported: the interpreter on CPU, compiled kernels on CUDA
 
 import pytest
 import torch
@@ -19,7 +19,7 @@ def _rope_tables(T, D, base=10000.0):
 
 def _qk_from_linear(B, T, Hq, Hk, D, dtype, seed=0):
     """q, k as non-contiguous views of one fused projection output (as in a qkv linear)."""
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     qkv = (torch.randn(B, T, (Hq + 2 * Hk) * D, generator=g) * 1.5).to(dtype)
     q = qkv[..., : Hq * D].view(B, T, Hq, D)
     k = qkv[..., Hq * D: (Hq + Hk) * D].view(B, T, Hk, D)
@@ -32,7 +32,7 @@ def test_qk_norm_rope_matches_reference(B, T, Hq, Hk, D, dtype):
     q, k = _qk_from_linear(B, T, Hq, Hk, D, dtype)
     assert not q.is_contiguous()
     cos, sin = _rope_tables(T, D)
-    g = torch.Generator().manual_seed(1)
+    g = generator(1)
     gq = torch.randn(B, T, Hq, D, generator=g).to(dtype)
     gk = torch.randn(B, T, Hk, D, generator=g).to(dtype)
     outs = {}

@@ -1,6 +1,6 @@
-import os
+from megaloop.kernels.testing import generator, select_test_device
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+select_test_device()  # before triton is imported: the interpreter on CPU, compiled kernels on CUDA
 
 import pytest
 import torch
@@ -28,7 +28,7 @@ def _randn(shape, g, dtype, scale=1.0):
 @pytest.mark.parametrize("mode", ["additive", "passthrough", "linear"])
 @pytest.mark.parametrize("shape", [(2, 11, 96), (1, 3, 300)])
 def test_recur_norm_inject_matches_reference(shape, mode, dtype):
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     d = shape[-1]
     h = _randn(shape, g, dtype, 2.0)
     e = _randn(shape, g, dtype)
@@ -59,7 +59,7 @@ def test_recur_norm_inject_matches_reference(shape, mode, dtype):
 
 @pytest.mark.parametrize("mode", ["additive", "passthrough", "linear"])
 def test_inject_and_first_pass(mode):
-    g = torch.Generator().manual_seed(3)
+    g = generator(3)
     e = torch.randn(2, 5, 64, generator=g)
     W = torch.cat([torch.eye(64), torch.zeros(64, 64)], dim=1)  # the [I | 0] init
     s = e.clone()
@@ -76,7 +76,7 @@ def test_inject_and_first_pass(mode):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,shape", [(2, (2, 7, 96)), (3, (1, 5, 130)), (4, (1, 1, 3000))])
 def test_hyperconnect_matches_reference(N, shape, dtype):
-    g = torch.Generator().manual_seed(N)
+    g = generator(N)
     lanes = _randn((N, *shape), g, dtype)
     s = _randn(shape, g, dtype)
     alpha = torch.randn(N, generator=g)
@@ -118,7 +118,7 @@ def test_hyperconnect_list_input_and_nograd():
 
 
 def test_references_equal_plain_formulas():
-    g = torch.Generator().manual_seed(7)
+    g = generator(7)
     d, N = 24, 3
     e = torch.randn(4, d, generator=g, dtype=torch.float64)
     s = torch.randn(4, d, generator=g, dtype=torch.float64)

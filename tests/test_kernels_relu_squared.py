@@ -1,6 +1,6 @@
-import os
+from megaloop.kernels.testing import generator, select_test_device
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+select_test_device()  # before triton is imported: the interpreter on CPU, compiled kernels on CUDA
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(3, 7, 3000), (1, 1, 5), (1, 257, 130)])
 def test_relu_squared_matches_reference(shape, dtype):
-    g = torch.Generator().manual_seed(0)
+    g = generator(0)
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     gy = torch.randn(shape, generator=g).to(dtype)
     outs = {}

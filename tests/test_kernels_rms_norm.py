@@ -1,6 +1,6 @@
-import os
+from megaloop.kernels.testing import generator, select_test_device
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+select_test_device()  # before triton is imported: the interpreter on CPU, compiled kernels on CUDA
 
 import pytest
 import torch
@@ -15,7 +15,7 @@ SHAPES = [(3, 7, 3000), (1, 1, 5), (2, 37, 130), (1, 300, 96)]
 
 
 def _inputs(shape, dtype, seed=0, weight=True):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     d = shape[-1]
     x = (torch.randn(shape, generator=g) * 2 + 0.3).to(dtype)
     r = torch.randn(shape, generator=g).to(dtype)

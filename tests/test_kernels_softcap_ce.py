@@ -1,6 +1,8 @@
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported anywhere in this process
+from megaloop.kernels.testing import generator, select_test_device
+
+select_test_device()  # before triton is imported: the interpreter on CPU, compiled kernels on CUDA
 
 import socket
 
@@ -11,13 +13,13 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megaloop.kernels import softcap_cross_entropy, softcap_cross_entropy_reference
-from megaloop.kernels.testing import backend, check_close, ref_dtype
+from megaloop.kernels.testing import backend, check_close, ref_dtype, test_device
 
 triton = pytest.importorskip("triton")
 
 
 def _data(N, d, V, dtype, seed=0, n_ignore=3, vocab_valid=None):
-    g = torch.Generator().manual_seed(seed)
+    g = generator(seed)
     h = torch.randn(N, d, generator=g).to(dtype)
     w = (torch.randn(V, d, generator=g) * 2.0 / d ** 0.5).to(dtype)  # logits of O(1-3): softcap matters
     t = torch.randint(0, vocab_valid or V, (N,), generator=g)
@@ -137,5 +139,6 @@ def _tp_worker(rank, world, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.skipif(test_device() != "cpu", reason="gloo process group on CPU tensors")
 def test_softcap_ce_vocab_parallel_gloo():
     mp.spawn(_tp_worker, args=(2, _free_port()), nprocs=2, join=True)

@@ -13,7 +13,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..")
 SCRIPTS = ["launch/torchrun.sh", "launch/deepspeed.sh", "launch/slurm/single_node.sbatch",
            "launch/slurm/multi_node.sbatch"]
 CLEAN = ("SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NNODES", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE",
-         "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "NPROC")
+         "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "NPROC", "SLURM_CPUS_PER_TASK", "OMP_NUM_THREADS")
 
 
 def _run(script: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -82,3 +82,27 @@ def test_slurm_without_allocation_fails_clearly():
     r = _run("launch/slurm/multi_node.sbatch", "configs/default.yaml",
              env=dict(SLURM_JOB_ID="5", SLURM_JOB_NODELIST="x[1-2]", SLURM_NNODES="2", PATH="/usr/bin:/bin"))
     assert r.returncode == 2 and "MASTER_ADDR" in r.stderr
+
+
+def test_threads_follow_the_allocation():
+    """Contract: inside an allocation, OMP_NUM_THREADS = SLURM_CPUS_PER_TASK / processes (never a
+    fixed number) and srun passes --cpus-per-task on; an allocation without GPUs runs one process
+    (NPROC=N asks for N gloo processes); an OMP_NUM_THREADS the user set is kept."""
+    r = _run("launch/slurm/single_node.sbatch", "--dry-run", "cfg.yaml",
+             env=dict(SLURM_JOB_ID="7", SLURM_GPUS_ON_NODE="4", SLURM_CPUS_PER_TASK="32"))
+    assert r.returncode == 0, r.stderr
+    assert "GPUS_PER_NODE=4 NPROC=4 OMP_NUM_THREADS=8" in r.stdout
+    assert _cmd(r.stdout)[:7] == ["srun", "--nodes", "1", "--ntasks", "1", "--cpus-per-task", "32"]
+    r = _run("launch/slurm/single_node.sbatch", "--dry-run", "cfg.yaml", env=dict(SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="6"))
+    assert "GPUS_PER_NODE=0 NPROC=1 OMP_NUM_THREADS=6" in r.stdout
+    assert "--nproc-per-node 1 " in r.stdout
+    r = _run("launch/slurm/single_node.sbatch", "--dry-run", "cfg.yaml",
+             env=dict(SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="6", NPROC="2", SLURM_GPUS_PER_NODE="0"))
+    assert "NPROC=2 OMP_NUM_THREADS=3" in r.stdout and "--nproc-per-node 2 " in r.stdout
+    r = _run("launch/slurm/single_node.sbatch", "--dry-run", "cfg.yaml",
+             env=dict(SLURM_JOB_ID="7", SLURM_CPUS_PER_TASK="6", OMP_NUM_THREADS="5"))
+    assert "OMP_NUM_THREADS=5" in r.stdout
+    r = _run("launch/torchrun.sh", "--dry-run", "--nproc", "2", "cfg.yaml", env=dict(SLURM_CPUS_PER_TASK="5"))
+    assert r.stdout.splitlines()[0] == "OMP_NUM_THREADS=2"
+    r = _run("launch/torchrun.sh", "--dry-run", "--nproc", "2", "cfg.yaml")  # outside SLURM: torchrun decides
+    assert "OMP_NUM_THREADS" not in r.stdout

@@ -15,7 +15,7 @@ NB = Path(__file__).resolve().parents[1] / "analysis" / "notebooks" / "scaling_l
 
 def test_notebook_executes_and_recovers_phi():
     """scaling_law.ipynb executes without error in < 60 s (python3 kernel), prints the fit and
-    shows the four figures; the fitted phi's interval covers the generating 0.46."""
+    shows the five figures; the fitted phi's interval covers the generating 0.46."""
     nb = nbformat.read(NB, as_version=4)
     t0 = time.perf_counter()
     nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
@@ -24,8 +24,28 @@ def test_notebook_executes_and_recovers_phi():
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert "phi   = 0.4" in text
     images = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
-    assert images == 4
+    assert images == 5  # law, iso-FLOP, phi bootstrap, profiles, residuals
     table = next(o["data"]["text/plain"] for c in nb.cells if c.cell_type == "code"
                  for o in c.outputs if "covered" in o.get("data", {}).get("text/plain", ""))
     phi_line = next(line for line in table.splitlines() if line.startswith("phi"))
     assert phi_line.split()[-1] == "True"
+
+
+STUDY_NB = NB.parent / "cpu_study.ipynb"
+
+
+def test_cpu_study_notebook_reproduces_the_committed_results():
+    """cpu_study.ipynb executes on results/cpu_study: its phi table carries the committed fit's
+    numbers (baseline phi and the joint dphi of both probes) and it shows the five figures."""
+    import json
+
+    fit = json.loads((NB.parents[2] / "results" / "cpu_study" / "fit.json").read_text())
+    nb = nbformat.read(STUDY_NB, as_version=4)
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(STUDY_NB.parent)}}).execute()
+    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outs)
+    assert "68 runs" in text
+    assert f"{fit['phi']:.6f}"[:6] in text
+    assert f"{fit['joint']['dphi']['hyperconnect']:.6f}"[:6] in text
+    assert sum("image/png" in o.get("data", {}) for o in outs) == 5

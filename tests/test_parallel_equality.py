@@ -21,6 +21,7 @@ import torch
 
 from megaloop.parallel.testing import run, spawn
 
+MUONH = ["optim.name=muonh", "optim.lr=0.014"]
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 5e-5
 _REFS: dict = {}
@@ -79,16 +80,20 @@ def _jobs(root: str, cases: dict[str, list[str]], resume: tuple = ()) -> list[di
 
 def test_tensor_parallel_tp2(tmp_path):
     """TP=2 (2 processes, torch engine, Muon gathered over TP): linear injection at r=2, and the
-    hyperconnect lanes at r=2, equal the single-process run; a checkpoint resumes identically."""
+    hyperconnect lanes at r=2, equal the single-process run; so does MuonH (whole-matrix
+    orthogonalisation and Frobenius norms over the TP shards); checkpoints resume identically."""
     root = str(tmp_path)
     cases = {
         "linear": ["parallel.tp=2"],
         "hyper": ["parallel.tp=2", "model.input_injection=hyperconnect"],
+        "muonh": ["parallel.tp=2", *MUONH],
     }
-    _launch(2, root, _jobs(root, cases, resume=("linear",)))
+    _launch(2, root, _jobs(root, cases, resume=("linear", "muonh")))
     _assert_same(_reference(root, []), os.path.join(root, "linear"), "tp2 linear")
     _assert_same(_reference(root, ["model.input_injection=hyperconnect"]), os.path.join(root, "hyper"), "tp2 hyper")
+    _assert_same(_reference(root, MUONH), os.path.join(root, "muonh"), "tp2 muonh")
     _assert_resumed(os.path.join(root, "linear"), os.path.join(root, "linear_resumed"), 3, "tp2")
+    _assert_resumed(os.path.join(root, "muonh"), os.path.join(root, "muonh_resumed"), 3, "tp2 muonh")
 
 
 def test_pipeline_pp2(tmp_path):
@@ -101,8 +106,10 @@ def test_pipeline_pp2(tmp_path):
         "r4": ["parallel.pp=2", *base],
         "bptt": ["parallel.pp=2", *base, "model.bptt_k=2"],
         "hyper": ["parallel.pp=2", *base, "model.input_injection=hyperconnect"],
+        "muonh": ["parallel.pp=2", *base, *MUONH],
     }
     _launch(2, root, _jobs(root, cases, resume=("r4",)))
+    _assert_same(_reference(root, [*base, *MUONH]), os.path.join(root, "muonh"), "pp2 muonh")
     _assert_same(_reference(root, base), os.path.join(root, "r4"), "pp2 r4")
     _assert_same(_reference(root, [*base, "model.bptt_k=2"]), os.path.join(root, "bptt"), "pp2 bptt")
     _assert_same(_reference(root, [*base, "model.input_injection=hyperconnect"]), os.path.join(root, "hyper"),
@@ -111,11 +118,14 @@ def test_pipeline_pp2(tmp_path):
 
 
 def test_tp2_pp2_four_processes(tmp_path):
-    """TP=2 x PP=2 on 4 processes (r=4, Muon) equals the single-process run and resumes."""
+    """TP=2 x PP=2 on 4 processes (r=4, Muon) equals the single-process run and resumes; so does
+    MuonH."""
     root = str(tmp_path)
     base = ["model.num_recur=4"]
-    cases = {"tp2pp2": ["parallel.tp=2", "parallel.pp=2", *base]}
+    cases = {"tp2pp2": ["parallel.tp=2", "parallel.pp=2", *base],
+             "tp2pp2_muonh": ["parallel.tp=2", "parallel.pp=2", *base, *MUONH]}
     _launch(4, root, _jobs(root, cases, resume=("tp2pp2",)), timeout=300)
+    _assert_same(_reference(root, [*base, *MUONH]), os.path.join(root, "tp2pp2_muonh"), "tp2pp2 muonh")
     _assert_same(_reference(root, base), os.path.join(root, "tp2pp2"), "tp2pp2")
     _assert_resumed(os.path.join(root, "tp2pp2"), os.path.join(root, "tp2pp2_resumed"), 3, "tp2pp2")
 
@@ -130,6 +140,7 @@ def test_data_parallel_zero_stages(tmp_path):
     cases = {f"zero{z}": [f"parallel.zero_stage={z}", *adam] for z in (1, 2, 3)}
     cases["ds_zero0_muon"] = ["parallel.engine=deepspeed", "parallel.zero_stage=0"]
     cases["torch_dp_muon"] = ["parallel.engine=torch"]
+    cases["torch_dp_muonh"] = ["parallel.engine=torch", *MUONH]
     _launch(2, root, _jobs(root, cases, resume=("zero1", "zero2", "zero3")), timeout=300)
     ga = ["train.grad_accum=4"]  # the same global batch on one process
     for z in (1, 2, 3):
@@ -137,6 +148,7 @@ def test_data_parallel_zero_stages(tmp_path):
         _assert_resumed(os.path.join(root, f"zero{z}"), os.path.join(root, f"zero{z}_resumed"), 3, f"zero{z}")
     _assert_same(_reference(root, ga), os.path.join(root, "ds_zero0_muon"), "deepspeed zero0 muon")
     _assert_same(_reference(root, ga), os.path.join(root, "torch_dp_muon"), "torch dp muon")
+    _assert_same(_reference(root, [*ga, *MUONH]), os.path.join(root, "torch_dp_muonh"), "torch dp muonh")
 
 
 @pytest.mark.parametrize("tp", [2])

@@ -152,7 +152,10 @@ def test_slurm_script_renders_passes_bash_n_and_skips_finished_runs(tmp_path):
     """Contract: `megaloop sweep slurm DIR` writes DIR/sweep.sbatch, an array over all manifest rows
     (0-115 for the reference grid, throttled by --max-parallel) with the node shape and the longest
     per-run time limit, that passes `bash -n`; a task whose run has a summary.json exits 0 without
-    launching, another launches its run's config with --resume through launch/torchrun.sh; submit.sh (also `bash -n` clean) submits only unfinished runs, one array per time limit."""
+    launching, another launches its run's config with --resume through launch/torchrun.sh; submit.sh
+    (also `bash -n` clean) submits only runs that are neither finished nor listed by squeue as a task
+    of this sweep's sweep.sbatch (a fake squeue here; tests/test_slurm.py asks a real one), one array
+    per time limit; when squeue fails it submits nothing."""
     out = tmp_path / "iso"
     assert main(["sweep", "plan", os.path.join(SWEEPS, "iso_depth.yaml"), "--out", str(out)]) == 0
     assert main(["sweep", "slurm", str(out), "--partition", "gpu", "--account", "proj", "--max-parallel", "8"]) == 0
@@ -178,11 +181,47 @@ def test_slurm_script_renders_passes_bash_n_and_skips_finished_runs(tmp_path):
     assert res.returncode == 0, res.stderr
     assert f"{out}/runs/{row['run']}/config.yaml --resume --set train.run_dir={out}/runs/{row['run']}" in res.stdout
     assert ("launch/torchrun.sh --nproc 8" in res.stdout) == os.path.exists(os.path.join(REPO, "launch", "torchrun.sh"))
-    res = subprocess.run(["bash", str(out / "submit.sh")], env=dict(os.environ, SBATCH="echo"),
+    squeue = tmp_path / "squeue"  # task 3 of this sweep is queued; task 5 of another sweep's script is not ours
+    squeue.write_text(f"#!/bin/sh\necho '3 {out}/sweep.sbatch'\necho '5 /elsewhere/sweep.sbatch'\n")
+    squeue.chmod(0o755)
+    res = subprocess.run(["bash", str(out / "submit.sh")], env=dict(os.environ, SBATCH="echo", SQUEUE=str(squeue)),
                          capture_output=True, text=True)
-    assert res.returncode == 0 and "submitted 115 unfinished run(s) of 116" in res.stdout
+    assert res.returncode == 0, res.stderr
+    assert "submitted 114 run(s) of 116 (1 finished, 1 queued or running)" in res.stdout
     arrays = [ln.split()[0] for ln in res.stdout.splitlines() if ln.startswith("--array")]
-    assert arrays[0].startswith("--array=1-8,29-37,") and all(a.endswith("%8") for a in arrays)
+    assert arrays[0].startswith("--array=1-2,4-8,29-37,") and all(a.endswith("%8") for a in arrays)
+    broken = tmp_path / "broken_squeue"  # a queue that cannot be asked: submit nothing rather than twice
+    broken.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    res = subprocess.run(["bash", str(out / "submit.sh")], env=dict(os.environ, SBATCH="echo", SQUEUE=str(broken)),
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and "--array" not in res.stdout and "Unable to contact" in res.stderr
+
+
+def test_cpu_only_array(tmp_path, capsys):
+    """Contract: `sweep slurm --gpus-per-node 0` writes an array that requests CPUs only (no GPU
+    directive, --cpus-per-task), whose task runs one process with SLURM_CPUS_PER_TASK threads, with
+    time limits from CPUs x --tflops-per-cpu; --gpus-per-node below 0 and --cpus-per-task below 1 are
+    one clear error each."""
+    spec = parse_sweep(_tiny_sweep())
+    write_plan(spec, expand(spec, str(tmp_path)), str(tmp_path))
+    assert main(["sweep", "slurm", str(tmp_path), "--gpus-per-node", "0", "--cpus-per-task", "4"]) == 0
+    sbatch = (tmp_path / "sweep.sbatch").read_text()
+    assert "--gpus" not in sbatch.split("set -euo pipefail")[0] and "#SBATCH --cpus-per-task=4" in sbatch
+    assert (tmp_path / "tasks.tsv").read_text().splitlines()[0].split("\t")[2] == "0"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update(SLURM_ARRAY_TASK_ID="1", SLURM_CPUS_PER_TASK="4", MEGALOOP_DRY_RUN="1")
+    res = subprocess.run(["bash", str(tmp_path / "sweep.sbatch")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "CPU only, 1 process(es) x 4 thread(s)" in res.stdout and "torchrun.sh --nproc 1 " in res.stdout
+    opts = SlurmOptions(gpus_per_node=0, cpus_per_task=4, tflops_per_cpu=0.1, mfu=0.5, safety=1.0, overhead_min=0)
+    assert run_minutes(4 * 0.05e12 * 3600, 0, opts) == 60
+    capsys.readouterr()
+    for args, message in ((["--gpus-per-node", "-1"], "--gpus-per-node must be >= 0"),
+                          (["--gpus-per-node", "0", "--cpus-per-task", "0"], "--cpus-per-task must be >= 1")):
+        assert main(["sweep", "slurm", str(tmp_path), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
 
 
 def test_time_limit_scales_with_flops_and_throughput():
@@ -206,7 +245,8 @@ def _write_corpus(path, n_docs=80, seed=0):
 
 def test_collect_reports_every_status(tmp_path, capsys):
     """Contract: collect puts finished runs in DIR/fit_table.csv (n_once, n_rec, r, tokens, loss, run,
-    variant, flops) and reports the rest: diverged (non-finite loss, loss worse than uniform guessing,
+    variant, flops, tokens_per_param, vocab_size, skipped_steps), their val_loss_by_r in
+    DIR/test_time.csv (one row per r_test), and reports the rest: diverged (non-finite loss, loss worse than uniform guessing,
     or a FAILED note saying so), failed, incomplete (checkpoints, no summary) and missing. No finished
     run at all is a clear error."""
     sweep = _tiny_sweep(r=[1, 2], budgets=[{"flops": 3e8, "sizes": [2, 3]}, {"flops": 6e8, "sizes": [2, 3]}])
@@ -217,10 +257,11 @@ def test_collect_reports_every_status(tmp_path, capsys):
     d = {r.run: tmp_path / "runs" / r.run for r in runs}
     names = list(d)
 
-    def summary(name, loss, entropy=5.0):
+    def summary(name, loss, entropy=5.0, **extra):
         (d[name] / "summary.json").write_text(json.dumps(dict(
-            run=name, n_once=1, n_rec=2, r=1, tokens=100, flops=1e8, val_loss=loss, unigram_entropy=entropy)))
-    summary(names[0], 3.0)
+            run=name, n_once=1, n_rec=2, r=1, tokens=100, flops=1e8, val_loss=loss, unigram_entropy=entropy,
+            **extra)))
+    summary(names[0], 3.0, val_loss_by_r={"2": 3.5, "1": 3.0})
     summary(names[6], 5.5)  # above the unigram entropy (5.0) but below ln 320: kept, with a note
     summary(names[1], float("nan"))
     summary(names[2], 7.0)  # worse than uniform guessing: ln 320 = 5.77
@@ -232,8 +273,14 @@ def test_collect_reports_every_status(tmp_path, capsys):
     assert "unigram entropy" in c.runs[6].reason
     with open(tmp_path / "fit_table.csv") as f:
         lines = f.read().splitlines()
-    assert lines[0] == "n_once,n_rec,r,tokens,loss,run,variant,flops"
-    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0"  # flops: the budget, for iso-FLOP groups
+    assert lines[0] == "n_once,n_rec,r,tokens,loss,run,variant,flops,tokens_per_param,vocab_size,skipped_steps"
+    # flops: the budget, for iso-FLOP groups; 100 tokens / 3 parameters; vocab 320 from the config
+    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0,33.333,320,0"
+    with open(tmp_path / "test_time.csv") as f:
+        curves = f.read().splitlines()
+    assert curves[0] == "run,variant,r,r_test,loss,n_once,n_rec,tokens,flops"
+    assert curves[1:] == [f"{names[0]},baseline,1,1,3.0,1,2,100,300000000.0",
+                          f"{names[0]},baseline,1,2,3.5,1,2,100,300000000.0"]
     assert main(["sweep", "collect", str(tmp_path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["counts"]["diverged"] == 3 and names[4] in report["runs"]["failed"]
@@ -307,3 +354,31 @@ def test_run_selects_by_pattern_and_count_without_training(tmp_path):
     run_sweep(str(tmp_path), max_runs=1, dry_run=True, log=lines.append)
     assert len(lines) == 2 and "baseline_r1_s2_c3e8" in lines[1]
     assert not any((tmp_path / "runs" / n / "train.log").exists() for n in os.listdir(tmp_path / "runs"))
+
+
+def test_runs_held_by_another_training_are_busy_not_failed(tmp_path):
+    """Contract: a run whose directory lock is held by a live process (another `sweep run`, an array
+    task, a machine sharing the folder) is skipped by `sweep run` as busy, with no FAILED note, and
+    `sweep collect` reports it as running, naming the holder."""
+    import sys
+    spec = parse_sweep(_tiny_sweep(r=[1]))
+    write_plan(spec, expand(spec, str(tmp_path)), str(tmp_path))
+    name = read_manifest(str(tmp_path))["runs"][0]["run"]
+    run_dir = str(tmp_path / "runs" / name)
+    script = ("import sys; from megaloop.run_lock import RunLock; l = RunLock.acquire(sys.argv[1]); "
+              "print('held', flush=True); sys.stdin.read(); l.release()")
+    holder = subprocess.Popen([sys.executable, "-c", script, run_dir], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lines = []
+        rep = run_sweep(str(tmp_path), log=lines.append)
+        assert rep.busy == [name] and not rep.failed and not rep.finished
+        assert f"being trained by pid {holder.pid}" in "\n".join(lines)
+        assert not os.path.exists(os.path.join(run_dir, "FAILED"))
+        from megaloop.sweep.collect import run_status
+        st = run_status(str(tmp_path), read_manifest(str(tmp_path))["runs"][0])
+        assert st.status == "running" and f"pid {holder.pid}" in st.reason
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)

@@ -88,11 +88,11 @@ def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
     if kind == "torch" and p.zero_stage > 0:
         raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs DeepSpeed: set parallel.engine=deepspeed "
                           f"(or auto) with parallel.pp=1, or use zero_stage=0")
-    if p.zero_stage >= 1 and cfg.optim.name == "muon":
+    if p.zero_stage >= 1 and cfg.optim.name in ("muon", "muonh"):
         raise ConfigError(
-            f"optim.name=muon with parallel.zero_stage={p.zero_stage}: ZeRO hands the optimiser flat "
-            f"partitions of the weights, but Muon's Newton-Schulz needs whole matrices. Use "
-            f"optim.name=adamw with ZeRO, or parallel.zero_stage=0 for Muon")
+            f"optim.name={cfg.optim.name} with parallel.zero_stage={p.zero_stage}: ZeRO hands the optimiser "
+            f"flat partitions of the weights, but Muon's orthogonalisation needs whole matrices. Use "
+            f"optim.name=adamw with ZeRO, or parallel.zero_stage=0 for {cfg.optim.name}")
     if kind == "deepspeed":
         try:
             import deepspeed  # noqa: F401

@@ -78,7 +78,7 @@ def _run(argv: list[str]) -> int:
 
 
 def _slurm(argv: list[str]) -> int:
-    from .slurm import SlurmOptions, write_slurm
+    from .slurm import SlurmOptions, check_partition, write_slurm
     d = SlurmOptions()
     ap = argparse.ArgumentParser(prog="megaloop sweep slurm",
                                  description="Write a SLURM array job (one task per run) and a submit script.")
@@ -87,12 +87,17 @@ def _slurm(argv: list[str]) -> int:
     ap.add_argument("--account", default=None)
     ap.add_argument("--qos", default=None)
     ap.add_argument("--gpus-per-node", type=int, default=None,
-                    help="GPUs per run, one node each (default: the sweep's resources.gpus)")
+                    help="GPUs per run, one node each (default: the sweep's resources.gpus); 0: a CPU-only "
+                         "array, one process per run threaded over its CPUs")
     ap.add_argument("--cpus-per-gpu", type=int, default=d.cpus_per_gpu)
+    ap.add_argument("--cpus-per-task", type=int, default=None,
+                    help="CPUs per run (default: --cpus-per-gpu x GPUs; --cpus-per-gpu on a CPU-only array)")
     ap.add_argument("--mem", default=None, help="memory per node, e.g. 0 (all) or 512G")
     ap.add_argument("--max-parallel", type=int, default=None, help="at most N array tasks at once")
     ap.add_argument("--tflops-per-gpu", type=float, default=d.tflops_per_gpu,
                     help="peak TFLOP/s per GPU assumed for the time limits (default %(default)s)")
+    ap.add_argument("--tflops-per-cpu", type=float, default=d.tflops_per_cpu,
+                    help="peak TFLOP/s per CPU core assumed for CPU-only time limits (default %(default)s)")
     ap.add_argument("--mfu", type=float, default=d.mfu, help="assumed model FLOP utilisation (default %(default)s)")
     ap.add_argument("--safety", type=float, default=d.safety, help="time-limit safety factor (default %(default)s)")
     ap.add_argument("--overhead-min", type=float, default=d.overhead_min,
@@ -104,9 +109,13 @@ def _slurm(argv: list[str]) -> int:
     ap.add_argument("--job-name", default=None)
     args = ap.parse_args(argv)
     opts = SlurmOptions(**{k: v for k, v in vars(args).items() if k != "sweep_dir"})
+    note = check_partition(opts.partition)
     files = write_slurm(args.sweep_dir, opts)
+    if note:
+        print(note)
     print(f"wrote {files['sweep.sbatch']} ({files['tasks.tsv']}: one line per run)")
-    print(f"submit the unfinished runs (rerun any time; finished runs are skipped): bash {files['submit.sh']}")
+    print(f"submit the unfinished runs (rerun any time; finished, queued and running runs are skipped): "
+          f"bash {files['submit.sh']}")
     return 0
 
 

@@ -1,8 +1,10 @@
 """`megaloop sweep collect`: every finished run of a sweep into the scaling-law table.
 
 DIR/fit_table.csv holds the DESIGN.md columns n_once, n_rec, r, tokens, loss (validation loss in
-nats, at the trained r) plus run, variant and flops, one row per finished, healthy run, in manifest
-order. `tokens` is what the run trained on; `flops` is its budget (the sweep's target FLOPs), not
+nats, at the trained r) plus run, variant, flops, tokens_per_param (tokens / (n_once + n_rec), the
+unique non-embedding parameters), vocab_size and skipped_steps (non-finite steps the run skipped),
+one row per finished, healthy run, in manifest order. DIR/test_time.csv has one row per finished
+run and evaluated recurrence count r_test (summary.json's val_loss_by_r; see grid.test_time_recur). `tokens` is what the run trained on; `flops` is its budget (the sweep's target FLOPs), not
 tokens x FLOPs-per-token, which falls short of the budget by up to one step and would split one
 iso-FLOP group into several. Every other run is reported by status, so a researcher sees what the fit is missing:
 
@@ -11,7 +13,7 @@ iso-FLOP group into several. Every other run is reported by status, so a researc
   diverged    the loss is non-finite or worse than uniform guessing (ln vocab: training went
               backwards), or the run stopped on non-finite steps (its FAILED note says "diverged")
   failed      the training process exited with an error (DIR/runs/NAME/FAILED)
-  running     locked by a live `megaloop sweep run` process on this host
+  running     its run directory's lock is held by a live training (any host sharing the folder)
   incomplete  has checkpoints but no summary (interrupted; `sweep run` resumes it)
   missing     never started
 """
@@ -21,7 +23,6 @@ import csv
 import json
 import math
 import os
-import socket
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -29,9 +30,12 @@ import yaml
 
 from ..errors import UserError
 from .plan import read_manifest
-from .runner import LOCK, pid_alive
+from ..run_lock import holder
 
-TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "flops")
+TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "flops", "tokens_per_param",
+                 "vocab_size", "skipped_steps")
+# One row per finished run and evaluated r_test (summary.json's val_loss_by_r): test-time curves.
+TEST_TIME_COLUMNS = ("run", "variant", "r", "r_test", "loss", "n_once", "n_rec", "tokens", "flops")
 STATUSES = ("finished", "diverged", "failed", "running", "incomplete", "missing")
 
 
@@ -58,14 +62,6 @@ class Collection:
     def as_dict(self) -> dict:
         return {"sweep": self.name, "table": self.table_path, "n_runs": len(self.runs), "counts": self.counts(),
                 "runs": {s: {r.run: r.reason for r in self.by_status(s)} for s in STATUSES if s != "finished"}}
-
-
-def _locked_here(run_dir: str) -> bool:
-    try:
-        host, pid = open(os.path.join(run_dir, LOCK)).read().split()
-    except (OSError, ValueError):
-        return False
-    return host == socket.gethostname() and pid_alive(int(pid))
 
 
 def _uniform_loss(run_dir: str) -> Optional[float]:
@@ -99,20 +95,27 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
         if entropy is not None and loss >= float(entropy):
             # kept in the table: an undertrained point is still a measurement, but the user should know
             notes.append(f"val_loss {loss:.4f} is not below the unigram entropy {float(entropy):.4f} (undertrained?)")
+        n_once, n_rec = float(s.get("n_once", row["n_once"])), float(s.get("n_rec", row["n_rec"]))
+        tokens = float(s.get("tokens", row["tokens"]))
         table_row = {"n_once": s.get("n_once", row["n_once"]), "n_rec": s.get("n_rec", row["n_rec"]),
                      "r": s.get("r", row["r"]), "tokens": s.get("tokens", row["tokens"]), "loss": loss,
                      "run": name, "variant": row.get("variant", "baseline"),
-                     "flops": row["target_flops"]}
+                     "flops": row["target_flops"],
+                     "tokens_per_param": round(tokens / max(1.0, n_once + n_rec), 3),
+                     "vocab_size": round(math.exp(uniform)) if uniform is not None else "",
+                     "skipped_steps": int(s.get("skipped_steps") or 0),
+                     "val_loss_by_r": s.get("val_loss_by_r") or {}}
         if s.get("skipped_steps"):
             notes.append(f"{s['skipped_steps']} non-finite step(s) skipped")
         return RunStatus(name, "finished", "; ".join(notes), table_row)
+    live = holder(run_dir)
+    if live is not None:
+        return RunStatus(name, "running", f"being trained: {live.describe()}")
     failed_path = os.path.join(run_dir, "FAILED")
     if os.path.isfile(failed_path):
         with open(failed_path, errors="replace") as f:
             note = " ".join(ln.strip() for ln in f.readlines()[:2] if ln.strip())
         return RunStatus(name, "diverged" if "diverged" in note else "failed", note)
-    if _locked_here(run_dir):
-        return RunStatus(name, "running", "locked by a live sweep process")
     if os.path.isdir(os.path.join(run_dir, "checkpoints")):
         return RunStatus(name, "incomplete", "has checkpoints, no summary: `megaloop sweep run` resumes it")
     return RunStatus(name, "missing", "not started")
@@ -131,14 +134,24 @@ def collect(sweep_dir: str, out: Optional[str] = None) -> Collection:
                         f"Train them first: megaloop sweep run {sweep_dir}")
     path = out or os.path.join(sweep_dir, "fit_table.csv")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    _write_csv(path, TABLE_COLUMNS, rows)
+    curves = [{"run": r["run"], "variant": r["variant"], "r": r["r"], "r_test": int(k), "loss": v,
+               "n_once": r["n_once"], "n_rec": r["n_rec"], "tokens": r["tokens"], "flops": r["flops"]}
+              for r in rows for k, v in sorted(r["val_loss_by_r"].items(), key=lambda kv: int(kv[0]))]
+    if curves:
+        _write_csv(os.path.join(os.path.dirname(os.path.abspath(path)), "test_time.csv"), TEST_TIME_COLUMNS, curves)
+    result.table_path = path
+    return result
+
+
+def _write_csv(path: str, columns: tuple, rows: list[dict]) -> None:
+    """Write atomically (a temp file renamed into place), so a reader never sees half a table."""
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(TABLE_COLUMNS), lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, path)
-    result.table_path = path
-    return result
 
 
 def format_collection(c: Collection, limit: int = 10) -> str:

@@ -129,7 +129,10 @@ def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: 
     if not NAME_RE.match(name):
         raise ConfigError(f"run name {name!r} (from name_format) may only hold letters, digits, '.', '_', '+', '-'")
     run_dir = os.path.abspath(os.path.join(out_dir, "runs", name))
-    raw = merge(base, {"model": model, "train": {"target_flops": flops, "run_dir": run_dir}})
+    train = {"target_flops": flops, "run_dir": run_dir}
+    if g.test_time_recur:
+        train["eval_recur"] = list(range(1, g.test_time_recur * r + 1))
+    raw = merge(base, {"model": model, "train": train})
     try:
         cfg = load_config(raw=raw)
     except ConfigError as e:

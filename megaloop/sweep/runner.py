@@ -7,26 +7,25 @@ with a summary.json is skipped, a run that died resumes from its last complete c
 
 `jobs` runs several trainings at once, each pinned to cores / jobs torch threads: on a small CPU,
 two single-threaded runs beat one two-threaded run (tiny matmuls scale badly across threads,
-and busy cores make multi-threaded OpenMP wait on each other). A lock file per run lets several
-`sweep run` processes, or machines sharing the folder, work through one sweep without training the
-same run twice.
+and busy cores make multi-threaded OpenMP wait on each other). Every training holds its run
+directory's lock (megaloop/run_lock.py), so several `sweep run` processes, SLURM arrays, or machines
+sharing the folder work through one sweep without training the same run twice: a run whose lock is
+held is skipped as busy, and a training that loses the race to start exits with RunDirBusy's status,
+which counts as busy too, not as a failure.
 """
 from __future__ import annotations
 
 import fnmatch
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ..run_lock import RunDirBusy, holder
 from .plan import read_manifest
-
-LOCK = ".sweep_lock"
-
 
 @dataclass
 class RunReport:
@@ -43,45 +42,6 @@ def select(rows: list[dict], only: Optional[str]) -> list[dict]:
         return rows
     pats = [p.strip() for p in only.split(",") if p.strip()]
     return [r for r in rows if any(fnmatch.fnmatchcase(r["run"], p) for p in pats)]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _take_lock(run_dir: str) -> bool:
-    """Create the run's lock; a lock left by a dead process on this host is taken over."""
-    path = os.path.join(run_dir, LOCK)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                with open(path) as f:
-                    host, pid = f.read().split()
-            except (OSError, ValueError):
-                host, pid = "", "0"
-            if host == socket.gethostname() and not pid_alive(int(pid)):
-                os.remove(path)
-                continue
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{socket.gethostname()} {os.getpid()}")
-        return True
-    return False
-
-
-def _release_lock(run_dir: str) -> None:
-    try:
-        os.remove(os.path.join(run_dir, LOCK))
-    except FileNotFoundError:
-        pass
 
 
 def train_command(sweep_dir: str, row: dict, overrides: list[str]) -> list[str]:
@@ -120,21 +80,21 @@ def _finish(job: _Active, rc: int, report: RunReport, log: Callable) -> None:
     job.log_file.close()
     secs = time.perf_counter() - job.start
     summary_path = os.path.join(job.run_dir, "summary.json")
-    try:
-        if rc == 0 and os.path.isfile(summary_path):
-            with open(summary_path) as f:
-                loss = json.load(f).get("val_loss")
-            log(f"{job.tag}: done in {secs:.1f} s, val_loss {loss:.4f}")
-            report.finished.append(job.name)
-        else:
-            log_path = os.path.join(job.run_dir, "train.log")
-            err = _error_line(log_path)
-            with open(os.path.join(job.run_dir, "FAILED"), "w") as f:
-                f.write(f"exit status {rc} after {secs:.1f} s\n{err}\nlog: {log_path}\n")
-            log(f"{job.tag}: FAILED (exit {rc}): {err}")
-            report.failed.append(job.name)
-    finally:
-        _release_lock(job.run_dir)
+    log_path = os.path.join(job.run_dir, "train.log")
+    if rc == 0 and os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            loss = json.load(f).get("val_loss")
+        log(f"{job.tag}: done in {secs:.1f} s, val_loss {loss:.4f}")
+        report.finished.append(job.name)
+    elif rc == RunDirBusy.exit_status:  # another process started it first: not a failure
+        log(f"{job.tag}: being trained by another process; skipping ({_error_line(log_path)})")
+        report.busy.append(job.name)
+    else:
+        err = _error_line(log_path)
+        with open(os.path.join(job.run_dir, "FAILED"), "w") as f:
+            f.write(f"exit status {rc} after {secs:.1f} s\n{err}\nlog: {log_path}\n")
+        log(f"{job.tag}: FAILED (exit {rc}): {err}")
+        report.failed.append(job.name)
 
 
 def run_sweep(sweep_dir: str, only: Optional[str] = None, max_runs: Optional[int] = None,
@@ -171,8 +131,9 @@ def run_sweep(sweep_dir: str, only: Optional[str] = None, max_runs: Optional[int
                     launched += 1
                     continue
                 os.makedirs(run_dir, exist_ok=True)
-                if not _take_lock(run_dir):
-                    log(f"{tag}: being trained by another sweep process; skipping")
+                busy = holder(run_dir)
+                if busy is not None:
+                    log(f"{tag}: being trained by {busy.describe()}; skipping")
                     report.busy.append(name)
                     continue
                 launched += 1
@@ -188,7 +149,6 @@ def run_sweep(sweep_dir: str, only: Optional[str] = None, max_runs: Optional[int
                     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
                 except OSError:
                     out.close()
-                    _release_lock(run_dir)
                     raise
                 active.append(_Active(name, run_dir, tag, proc, out, time.perf_counter()))
             if not active:
@@ -208,7 +168,6 @@ def run_sweep(sweep_dir: str, only: Optional[str] = None, max_runs: Optional[int
                 job.proc.kill()
                 job.proc.wait()
             job.log_file.close()
-            _release_lock(job.run_dir)
         raise
     report.wall_s = time.perf_counter() - start
     return report

@@ -1,25 +1,31 @@
 """`megaloop sweep slurm`: an array job over the manifest, one task per run.
 
 DIR/sweep.sbatch   the array script: task i reads row i of DIR/tasks.tsv, exits at once when the run
-                   has a summary.json, else launches `megaloop train CONFIG --resume` on one node
-                   through launch/torchrun.sh (plain torchrun where that launcher is missing);
-                   MEGALOOP_DRY_RUN=1 prints the launch command instead
+                   has a summary.json or its run directory is locked by a live training, else
+                   launches `megaloop train CONFIG --resume` on one node through launch/torchrun.sh
+                   (plain torchrun where that launcher is missing): one process per GPU, or one
+                   process on a CPU-only array (--gpus-per-node 0), with OMP_NUM_THREADS =
+                   SLURM_CPUS_PER_TASK / processes; MEGALOOP_DRY_RUN=1 prints the launch command instead
 DIR/tasks.tsv      index, run, GPUs, time limit (what the script reads; no Python needed on the node)
-DIR/submit.sh      submits only the unfinished runs, one array per time limit, so every run gets
-                   its own time from the manifest (a SLURM array has one --time for all tasks);
-                   rerun it after failures or preemption: finished runs are skipped, the others
-                   resume from their last complete checkpoint
+DIR/submit.sh      submits the runs that are neither finished (summary.json) nor queued or running
+                   (squeue: this user's tasks of this sweep's sweep.sbatch), one array per time
+                   limit, so every run gets its own time from the manifest (a SLURM array has one
+                   --time for all tasks); rerun it any time: the others resume from their last
+                   complete checkpoint
 DIR/logs/%A_%a.out one log per task
 
 Time per run = FLOPs / (GPUs x peak TFLOP/s x MFU) x safety + fixed overhead (start-up, eval,
-checkpoints), rounded up to whole quarter hours so runs of similar cost share one submission.
+checkpoints), rounded up to whole quarter hours so runs of similar cost share one submission; on a
+CPU-only array the peak is CPUs per task x --tflops-per-cpu.
 """
 from __future__ import annotations
 
 import math
 import os
 import shlex
+import shutil
 import stat
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Optional
@@ -33,11 +39,15 @@ class SlurmOptions:
     partition: Optional[str] = None
     account: Optional[str] = None
     qos: Optional[str] = None
-    gpus_per_node: Optional[int] = None      # None = the manifest's GPUs per run
+    gpus_per_node: Optional[int] = None      # None = the manifest's GPUs per run; 0 = CPU-only array
     cpus_per_gpu: int = 8
+    cpus_per_task: Optional[int] = None      # None = cpus_per_gpu x GPUs (cpus_per_gpu on a CPU-only array)
     mem: Optional[str] = None                # e.g. 0 (all of the node) or 512G
     max_parallel: Optional[int] = None       # array throttle: at most N tasks at once
     tflops_per_gpu: float = 400.0            # dense bf16 peak assumed per GPU
+    # fp32 peak assumed per CPU core: with mfu 0.4 that is 40 GFLOP/s sustained, about what a
+    # 2-core Xeon reaches on configs/default.yaml (35 GFLOP/s per core)
+    tflops_per_cpu: float = 0.1
     mfu: float = 0.4
     safety: float = 1.5                      # multiply the estimate (eval, slow nodes, restarts)
     overhead_min: float = 10.0               # start-up, data loading, final eval, checkpoints
@@ -46,8 +56,13 @@ class SlurmOptions:
     job_name: Optional[str] = None
 
 
+def cpus_per_task(gpus: int, opts: SlurmOptions) -> int:
+    return opts.cpus_per_task or opts.cpus_per_gpu * max(gpus, 1)
+
+
 def run_minutes(flops: float, gpus: int, opts: SlurmOptions) -> int:
-    seconds = flops / (gpus * opts.tflops_per_gpu * 1e12 * opts.mfu)
+    peak = gpus * opts.tflops_per_gpu if gpus else cpus_per_task(0, opts) * opts.tflops_per_cpu
+    seconds = flops / (peak * 1e12 * opts.mfu)
     minutes = seconds / 60 * opts.safety + opts.overhead_min
     return int(math.ceil(minutes / 15) * 15)
 
@@ -76,18 +91,40 @@ def default_env_setup() -> str:
 
 
 def _check(opts: SlurmOptions) -> None:
-    for name in ("tflops_per_gpu", "mfu", "safety"):
+    for name in ("tflops_per_gpu", "tflops_per_cpu", "mfu", "safety"):
         if not getattr(opts, name) > 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(opts, name)}")
     if opts.mfu > 1:
         raise ConfigError(f"--mfu is a fraction of peak (0 < mfu <= 1), got {opts.mfu}")
-    if opts.gpus_per_node is not None and opts.gpus_per_node < 1:
-        raise ConfigError(f"--gpus-per-node must be >= 1, got {opts.gpus_per_node}")
+    if opts.gpus_per_node is not None and opts.gpus_per_node < 0:
+        raise ConfigError(f"--gpus-per-node must be >= 0 (0: a CPU-only array), got {opts.gpus_per_node}")
+    for name in ("cpus_per_gpu", "cpus_per_task"):
+        if getattr(opts, name) is not None and getattr(opts, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
     if opts.max_parallel is not None and opts.max_parallel < 1:
         raise ConfigError(f"--max-parallel must be >= 1, got {opts.max_parallel}")
     for line in opts.extra_sbatch:
         if "\n" in line:
             raise ConfigError(f"--sbatch takes one option per flag, got {line!r}")
+
+
+def check_partition(partition: Optional[str]) -> Optional[str]:
+    """Where SLURM is installed, refuse a partition the cluster does not have (ConfigError). Returns a
+    note when the partitions cannot be listed (sinfo failed), None otherwise."""
+    if partition is None or shutil.which("sbatch") is None:
+        return None
+    try:
+        res = subprocess.run(["sinfo", "--noheader", "--format=%R"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"note: could not list the partitions to check --partition={partition} ({e})"
+    if res.returncode != 0:
+        why = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"note: could not list the partitions to check --partition={partition} (sinfo: {why})"
+    names = sorted(set(res.stdout.split()))
+    if partition not in names:
+        raise ConfigError(f"--partition={partition}: this cluster has no such partition (sinfo lists: "
+                          f"{', '.join(names) or 'none'}); pass one of them")
+    return None
 
 
 def render(sweep_dir: str, opts: SlurmOptions) -> dict[str, str]:
@@ -100,7 +137,7 @@ def render(sweep_dir: str, opts: SlurmOptions) -> dict[str, str]:
     tasks, by_time = [], {}
     gpu_counts = set()
     for i, row in enumerate(rows):
-        gpus = opts.gpus_per_node or int(row.get("gpus", 1))
+        gpus = opts.gpus_per_node if opts.gpus_per_node is not None else int(row.get("gpus", 1))
         gpu_counts.add(gpus)
         minutes = run_minutes(float(row["target_flops"]), gpus, opts)
         tasks.append(f"{i}\t{row['run']}\t{gpus}\t{hhmmss(minutes)}")
@@ -112,10 +149,10 @@ def render(sweep_dir: str, opts: SlurmOptions) -> dict[str, str]:
     throttle = f"%{opts.max_parallel}" if opts.max_parallel else ""
     name = opts.job_name or f"megaloop-{manifest.get('name', 'sweep')}"
     q = shlex.quote
-    directives = [f"--job-name={name}", f"--array=0-{len(rows) - 1}{throttle}", "--nodes=1",
-                  "--ntasks-per-node=1", f"--gpus-per-node={gpus}", f"--cpus-per-task={opts.cpus_per_gpu * gpus}",
-                  f"--time={hhmmss(max(by_time))}", f"--output={sweep_abs}/logs/%A_%a.out",
-                  f"--error={sweep_abs}/logs/%A_%a.out"]
+    directives = [f"--job-name={name}", f"--array=0-{len(rows) - 1}{throttle}", "--nodes=1", "--ntasks-per-node=1"]
+    directives += [f"--gpus-per-node={gpus}"] if gpus else []  # 0: a CPU-only array requests no GPUs
+    directives += [f"--cpus-per-task={cpus_per_task(gpus, opts)}", f"--time={hhmmss(max(by_time))}",
+                   f"--output={sweep_abs}/logs/%A_%a.out", f"--error={sweep_abs}/logs/%A_%a.out"]
     for key in ("partition", "account", "qos", "mem"):
         if getattr(opts, key) is not None:
             directives.append(f"--{key}={getattr(opts, key)}")
@@ -124,7 +161,7 @@ def render(sweep_dir: str, opts: SlurmOptions) -> dict[str, str]:
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sbatch = f"""#!/bin/bash
 # megaloop sweep {manifest.get('name', '')}: {len(rows)} runs, one array task per run.
-# Submit with {sweep_abs}/submit.sh (per-run time limits, skips finished runs), or directly:
+# Submit with {sweep_abs}/submit.sh (per-run time limits, skips finished, queued and running runs), or directly:
 #   sbatch {sweep_abs}/sweep.sbatch        (every task gets the longest run's time limit)
 {chr(10).join('#SBATCH ' + d for d in directives)}
 set -euo pipefail
@@ -146,41 +183,80 @@ if [ -f "$RUN_DIR/summary.json" ]; then
   echo "megaloop sweep: $NAME is finished (summary.json exists); skipping"
   exit 0
 fi
+# A live training holds RUN_DIR/.lock (megaloop/run_lock.py): another job is on this run already.
+held_elsewhere() {{
+  command -v flock >/dev/null 2>&1 && [ -f "$RUN_DIR/.lock" ] && ! flock -n -s "$RUN_DIR/.lock" true
+}}
+if held_elsewhere; then
+  echo "megaloop sweep: $NAME is being trained by another process ($(cat "$RUN_DIR/.lock")); skipping"
+  exit 0
+fi
 
 cd "$WORKDIR"
 set +u  # activation scripts (conda, modules) often read unset variables
 {env_setup}
 set -u
-export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-{opts.cpus_per_gpu}}}"
+NPROC=$(( GPUS > 0 ? GPUS : 1 ))  # one process per GPU; a CPU-only run is one threaded process
+if [ -z "${{OMP_NUM_THREADS:-}}" ]; then  # threads per process follow the allocation
+  OMP_NUM_THREADS=$(( ${{SLURM_CPUS_PER_TASK:-$NPROC}} / NPROC ))
+  export OMP_NUM_THREADS=$(( OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1 ))
+fi
 [ -n "${{MEGALOOP_DRY_RUN:-}}" ] || rm -f "$RUN_DIR/FAILED"
 TRAIN_ARGS=("$CONFIG" --resume --set "train.run_dir=$RUN_DIR" --set train.progress=false)
 if [ -x "$MEGALOOP_ROOT/launch/torchrun.sh" ]; then
-  LAUNCH=("$MEGALOOP_ROOT/launch/torchrun.sh" --nproc "$GPUS" "${{TRAIN_ARGS[@]}}")
+  LAUNCH=("$MEGALOOP_ROOT/launch/torchrun.sh" --nproc "$NPROC" "${{TRAIN_ARGS[@]}}")
 else
-  LAUNCH=(torchrun --standalone --nnodes 1 --nproc-per-node "$GPUS" -m megaloop.cli train "${{TRAIN_ARGS[@]}}")
+  LAUNCH=(torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" -m megaloop.cli train "${{TRAIN_ARGS[@]}}")
 fi
-echo "megaloop sweep: $NAME on $(hostname) with $GPUS GPUs, limit $TIME_LIMIT: ${{LAUNCH[*]}}"
+if [ "$GPUS" -gt 0 ]; then where="$GPUS GPUs"; else where="CPU only"; fi
+echo "megaloop sweep: $NAME on $(hostname) with $where, $NPROC process(es) x $OMP_NUM_THREADS thread(s)," \
+  "limit $TIME_LIMIT: ${{LAUNCH[*]}}"
 if [ -n "${{MEGALOOP_DRY_RUN:-}}" ]; then  # check what a task would run, without training
   exit 0
 fi
 rc=0
 "${{LAUNCH[@]}}" || rc=$?
 if [ "$rc" -ne 0 ]; then
-  printf 'exit status %s (SLURM job %s_%s)\\nlog: %s/logs/%s_%s.out\\n' "$rc" "${{SLURM_ARRAY_JOB_ID:-?}}" \\
+  if held_elsewhere; then  # lost the race to another job: it trains the run, this is no failure
+    echo "megaloop sweep: $NAME was started by another process first ($(cat "$RUN_DIR/.lock")); leaving it to it"
+    exit 0
+  fi
+  printf 'exit status %s (SLURM job %s_%s)\nlog: %s/logs/%s_%s.out\n' "$rc" "${{SLURM_ARRAY_JOB_ID:-?}}" \
     "$TASK_ID" "$SWEEP_DIR" "${{SLURM_ARRAY_JOB_ID:-?}}" "$TASK_ID" > "$RUN_DIR/FAILED"
   exit "$rc"
 fi
 """
     groups = "\n".join(f"submit {hhmmss(m)} {id_ranges(ids).replace(',', ' ')}" for m, ids in sorted(by_time.items()))
     submit = f"""#!/bin/bash
-# Submit the unfinished runs of sweep {manifest.get('name', '')}, one array per time limit.
-# Safe to rerun: runs with a summary.json are left out; the others resume from their last checkpoint.
-# Dry run: SBATCH=echo bash {sweep_abs}/submit.sh
+# Submit the runs of sweep {manifest.get('name', '')} that are neither finished nor in the queue, one
+# array per time limit. Safe to rerun any time: runs with a summary.json are left out, and so are
+# runs whose task is queued or running (squeue lists this user's tasks of this sweep.sbatch); the
+# others resume from their last checkpoint.
+# Dry run: SBATCH=echo bash {sweep_abs}/submit.sh   (SQUEUE=none: do not ask the queue)
 set -euo pipefail
 SWEEP_DIR={q(sweep_abs)}
 SBATCH="${{SBATCH:-sbatch}}"
+SQUEUE="${{SQUEUE:-squeue}}"
 mkdir -p "$SWEEP_DIR/logs"
-pending=0
+pending=0 finished=0 in_queue=0
+
+# " 3 5 7 ": the array indices of this sweep's tasks that are pending, running or completing
+queued=" "
+if [ "$SQUEUE" = none ]; then
+  echo "megaloop sweep: SQUEUE=none: queued and running tasks are not checked"
+elif command -v "$SQUEUE" >/dev/null 2>&1; then
+  if ! out=$("$SQUEUE" --noheader --array --user="$(id -un)" --name={q(name)} --format='%K %o' 2>&1); then
+    echo "megaloop sweep: $SQUEUE failed, so queued runs cannot be told from unfinished ones: $(tail -n 1 <<< "$out")" >&2
+    echo "megaloop sweep: fix SLURM and rerun, or rerun with SQUEUE=none to submit every unfinished run" >&2
+    exit 1
+  fi
+  queued=" $(awk -v script="$SWEEP_DIR/sweep.sbatch" '$2 == script {{printf "%s ", $1}}' <<< "$out")"
+elif [ "$SBATCH" = sbatch ]; then
+  echo "megaloop sweep: $SQUEUE not found: run this on a SLURM login node (or set SQUEUE=none)" >&2
+  exit 1
+else
+  echo "megaloop sweep: $SQUEUE not found: queued and running tasks are not checked"
+fi
 
 submit() {{  # TIME_LIMIT TASK_ID...
   local limit=$1 ids=() spec id name list
@@ -188,7 +264,13 @@ submit() {{  # TIME_LIMIT TASK_ID...
   for spec in "$@"; do
     for id in $(seq "${{spec%-*}}" "${{spec#*-}}"); do
       name=$(awk -F'\\t' -v id="$id" '$1 == id {{print $2}}' "$SWEEP_DIR/tasks.tsv")
-      [ -f "$SWEEP_DIR/runs/$name/summary.json" ] || ids+=("$id")
+      if [ -f "$SWEEP_DIR/runs/$name/summary.json" ]; then
+        finished=$((finished + 1))
+      elif [[ "$queued" == *" $id "* ]]; then
+        in_queue=$((in_queue + 1))
+      else
+        ids+=("$id")
+      fi
     done
   done
   [ "${{#ids[@]}}" -gt 0 ] || return 0
@@ -200,7 +282,7 @@ submit() {{  # TIME_LIMIT TASK_ID...
 }}
 
 {groups}
-echo "megaloop sweep: submitted $pending unfinished run(s) of {len(rows)}"
+echo "megaloop sweep: submitted $pending run(s) of {len(rows)} ($finished finished, $in_queue queued or running)"
 """
     return {"sweep.sbatch": sbatch, "tasks.tsv": "\n".join(tasks) + "\n", "submit.sh": submit}
 

@@ -15,6 +15,7 @@
       input_injection: linear
       input_injection_r1: passthrough   # r = 1 is a plain transformer: no adapter
       budgets: [{flops: 4.64e17, sizes: [6, 8, 10, 12]}, ...]
+      test_time_recur: 2       # optional: evaluate every run at r_test = 1 .. 2 r (test-time curves)
     variants:                  # each variant is the grid again with a few changes
       baseline: {}
       truncbptt: {bptt_k: ceil_half, r: [2, 4, 8], budgets: 4}   # budgets: first N, or flops values
@@ -62,6 +63,7 @@ class GridSpec:
     input_injection: str = "linear"
     input_injection_r1: Optional[str] = "passthrough"   # None: r = 1 uses input_injection too
     budgets: list[BudgetSpec] = field(default_factory=list)
+    test_time_recur: int = 0    # > 0: evaluate each run at r_test = 1 .. test_time_recur * r
 
 
 # `bptt_k` in a variant: a fixed k, null (full backprop), or a rule of r.
@@ -171,9 +173,13 @@ def _parse_grid(g: dict) -> GridSpec:
     if unknown:
         raise ConfigError(f"unknown key 'grid.{unknown[0]}'. Valid keys under 'grid': {', '.join(sorted(known))}")
     out = GridSpec()
-    for k in ("head_dim", "n_prelude", "n_coda", "total_recur_depth", "width_multiple", "round_to"):
+    for k in ("head_dim", "n_prelude", "n_coda", "total_recur_depth", "width_multiple", "round_to",
+              "test_time_recur"):
         if k in g:
             setattr(out, k, _num(g[k], f"grid.{k}", int))
+    if out.test_time_recur < 0:
+        raise ConfigError(f"grid.test_time_recur must be >= 0 (0: evaluate at the trained r only), "
+                          f"got {out.test_time_recur}")
     for k in ("head_dim", "total_recur_depth", "width_multiple", "round_to"):
         if getattr(out, k) < 1:
             raise ConfigError(f"grid.{k} must be >= 1, got {getattr(out, k)}")

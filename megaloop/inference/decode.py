@@ -1,0 +1,131 @@
+"""The looped forward pass over a KV cache, with optional per-token exit.
+
+`Decoder.forward(tokens, depth)` runs a chunk of tokens (a prompt, or one new token per row)
+through prelude -> `depth` recurrences -> coda, reading and writing `LoopKVCache`, and returns
+the next-token logits of the chunk's last position. It computes what `LoopedLM.forward` computes
+on the whole sequence: cached decoding with one cache slot per recurrence equals recomputation.
+
+Per-token exit (`exit_rule`, one token per row): after each recurrence every row still running
+measures the rule; a row that fires is frozen, its state and so its output no longer change, and
+the others go on, up to `depth` recurrences. Rows never influence each other (attention reads
+only the row's own cache), so a batch gives what each sequence gives alone.
+
+The KV entries of skipped recurrences (policy "repeat the last"). A token that exits after e
+recurrences never computes recurrences e..depth-1, yet later tokens at those recurrences attend
+to it. Its entries there are copies of its last computed recurrence (e-1), block by block: the
+token's deepest keys and values stand in for the depths it skipped. In a batch the frozen rows
+write these copies while the others compute; when every row has exited the remaining slots are
+filled without computing. The prompt, prefilled at a fixed depth below the decoding cap, gets the
+same treatment for the recurrences past its depth.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .. import kernels as K
+from ..model import LoopedLM
+from .cache import LoopKVCache
+from .exit import ExitRule, ExitState
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor          # [B, V] next-token logits of the chunk's last position
+    recurrences: torch.Tensor     # [B] recurrences each row ran for its last token
+
+
+class Decoder:
+    """Looped decoding over a cache. `max_depth` bounds the recurrences any token may run (the
+    cache fills skipped entries up to it); kv_budget defaults to one slot per recurrence."""
+
+    def __init__(self, model: LoopedLM, batch: int, length: int, max_depth: int,
+                 kv_budget: Optional[int] = None, pad: Optional[torch.Tensor] = None):
+        self.model, self.cfg, self.max_depth = model, model.cfg, max_depth
+        p = model.embed.weight
+        self.cache = LoopKVCache(model.cfg, batch, length, kv_budget or max_depth, p.dtype, p.device, pad)
+
+    # ------------------------------------------------------------------ pieces
+    def _rope(self, T: int):
+        m, end = self.model, self.cache.pos + T
+        if end > m.rope_cos.size(0):  # past the training length: grow the tables geometrically
+            m.rope(max(end, 2 * m.rope_cos.size(0)))
+        return m.rope_cos[self.cache.pos:end], m.rope_sin[self.cache.pos:end]
+
+    def _group(self, u, i, cos, sin, keep=None, last=None):
+        """One pass (recurrence i) through the recurrent group; returns (h, what each block wrote)."""
+        written = []
+        for j, block in enumerate(self.model.recur):
+            layer = self.cache.recur(i, j, keep, None if last is None else last[j])
+            u = block(u, cos, sin, layer)
+            written.append(layer.written)
+        return u, written
+
+    def _coda(self, x, cos, sin) -> torch.Tensor:
+        m = self.model
+        for j, block in enumerate(m.coda):
+            x = block(x, cos, sin, self.cache.coda(j))
+        return m.head.logits(m.norm_final(x[:, -1:]))[:, 0]
+
+    # ------------------------------------------------------------------ forward
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, depth: Optional[int] = None,
+                exit_rule: Optional[ExitRule] = None) -> StepOutput:
+        m, cache = self.model, self.cache
+        depth = depth or self.max_depth
+        if depth > self.max_depth:
+            raise ValueError(f"depth {depth} exceeds the decoder's max_depth {self.max_depth}")
+        B, T = tokens.shape
+        if exit_rule is not None and T != 1:
+            raise ValueError("per-token exit decodes one token per row at a time")
+        cos, sin = self._rope(T)
+        x = m.embed_tokens(tokens)
+        for j, block in enumerate(m.prelude):
+            x = block(x, cos, sin, cache.prelude(j))
+        e, inj = x, m.injection
+        lanes_mode = inj.mode == "hyperconnect"
+        R_lane = inj.alpha.size(0) if lanes_mode else 1
+        state = e.unsqueeze(0).expand(inj.alpha.size(1), *e.shape) if lanes_mode else inj.initial_state(e)
+        out = None                       # the coda's input after the latest recurrence
+        active = torch.ones(B, dtype=torch.bool, device=e.device)
+        used = torch.full((B,), depth, dtype=torch.long, device=e.device)
+        judge = ExitState(exit_rule) if exit_rule is not None else None
+        last, logits, i = None, None, 0  # last: what each block wrote at the latest recurrence
+        for i in range(depth):
+            keep = None if judge is None or bool(active.all()) else active
+            if lanes_mode:
+                a, M, b = inj.alpha[i % R_lane], inj.mix[i % R_lane], inj.beta[i % R_lane]
+                h, last = self._group(K.hc_combine(state, a), i, cos, sin, keep, last)
+                new_state = K.hc_update(state, m.norm_recur(h), M, b)
+                new_out = new_state.sum(0)
+            else:
+                h, last = self._group(K.inject(e, state, inj.mode, inj.weight), i, cos, sin, keep, last)
+                new_state = new_out = m.norm_recur(h)
+            if keep is None:
+                state, out = new_state, new_out
+            else:  # frozen rows keep their state
+                k3 = keep[:, None, None]
+                state = torch.where(k3[None] if lanes_mode else k3, new_state, state)
+                out = torch.where(k3, new_out, out)
+            if judge is None or i == depth - 1:
+                continue
+            logits = self._coda(out, cos, sin) if exit_rule.needs_logits else None
+            fired = judge.fires(judge.measure(out, logits))
+            if fired is not None:
+                stop = active & fired
+                used = torch.where(stop, torch.full_like(used, i + 1), used)
+                active = active & ~fired
+                if not bool(active.any()):
+                    break
+        # The depths nobody computed: repeat each block's last entries (see the module docstring).
+        for skipped in range(i + 1, min(self.max_depth, i + 1 + cache.kv_budget)):
+            for j in range(self.cfg.n_recur_block):
+                cache.fill(skipped, j, last[j])
+        # The coda's cache must hold every row's final output. The latest probe ran on it exactly
+        # when it followed the last recurrence computed (frozen rows do not change).
+        if logits is None or i == depth - 1:
+            logits = self._coda(out, cos, sin)
+        cache.advance(T)
+        return StepOutput(logits, used)
