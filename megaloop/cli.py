@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(COMMANDS[cmd](rest) or 0)
     except errors as e:
         print(f"megaloop {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
-        return getattr(e, "exit_code", getattr(e, "exit_status", 2))  # another rank's failure keeps its status
+        return getattr(e, "exit_status", 2)  # e.g. another rank's failure keeps that rank's status
     except KeyboardInterrupt:
         print(f"megaloop {cmd}: interrupted", file=sys.stderr)
         return 130

@@ -119,3 +119,18 @@ def test_nan_steps_are_skipped_then_run_stops(tiny_corpus, data_cache, tmp_path,
     ckpt.load_file(ckpt.latest_path(run), "model.pt")
     monkeypatch.delenv("MEGALOOP_FAULT")
     importlib.reload(faults)
+
+
+def test_final_evaluation_shows_progress(tiny_corpus, data_cache, tmp_path, capsys):
+    """Contract: with train.progress on, the final evaluation at several r shows one progress bar
+    over every (r, batch) pair: 512 eval tokens / seq_len 32 = 16 windows = 4 batches of 4, at
+    r = 2 (trained), 1 and 4: 12 batches; the losses equal separate evaluations."""
+    run = str(tmp_path / "run")
+    summary = train(load_config(raw=tiny_raw(tiny_corpus, data_cache, run, steps=2, progress=True,
+                                             eval_recur=[1, 4])), log=lambda *a: None)
+    err = capsys.readouterr().err
+    assert "eval" in err and "12/12" in err, err[-2000:]
+    assert set(summary["val_loss_by_r"]) == {"1", "2", "4"}
+    from megaloop.train import evaluate_run
+    alone = evaluate_run(run, [1, 2, 4], log=lambda *a: None)
+    assert alone == {r: pytest.approx(v, abs=1e-6) for r, v in summary["val_loss_by_r"].items()}

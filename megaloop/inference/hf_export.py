@@ -21,15 +21,9 @@ import os
 import shutil
 
 from .. import checkpoint as ckpt
-from ..errors import UserError
 
 CODE_FILES = ("configuration_megaloop.py", "modeling_megaloop.py", "tokenization_megaloop.py")
 CODE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling")
-
-
-def _inside(path: str, folder: str) -> bool:
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def hf_config(cfg, tok) -> dict:
@@ -56,12 +50,8 @@ def export_hf(path: str, out: str, force: bool = False) -> str:
     from ..data.tokenizer import Tokenizer
     from ..export import _tokenizer_for, load_pretrained
 
-    if _inside(path, out):
-        raise UserError(f"--out {out} is (or contains) the source {path}; writing there would replace the source: "
-                        f"choose another --out")
+    ckpt.check_out_dir(out, [path], force)  # never onto, around or into the source
     model, cfg, tok_path = load_pretrained(path)
-    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not force:
-        raise UserError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
     tok_path = tok_path or _tokenizer_for(cfg)
     tok = Tokenizer(tok_path)
     with ckpt.atomic_output_dir(out, prefix=".export_hf_") as tmp:

@@ -42,16 +42,16 @@ STORE_TIMEOUT_S = 20
 class PeerFailure(UserError):
     """Raised on a rank whose work was cut short by another rank's failure."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_status: int):
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_status = exit_status
 
 
 def describe(exc: BaseException) -> tuple[str, int]:
     """(one-line message, exit status) of a rank's failure, as the CLI would report it."""
     from ..data.errors import DatasetError
     if isinstance(exc, (UserError, DatasetError)):
-        return " ".join(str(exc).split()), getattr(exc, "exit_code", 2)
+        return " ".join(str(exc).split()), getattr(exc, "exit_status", 2)
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130
     first = (str(exc).strip().splitlines() or [""])[0]
