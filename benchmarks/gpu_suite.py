@@ -106,22 +106,25 @@ def kernel_tests(timeout: float, tmp: str) -> dict:
 def kernel_bench(timeout: float, tmp: str) -> dict:
     res = json_part([sys.executable, "benchmarks/kernels.py", "--budget", str(int(max(10, timeout - 30)))],
                     timeout, os.path.join(tmp, "kernels.json"))
+    res.update(kernel_speedups(res.get("result", {})))
+    return res
+
+
+def kernel_speedups(bench: dict) -> dict:
+    """Per op of benchmarks/kernels.py's JSON: forward+backward speed-up of the Triton kernel over
+    eager and over torch.compile (time of the other / time of the kernel), and the smallest ones."""
     rows = []
-    for entry in res.get("result", {}).get("results", []):
+    for entry in bench.get("results", []):
         impl = entry.get("impl", {})
         tri, eager, comp = (impl.get(k, {}).get("fwd_bwd_ms") for k in ("triton", "eager", "compile"))
-        row = {"op": entry["op"], "shape": entry["shape"], "triton_ms": tri, "eager_ms": eager, "compile_ms": comp}
-        if tri:
-            row["speedup_over_eager"] = eager / tri if eager else None
-            row["speedup_over_compile"] = comp / tri if comp else None
+        row = {"op": entry["op"], "shape": entry["shape"], "triton_ms": tri, "eager_ms": eager, "compile_ms": comp,
+               "speedup_over_eager": eager / tri if tri and eager else None,
+               "speedup_over_compile": comp / tri if tri and comp else None}
         rows.append(row)
-    res["fwd_bwd"] = rows
-    ok = [r for r in rows if r.get("speedup_over_eager")]
-    if ok:
-        res["min_speedup_over_eager"] = min(r["speedup_over_eager"] for r in ok)
-        comp = [r["speedup_over_compile"] for r in ok if r.get("speedup_over_compile")]
-        res["min_speedup_over_compile"] = min(comp) if comp else None
-    return res
+    over_eager = [r["speedup_over_eager"] for r in rows if r["speedup_over_eager"]]
+    over_comp = [r["speedup_over_compile"] for r in rows if r["speedup_over_compile"]]
+    return {"fwd_bwd": rows, "min_speedup_over_eager": min(over_eager) if over_eager else None,
+            "min_speedup_over_compile": min(over_comp) if over_comp else None}
 
 
 def train_step(timeout: float, tmp: str, steps: int) -> dict:
