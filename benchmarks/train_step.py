@@ -11,6 +11,8 @@ Sections (all measured in ONE process, so their ratios hold on a noisy, shared m
   checkpoint r = 8 with and without model.checkpoint_recurrence;
   bptt       bptt_k = r .. 1 at the given r (activation memory must fall with k);
   config     the given config exactly as it is (--config / --set);
+  kernels    the given config with the fused kernels on (auto: Triton on CUDA) and off (torch),
+             each eager and compiled, with the graph breaks dynamo recorded while compiling;
   sidebyside megaloop's fp32 eager and compiled steps against a plain looped GPT of the same shape
              (benchmarks/plain_gpt.py: torch ops, each block compiled, full logits +
              F.cross_entropy, torch.optim.AdamW), at r = 4 and r = 8 (--sidebyside-recur);
@@ -48,6 +50,7 @@ import torch
 from megaloop.accounting import count_params, flops_per_token
 from megaloop.config import Config, load_config
 from megaloop.engine import LocalEngine, autocast_for
+from megaloop.kernels import set_backend
 from megaloop.mfu import cpu_model, measure_matmul_flops, native_bf16_matmul, peak_flops
 from megaloop.train import build_model, compile_blocks
 
@@ -58,7 +61,7 @@ SHAPE = ["model.d_model=256", "model.n_head=2", "model.n_kv_head=2", "model.voca
          "model.seq_len=256", "model.n_prelude=2", "model.n_recur_block=4", "model.n_coda=2",
          "model.num_recur=4", "model.input_injection=linear", "train.micro_batch_size=8", "train.steps=1",
          "optim.name=adamw", "optim.lr=0.001"]
-SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config", "sidebyside")
+SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config", "kernels", "sidebyside")
 
 
 def base_config(path: Optional[str], overrides: list[str]) -> Config:
@@ -93,6 +96,7 @@ class Variant:
         self.batch = fixed_batch(self.cfg, device)
 
     def step(self) -> float:
+        set_backend(self.cfg.kernels)  # a process-wide switch: variants with kernels on and off alternate
         sync(self.engine.device)
         t0 = time.perf_counter()
         stats = self.engine.train_step([self.batch], 1.0)  # .item() inside: the step has finished
@@ -257,14 +261,27 @@ def child(spec_json: str) -> None:
 # ----------------------------------------------------------------------------- timing
 
 def run_section(variants: list[Variant], steps: int, device: torch.device, memory: str,
-                matmul_rounds: Optional[list[float]] = None, log=print, alloc: bool = False) -> list[dict]:
-    for v in variants:
-        v.build(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        v.step()  # warm-up: compilation, allocator, optimizer state
-        v.warmup_s = time.perf_counter() - t0
+                matmul_rounds: Optional[list[float]] = None, log=print, alloc: bool = False,
+                keep_going: bool = False) -> list[dict]:
+    """keep_going: a variant that fails to build or warm up is reported with its error and left
+    out, instead of ending the run (the GPU suite's kernels section: one broken path must not
+    hide the other's figures)."""
+    failed = []
+    for v in list(variants):
+        try:
+            v.build(device)
+            t0 = time.perf_counter()
+            v.step()  # warm-up: compilation, allocator, optimizer state
+            v.warmup_s = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - reported in the JSON
+            if not keep_going:
+                raise
+            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            failed.append({"name": v.name, "error": msg})
+            variants.remove(v)
+            v.release()
+            log(f"  {v.name}: FAILED {msg}")
+            continue
         log(f"  {v.name}: warm-up {v.warmup_s:.1f}s")
     for rnd in range(steps):
         for v in variants:
@@ -277,7 +294,7 @@ def run_section(variants: list[Variant], steps: int, device: torch.device, memor
         mem = measure_memory(v, memory, device, alloc)
         out.append(report(v, mem))
         v.release()
-    return out
+    return out + failed
 
 
 def run_side_by_side(cfg: Config, steps: int, recurs: list[int], device: torch.device, log=print) -> dict:
@@ -347,6 +364,8 @@ def report(v: Variant, mem: dict) -> dict:
 
 def add_mfu(rows: list[dict], peaks: dict[str, float], in_run_fp32: Optional[float]) -> None:
     for row in rows:
+        if "error" in row:
+            continue
         peak = peaks[row["precision"]]
         row["mfu"] = row["achieved_flops"] / peak if peak else None
         if in_run_fp32:
@@ -427,13 +446,21 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result["config"] = run_section([Variant("config", cfg, cfg.train.compile)], args.steps, device,
                                        args.memory, track, log)
 
+    if "kernels" in sections:
+        from torch._dynamo.utils import counters
+        log("kernels: on (auto) and off (torch), eager and compiled")
+        counters.clear()
+        variants = [Variant(f"kernels_{tag}_{'compiled' if c else 'eager'}", with_sets(cfg, [f"kernels={k}"]), c)
+                    for c in (True, False) for tag, k in (("on", "auto"), ("off", "torch"))]
+        result["kernels"] = run_section(variants, args.steps, device, args.memory, track, log, keep_going=True)
+        result["kernels_graph_breaks"] = {k: int(v) for k, v in counters["graph_break"].items()}
     if "sidebyside" in sections:
         result["sidebyside"] = run_side_by_side(cfg, args.steps, [int(r) for r in args.sidebyside_recur.split(",")],
                                                 device, log)
 
     in_run_median = statistics.median(in_run) if in_run else None
     result["matmul_fp32_in_run"] = {"median": in_run_median, "all": in_run} if in_run else None
-    for sec in ("precision", "checkpoint", "bptt", "bptt_long", "config"):
+    for sec in ("precision", "checkpoint", "bptt", "bptt_long", "config", "kernels"):
         if sec in result:
             add_mfu(result[sec], peaks, in_run_median)
     result["ratios"] = ratios(result)
@@ -461,6 +488,12 @@ def ratios(result: dict) -> dict:
         out["checkpoint_activation_memory_ratio"] = ratio_of(ck[1], ck[0], "activation_bytes")
         out["checkpoint_peak_memory_ratio"] = ratio_of(ck[1], ck[0], "peak_bytes")
         out["checkpoint_time_ratio"] = ck[1]["step_s_median"] / ck[0]["step_s_median"]
+    kern = {row["name"]: row for row in result.get("kernels", []) if "error" not in row}
+    for mode in ("compiled", "eager"):
+        on, off = kern.get(f"kernels_on_{mode}"), kern.get(f"kernels_off_{mode}")
+        if on and off:
+            out[f"kernels_on_over_off_{mode}"] = on["tokens_per_s"] / off["tokens_per_s"]
+            out[f"kernels_on_{mode}_mfu"] = on["mfu"]
     for key, sb in result.get("sidebyside", {}).items():
         out[f"sidebyside_{key}_compiled_over_plain_compiled"] = sb["compiled_over_plain_compiled"]
         out[f"sidebyside_{key}_eager_over_plain_eager"] = sb["eager_over_plain_eager"]

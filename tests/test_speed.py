@@ -3,7 +3,8 @@
 Contracts:
 - train.compile (compile_blocks): same losses as eager over a few fp32 steps (~1e-5 relative),
   state-dict keys unchanged, one compiled graph shared by all blocks, and another num_recur at
-  evaluation compiles nothing new;
+  evaluation compiles nothing new; a block is one dynamo graph, without a graph break, in the
+  differentiated and the detached (truncated-backprop) passes alike;
 - bf16 autocast (fp32 master weights, fp32 loss) tracks fp32: 50 steps both ways on a learnable
   task, final losses within 2 %;
 - checkpoint_recurrence composes with truncated backprop (bptt_k): same loss and gradients as
@@ -81,6 +82,25 @@ def test_compile_matches_eager():
         m_comp(*batches[0], num_recur=5)
         m_comp(*batches[0], num_recur=7)
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiled_blocks_have_no_graph_breaks():
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    cfg = tiny_cfg(n_recur_block=2, num_recur=3, bptt_k=1)
+    model = build_model(cfg)
+    cos, sin = model.rope(cfg.model.seq_len)
+    x = torch.randn(2, cfg.model.seq_len, cfg.model.d_model, requires_grad=True)
+    explained = torch._dynamo.explain(model.recur[0].forward)(x, cos, sin)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1 and explained.op_count > 10  # it traced the whole block
+    torch._dynamo.reset()
+    counters.clear()
+    _, compiled = run_steps(cfg, markov_batches(cfg, 2), compiled=True)  # grad and no-grad passes
+    with torch.no_grad():
+        compiled(*markov_batches(cfg, 1)[0])
+    assert counters["stats"]["calls_captured"] > 0  # dynamo did trace the blocks
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
 def test_bf16_tracks_fp32():
