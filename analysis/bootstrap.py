@@ -28,7 +28,7 @@ def resample_weights(n_boot: int, strata: np.ndarray, rng: np.random.Generator) 
 
 def bootstrap(data: LawData, delta: float, free: np.ndarray, raw_hat: np.ndarray, n_boot: int,
               seed: int, strata: np.ndarray | None = None, phi_starts=None,
-              max_iter: int = 200, chunk: int = 4000,
+              max_iter: int = 200, chunk: int = 512,
               box: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Refit n_boot resamples; returns (n_boot, P) raw parameter vectors (best start each).
     With a search `box` (centred coordinates) each refit is moved into it afterwards: a resample
@@ -49,7 +49,9 @@ def bootstrap(data: LawData, delta: float, free: np.ndarray, raw_hat: np.ndarray
     k = len(starts_c)
     out = np.empty((n_boot, len(raw_hat)))
     per = max(1, chunk // k)
-    for lo in range(0, n_boot, per):  # chunks bound the memory of the (B*k, R) temporaries
+    # chunks of ~512 rows keep the (rows, R) temporaries in cache: 4,000 resamples of the
+    # 116-run table cost 7.5 s of CPU this way, 14 s in chunks of 4,000 rows
+    for lo in range(0, n_boot, per):
         hi = min(n_boot, lo + per)
         wb = np.repeat(w[lo:hi], k, axis=0)
         x0 = np.tile(starts_c, (hi - lo, 1))

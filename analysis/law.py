@@ -13,6 +13,10 @@ Parametrisation choices (why):
 * phi is kept in the box [0, PHI_MAX]. In the batched phase it is optimised through
   phi = PHI_MAX * sigmoid(u) (unconstrained, smooth); the final polish uses the natural phi with
   L-BFGS-B bounds, so a minimiser on the edge of the box is reached exactly.
+* The other parameters have a search region too (`search_box`): the final polish is bounded to
+  it, so a fit that wants a term of zero ends exactly on its edge, where the report can say so.
+  The batched L-BFGS accepts any finite bounds (same sigmoid transform) and a per-row `free`
+  mask, which is how the profile likelihood pins a different parameter in every row.
 * Several phis can be present (one per variant, for the joint fit); every run maps to one of
   them through `phi_index`. A boolean `free` mask pins parameters that the data cannot identify.
 """
