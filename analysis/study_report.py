@@ -34,17 +34,19 @@ import pandas as pd  # noqa: E402
 
 
 def _fit(table: str, out: str, n_boot: int) -> dict:
-    """`megaloop fit` as a subprocess (JSON and text); returns the JSON."""
+    """`megaloop fit --json` as a subprocess; fit.txt is the same report as text (one fit, two views)."""
+    from .report import format_report
+
     cmd = [sys.executable, "-m", "megaloop.cli", "fit", table, "--joint", "--bootstrap", str(n_boot)]
     res = subprocess.run(cmd + ["--json", "--plots", os.path.join(out, "plots")], capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"megaloop fit failed ({res.returncode}): {res.stderr.strip()}")
     with open(os.path.join(out, "fit.json"), "w") as f:
         f.write(res.stdout)
-    text = subprocess.run(cmd, capture_output=True, text=True)
+    fit = json.loads(res.stdout)
     with open(os.path.join(out, "fit.txt"), "w") as f:
-        f.write(text.stdout + text.stderr)
-    return json.loads(res.stdout)
+        f.write(format_report(fit) + "\n")
+    return fit
 
 
 def recurrence_rows(sweep_dir: str, table: pd.DataFrame, factor: int = 2) -> list[dict]:
