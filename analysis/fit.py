@@ -23,7 +23,7 @@ from .isoflop import budget_column, isoflop
 from .law import N_BASE, LawData, multistart_fit, polish, predict_log_loss, search_box, start_grid, to_centred, to_raw
 from .profile import ProfileResult, profile_fit
 from .report import format_fit, format_report, json_safe  # noqa: F401  (re-exported)
-from .table import FitInputError, record_divergence
+from .table import TEST_TIME_SUFFIX, FitInputError, record_divergence
 
 PHI_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # where phi cannot be identified it is pinned here, which makes N_eff = n_once + r * n_rec
@@ -32,6 +32,7 @@ PINNED_PHI = 1.0
 # a run is "far from the fit" when its loss sits this far above it (log-loss residual)
 DIVERGED_SIGMAS, DIVERGED_FLOOR, DIVERGED_CAP = 5.0, 0.02, 0.1
 HOLDOUT_MIN_RUNS = 3  # the hold-out predicts at least this many runs (when the budgets allow)
+
 
 
 def phi_identifiability(df: pd.DataFrame) -> tuple[bool, str]:
@@ -333,7 +334,14 @@ def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
         report["baseline"] = base
         report["variants"] = per
         if joint:
-            report["joint"] = _joint_report(df, fits, variants, base, delta, n_boot, seed, drop_outliers)
+            # A sampled-depth run's test-time rows (variant *_tt) repeat runs the table already
+            # holds once (under their own variant): pooled into the shared parameters they would
+            # count those runs several times, so the joint fit leaves them out.
+            pooled = [v for v in variants if not str(v).endswith(TEST_TIME_SUFFIX)]
+            report["joint"] = _joint_report(df[df["variant"].isin(pooled)], fits, pooled, base, delta, n_boot,
+                                            seed, drop_outliers)
+            if len(pooled) < len(variants):
+                report["joint"]["left_out"] = [v for v in variants if v not in pooled]
     report["isoflop"] = isoflop(df, seed=seed)
     return report, fits
 

@@ -123,6 +123,8 @@ def format_report(rep: dict[str, Any]) -> str:
 
 def _format_joint(j: dict[str, Any], baseline: str) -> str:
     out = ["joint fit (shared E, A, alpha, B, beta; one phi per variant):"]
+    if j.get("left_out"):
+        out.append(f"  left out (test-time rows repeat runs already in the fit): {', '.join(j['left_out'])}")
     for v in j["phi"]:
         key = f"phi[{v}]"
         line = _param_line(j, key, key, j["phi"][v], j["phi_ci"][v], ".4f")

@@ -18,6 +18,9 @@ REQUIRED = ("n_once", "n_rec", "r", "tokens", "loss")
 OPTIONAL_NUMERIC = ("flops",)
 # what a run's own record says about its health; an empty cell means "not recorded"
 RECORD_COLUMNS = ("vocab_size", "skipped_steps")
+# The variant suffix of a sampled-depth run's rows at every evaluated r ("test-time" rows: each
+# repeats a run the table also holds once under its own variant).
+TEST_TIME_SUFFIX = "_tt"
 
 
 class FitInputError(ValueError, _UserError):

@@ -175,3 +175,17 @@ def test_variants_and_joint_fit_recover_phi_differences():
     assert rep["variants"]["hyperconnect"]["dphi_ci"][0] > 0
     assert rep["variants"]["baseline"]["dphi"] == 0.0
     assert j["n_runs"] == len(df)
+
+
+def test_joint_fit_leaves_out_test_time_rows():
+    """A sampled-depth run's test-time rows (variant *_tt) repeat runs already in the table: the
+    joint fit leaves them out (and says so), so it equals the joint fit of the table without them,
+    while the per-variant fits still report the *_tt variant."""
+    df = _variant_table()
+    tt = df[df.variant == "truncbptt"].assign(variant="truncbptt_tt", run=lambda t: t.run + "@r1")
+    rep, _ = analyse(pd.concat([df, tt], ignore_index=True), n_boot=0, seed=0, joint=True)
+    ref, _ = analyse(df, n_boot=0, seed=0, joint=True)
+    assert "truncbptt_tt" in rep["variants"]
+    assert rep["joint"]["left_out"] == ["truncbptt_tt"] and "left_out" not in ref["joint"]
+    assert rep["joint"]["n_runs"] == ref["joint"]["n_runs"] == len(df)
+    assert rep["joint"]["phi"] == pytest.approx(ref["joint"]["phi"], abs=1e-9)

@@ -35,6 +35,7 @@ from typing import Optional
 
 import yaml
 
+from ..analysis.table import TEST_TIME_SUFFIX
 from ..errors import UserError
 from .plan import read_manifest
 from ..run_lock import holder
@@ -43,7 +44,6 @@ TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "fl
                  "vocab_size", "skipped_steps")
 # One row per finished run and evaluated r_test (summary.json's val_loss_by_r): test-time curves.
 TEST_TIME_COLUMNS = ("run", "variant", "r", "r_test", "loss", "n_once", "n_rec", "tokens", "flops")
-TEST_TIME_SUFFIX = "_tt"   # variant of a sampled-depth run's fit-table rows at every evaluated r
 STATUSES = ("finished", "diverged", "failed", "running", "incomplete", "missing")
 
 
