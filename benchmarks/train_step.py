@@ -13,6 +13,9 @@ Sections (all measured in ONE process, so their ratios hold on a noisy, shared m
   config     the given config exactly as it is (--config / --set);
   kernels    the given config with the fused kernels on (auto: Triton on CUDA) and off (torch),
              each eager and compiled, with the graph breaks dynamo recorded while compiling;
+  gemm       every matrix product of one step at its own shape (benchmarks/gemm_shapes.py): the
+             FLOP-weighted rate those shapes reach, i.e. the matmul ceiling of this step, at the
+             sidebyside r values; the side-by-side steps are also reported against it;
   sidebyside megaloop's fp32 eager and compiled steps against a plain looped GPT of the same shape
              (benchmarks/plain_gpt.py: torch ops, each block compiled, full logits +
              F.cross_entropy, torch.optim.AdamW), at r = 4 and r = 8 (--sidebyside-recur);
@@ -55,13 +58,14 @@ from megaloop.mfu import cpu_model, measure_matmul_flops, native_bf16_matmul, pe
 from megaloop.train import build_model, compile_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gemm_shapes  # noqa: E402
 from plain_gpt import PlainLoopedGPT, PlainTrainer  # noqa: E402 - the yardstick lives beside this file
 
 SHAPE = ["model.d_model=256", "model.n_head=2", "model.n_kv_head=2", "model.vocab_size=4096",
          "model.seq_len=256", "model.n_prelude=2", "model.n_recur_block=4", "model.n_coda=2",
          "model.num_recur=4", "model.input_injection=linear", "train.micro_batch_size=8", "train.steps=1",
          "optim.name=adamw", "optim.lr=0.001"]
-SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config", "kernels", "sidebyside")
+SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config", "kernels", "sidebyside", "gemm")
 
 
 def base_config(path: Optional[str], overrides: list[str]) -> Config:
@@ -458,6 +462,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
         result["sidebyside"] = run_side_by_side(cfg, args.steps, [int(r) for r in args.sidebyside_recur.split(",")],
                                                 device, log)
 
+    if "gemm" in sections:
+        result["gemm"] = {}
+        for r in [int(r) for r in args.sidebyside_recur.split(",")]:
+            log(f"gemm: the step's matrix products at their own shapes, r={r}")
+            result["gemm"][f"r{r}"] = gemm_shapes.measure(with_sets(cfg, [f"model.num_recur={r}"]), args.steps)
+
     in_run_median = statistics.median(in_run) if in_run else None
     result["matmul_fp32_in_run"] = {"median": in_run_median, "all": in_run} if in_run else None
     for sec in ("precision", "checkpoint", "bptt", "bptt_long", "config", "kernels"):
@@ -498,6 +508,13 @@ def ratios(result: dict) -> dict:
         out[f"sidebyside_{key}_compiled_over_plain_compiled"] = sb["compiled_over_plain_compiled"]
         out[f"sidebyside_{key}_eager_over_plain_eager"] = sb["eager_over_plain_eager"]
         out[f"sidebyside_{key}_frac_of_in_run_fp32_matmul"] = sb["megaloop_compiled_frac_of_in_run_fp32_matmul"]
+        g = result.get("gemm", {}).get(key)
+        if g:  # the step against the ceiling its own product shapes set
+            rows = {row["name"]: row for row in sb["rows"]}
+            out[f"gemm_{key}_step_products_over_2048"] = g["step_products_over_2048"]
+            for name in ("megaloop_compiled", "plain_compiled"):
+                out[f"sidebyside_{key}_{name}_frac_of_step_products_rate"] = (
+                    rows[name]["achieved_flops"] / g["step_products_rate"])
     bp = result.get("bptt", [])
     if bp:
         mem = [row["memory"].get("activation_bytes", row["memory"]["peak_bytes"]) for row in bp]

@@ -213,3 +213,27 @@ def test_gpu_peak_table():
     assert mfu.gpu_peak("Tesla V100-SXM2-16GB", "bf16") == 15.7e12  # no bf16 tensor cores
     assert mfu.gpu_peak("Some Future GPU", "bf16") is None
     assert mfu.mfu(1000.0, 1e6, 0.0) is None and mfu.mfu(1000.0, 1e6, 1e10) == pytest.approx(0.1)
+
+
+def test_gemm_section_counts_the_steps_flops():
+    """benchmarks/gemm_shapes.py lists every matrix product of one training step; their FLOPs
+    equal the loop-aware accounting's FLOPs of the step (6 per matrix parameter and token, plus
+    12 n_head head_dim seq_len per layer application for attention) up to the norm scales, which
+    the accounting counts and no product computes. The products table must cover the step, or the
+    ceiling it reports would be the ceiling of another workload."""
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("gemm_shapes", os.path.join(root, "benchmarks", "gemm_shapes.py"))
+    gemm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gemm)
+    for r, inj in ((1, "passthrough"), (4, "linear")):
+        cfg = load_config(None, ["model.d_model=48", "model.n_head=3", "model.n_kv_head=1", "model.vocab_size=97",
+                                 "model.seq_len=20", "model.n_prelude=1", "model.n_recur_block=2", "model.n_coda=1",
+                                 f"model.num_recur={r}", f"model.input_injection={inj}", "train.micro_batch_size=3",
+                                 "train.steps=1"])
+        flops = sum(2 * b * M * K * N * c for (b, M, K, N), c in gemm.step_products(cfg).items())
+        tokens = 3 * 20
+        m = cfg.model
+        norms = (m.n_prelude + m.n_coda + m.n_recur_block * r) * (2 * m.d_model + 2 * m.hdim) + 3 * m.d_model
+        assert flops / tokens == pytest.approx(flops_per_token(m), rel=6 * norms / flops_per_token(m) + 1e-9)
+        assert flops / tokens < flops_per_token(m)
