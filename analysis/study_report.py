@@ -32,6 +32,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .table import TEST_TIME_SUFFIX  # noqa: E402
+
 
 def _fit(table: str, out: str, n_boot: int) -> dict:
     """`megaloop fit --json` as a subprocess; fit.txt is the same report as text (one fit, two views)."""
@@ -61,7 +63,8 @@ def recurrence_rows(sweep_dir: str, table: pd.DataFrame, factor: int = 2) -> lis
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rows, valid = [], {}
-    for _, t in table[table.r > 1].iterrows():
+    runs = table[(table.r > 1) & ~table.variant.astype(str).str.endswith(TEST_TIME_SUFFIX)]  # each run once
+    for _, t in runs.iterrows():
         run_dir = os.path.join(sweep_dir, "runs", t["run"])
         model, cfg, _ = load_pretrained(run_dir)
         key = (cfg.model.vocab_size, cfg.model.seq_len)
@@ -187,7 +190,7 @@ def markdown(fit: dict, table: pd.DataFrame, curves: pd.DataFrame, rec: Optional
     if fit.get("diverged"):
         L += ["", f"Runs far from the fit (kept): {', '.join(map(str, fit['diverged']))}"]
     L += ["", "## Runs", "", "| run | d_model | r | budget | tokens | tokens/param | val loss |", "|---|---|---|---|---|---|---|"]
-    for _, t in table.iterrows():
+    for _, t in table[~table.variant.astype(str).str.endswith(TEST_TIME_SUFFIX)].iterrows():
         L.append(f"| {t.run} | {t.run.split('_s')[1].split('_')[0]} | {int(t.r)} | {t.flops:.3g} | "
                  f"{int(t.tokens):,} | {t.tokens_per_param:.1f} | {t.loss:.4f} |")
     L += ["", "## Test-time recurrence", "", "Validation loss at r_test (columns) of each looped run, "
