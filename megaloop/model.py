@@ -13,7 +13,7 @@ swaps the linears and the head, pipeline parallelism calls the stage methods bel
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -171,6 +171,17 @@ class LMHead(nn.Module):
         return K.softcap_cross_entropy(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.softcap)
 
 
+@dataclass
+class RecurrenceState:
+    """The recurrence between two passes: what the next pass reads.
+
+    s:   the state, norm_recur's output of the last pass (before pass 0: the injection's start)
+    aux: the prelude output e, or for hyperconnect the N lanes [N, *e.shape]
+    """
+    s: torch.Tensor
+    aux: torch.Tensor
+
+
 class LoopedLM(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -228,38 +239,58 @@ class LoopedLM(nn.Module):
             x = block(x, cos, sin)
         return x
 
+    # ------------------------------------------------------------------ the recurrence
+    # start -> run_passes over any contiguous ranges that cover 0..r -> end. A pipeline stage
+    # runs its own range of passes through the same three calls (megaloop.parallel.pipeline).
     def run_recurrence(self, e: torch.Tensor, num_recur: Optional[int] = None) -> torch.Tensor:
         """The recurrent group run r times on the prelude output e; returns the coda's input."""
         r = num_recur or self.cfg.num_recur
-        if self.injection.mode == "hyperconnect":
-            return self._run_lanes(e, r)
+        return self.end_recurrence(self.run_passes(self.start_recurrence(e), 0, r, r))
+
+    def start_recurrence(self, e: torch.Tensor) -> RecurrenceState:
+        """The state before pass 0 (hyperconnect: N lanes, all e; its s is e, read by no pass)."""
+        inj = self.injection
+        if inj.mode == "hyperconnect":
+            return RecurrenceState(e, e.unsqueeze(0).expand(inj.alpha.size(1), *e.shape))
+        return RecurrenceState(inj.initial_state(e), e)
+
+    def run_passes(self, state: RecurrenceState, start: int, stop: int, num_recur: int) -> RecurrenceState:
+        """Passes start..stop-1 of a recurrence of num_recur passes. Split anywhere, the ranges
+        give the same result as one call over 0..num_recur (the pipeline relies on it)."""
         # Truncated backprop: the first r - g passes run without autograd, so they keep no
         # activations alive; only the last g = min(bptt_k, r) passes are differentiated.
+        r = num_recur
         g = r if self.cfg.bptt_k is None else min(self.cfg.bptt_k, r)
-        inj = self.injection
-        s = inj.initial_state(e)
-        u = None
-        for i in range(r):
-            detached = i < r - g
-            with torch.no_grad() if detached else nullcontext():
-                if u is None:  # first pass, or the first differentiated pass after detached ones
-                    u = K.inject(e, s, inj.mode, inj.weight)
-                h = self._group(u)
-                if i + 1 < r and (i + 1 < r - g) == detached:  # next pass in the same grad mode
-                    s, u = K.recur_norm_inject(h, e, self.norm_recur.weight, self.norm_recur.eps, inj.mode, inj.weight)
-                else:
-                    s, u = self.norm_recur(h), None
-        return s
+        s, aux = state.s, state.aux
+        if start < min(stop, r - g):
+            with torch.no_grad():
+                s, aux = self._passes(s, aux, start, min(stop, r - g))
+        if max(start, r - g) < stop:
+            s, aux = self._passes(s, aux, max(start, r - g), stop)
+        return RecurrenceState(s, aux)
 
-    def _run_lanes(self, e: torch.Tensor, r: int) -> torch.Tensor:
+    def end_recurrence(self, state: RecurrenceState) -> torch.Tensor:
+        """The coda's input: the state, or the sum of the hyperconnect lanes."""
+        return state.aux.sum(0) if self.injection.mode == "hyperconnect" else state.s
+
+    def _passes(self, s: torch.Tensor, aux: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Passes start..stop-1 in one autograd mode. Between two of them norm_recur and the next
+        pass's injection are one fused kernel; the range's last pass ends on norm_recur alone."""
         inj = self.injection
-        R = inj.alpha.size(0)  # per-recurrence parameters; reused cyclically if evaluated at r > R
-        lanes = e.unsqueeze(0).expand(inj.alpha.size(1), *e.shape)
-        for i in range(r):
-            u = K.hc_combine(lanes, inj.alpha[i % R])
-            s = self.norm_recur(self._group(u))
-            lanes = K.hc_update(lanes, s, inj.mix[i % R], inj.beta[i % R])
-        return lanes.sum(0)
+        if inj.mode == "hyperconnect":
+            R = inj.alpha.size(0)  # per-recurrence parameters; reused cyclically if evaluated at r > R
+            for i in range(start, stop):
+                s = self.norm_recur(self._group(K.hc_combine(aux, inj.alpha[i % R])))
+                aux = K.hc_update(aux, s, inj.mix[i % R], inj.beta[i % R])
+            return s, aux
+        u = K.inject(aux, s, inj.mode, inj.weight)
+        for i in range(start, stop):
+            h = self._group(u)
+            if i + 1 < stop:
+                s, u = K.recur_norm_inject(h, aux, self.norm_recur.weight, self.norm_recur.eps, inj.mode, inj.weight)
+            else:
+                s = self.norm_recur(h)
+        return s, aux
 
     def _group(self, u: torch.Tensor) -> torch.Tensor:
         """One pass through the recurrent group, recomputed in backward if checkpoint_recurrence."""

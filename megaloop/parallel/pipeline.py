@@ -10,9 +10,12 @@ Every stage that runs at least one pass holds a copy of the recurrent group (blo
 norm_recur): these are tied weights. Their gradients are summed across those stages after each
 backward (the job DeepSpeed's TiedLayerSpec does), so the copies receive identical updates.
 
-Between stages a stage sends a tuple: (x,) in the prelude and coda, (state, aux) inside the
-recurrence, where aux is the prelude output e (linear/additive/passthrough injection) or the
-hyperconnect lanes. Passes before the last bptt_k run under no_grad, as in the model.
+A stage computes with the model's own code: embed_tokens, run_blocks, and for its contiguous
+range of passes LoopedLM.run_passes, the very function the single process runs over 0..r (so
+truncated backprop, the fused norm_recur + injection kernel and the hyperconnect lanes are the
+model's, written once). Between stages a stage sends a tuple: (x,) in the prelude and coda,
+(s, aux) inside the recurrence, the fields of the model's RecurrenceState (aux is the prelude
+output e, or the hyperconnect lanes).
 
 Training uses torch.distributed.pipelining's 1F1B schedule over the step's micro-batches;
 evaluation (any num_recur) uses a forward-only relay below, with the passes of the requested r
@@ -26,16 +29,16 @@ which the schedule's static buffers need; stages whose slots are all skipped onl
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .. import kernels as K
 from ..config import ConfigError, ModelConfig
+from ..model import RecurrenceState
 
 
 @dataclass(frozen=True)
@@ -143,39 +146,27 @@ def owned_prefixes(plan: StagePlan) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- stage compute
 def run_units(model: nn.Module, units: list[Unit], carry: tuple, first: bool, last: bool,
               num_recur: int, last_pass: Optional[int] = None) -> tuple:
-    """Run `units` of a LoopedLM on the carried tuple; mirrors LoopedLM.final_hidden. Passes
-    i >= num_recur are skipped slots of a padded schedule; the recurrence is left after pass
-    `last_pass` (default num_recur - 1, the last pass that runs)."""
-    cfg = model.cfg
+    """Run `units` of a LoopedLM on the carried tuple with the model's own code: embed_tokens on
+    the first stage, run_blocks for prelude and coda blocks, run_passes for each contiguous run of
+    passes. Passes i >= num_recur are skipped slots of a padded schedule (the state passes
+    through); the recurrence is left after pass `last_pass` (default num_recur - 1, the last pass
+    that runs)."""
     last_pass = num_recur - 1 if last_pass is None else last_pass
     received = () if first else carry
-    if first:
-        x, aux = model.embed_tokens(carry[0]), None
-    else:
-        x, aux = carry[0], (carry[1] if len(carry) > 1 else None)
-    inj = model.injection
-    g = num_recur if cfg.bptt_k is None else min(cfg.bptt_k, num_recur)
-    for u in units:
-        if u.kind == "prelude":
-            x = model.run_blocks([model.prelude[u.index]], x)
-        elif u.kind == "coda":
-            x = model.run_blocks([model.coda[u.index]], x)
-        else:
-            i = u.index
-            if i < num_recur:  # else a skipped slot: the state passes through unchanged
-                with torch.no_grad() if i < num_recur - g else nullcontext():
-                    if i == 0:  # x is the prelude output e: start the recurrence state
-                        aux = x.unsqueeze(0).expand(inj.alpha.size(1), *x.shape) if inj.mode == "hyperconnect" else x
-                        x = x if inj.mode == "hyperconnect" else inj.initial_state(x)
-                    if inj.mode == "hyperconnect":
-                        R = inj.alpha.size(0)
-                        s = model.norm_recur(model._group(K.hc_combine(aux, inj.alpha[i % R])))
-                        aux, x = K.hc_update(aux, s, inj.mix[i % R], inj.beta[i % R]), s
-                    else:
-                        x = model.norm_recur(model._group(K.inject(aux, x, inj.mode, inj.weight)))
-            if i == last_pass:  # leaving the recurrence: only the coda input travels on
-                x = aux.sum(0) if inj.mode == "hyperconnect" else x
-                aux = None
+    x = model.embed_tokens(carry[0]) if first else carry[0]
+    state = RecurrenceState(*received) if len(received) == 2 else None
+    for kind, run in groupby(units, key=lambda u: u.kind):
+        idx = [u.index for u in run]
+        if kind != "pass":
+            x = model.run_blocks([getattr(model, kind)[i] for i in idx], x)
+            continue
+        start, stop = idx[0], idx[-1] + 1
+        assert idx == list(range(start, stop)), f"pass units must be contiguous, got {idx}"
+        if start == 0:  # x is the prelude output e
+            state = model.start_recurrence(x)
+        state = model.run_passes(state, start, min(stop, num_recur), num_recur)
+        if start <= last_pass < stop:  # leaving the recurrence: only the coda input travels on
+            x, state = model.end_recurrence(state), None
     if last:
         return (_tie(model.norm_final(x), received),)
     # Fresh views, so a carried tensor is never the received input buffer itself. The schedule
@@ -183,7 +174,7 @@ def run_units(model: nn.Module, units: list[Unit], carry: tuple, first: bool, la
     # detaches or skips different passes on different steps: in training every carried tensor
     # requires grad (a detached one as a fresh leaf, where its gradient simply stops), and every
     # received one gets a gradient to send back (zero where this step did not use it).
-    out = (x,) if aux is None else (x, aux)
+    out = (x,) if state is None else (state.s, state.aux)
     grad = torch.is_grad_enabled()
     out = tuple(t.view_as(t) if t.requires_grad or not grad else t.detach().requires_grad_() for t in out)
     return (_tie(out[0], received), *out[1:])
