@@ -209,14 +209,16 @@ def _cases() -> dict[str, list[str]]:
         cases[f"{mode}_r2"] = [inj, "model.num_recur=2", *STEPS]
         cases[f"{mode}_r4_eval{R_EVAL[mode]}"] = [inj, *TRAIN_AT_4, f"model.num_recur={R_EVAL[mode]}", *STEPS]
     cases["additive_r4_bptt2"] = ["model.input_injection=additive", "model.num_recur=4", "model.bptt_k=2", *STEPS]
+    # each pass recomputed in backward: the stage calls the model's pass code, which applies it
+    cases["linear_r4_checkpointed"] = ["model.num_recur=4", "model.checkpoint_recurrence=true", *STEPS]
     return cases
 
 
 def test_pipeline_pp2_every_injection_mode(tmp_path):
     """PP=2 (2 processes, 1F1B over 2 micro-batches) equals the single process (losses to 1e-5
     per step, final parameters to 5e-5, validation loss to 1e-5) for every injection mode at r = 2
-    and r = 4, for additive injection with bptt_k = 2 at r = 4, and validating at r = 1, 3 or 6
-    after training at r = 4."""
+    and r = 4, for additive injection with bptt_k = 2 at r = 4, with checkpoint_recurrence at
+    r = 4, and validating at r = 1, 3 or 6 after training at r = 4."""
     root = str(tmp_path)
     cases = _cases()
     jobs = [dict(out=os.path.join(root, name), overrides=["parallel.pp=2", *ov]) for name, ov in cases.items()]
