@@ -4,10 +4,10 @@ data-parallel ranks.
 DeepSpeed's ZeRO hands an optimiser flat slices of many tensors. That is exact for elementwise
 AdamW and wrong for Muon / MuonH, which orthogonalise whole matrices. Here the unit of
 partitioning is the parameter instead:
-  - `assign_owners` gives every parameter one owner among the DP ranks (largest first, to the
-    least-loaded rank, per optimiser group; deterministic, so every rank computes the same map
-    without communicating). Same-shaped matrices land round-robin, so each rank still
-    orthogonalises its share of them as one batch.
+  - `assign_owners` gives every parameter one owner among the DP ranks (largest state first, to
+    the least-loaded rank; deterministic, so every rank computes the same map without
+    communicating). Same-shaped matrices come one after another in that order and land
+    round-robin, so each rank still orthogonalises its share of them as one batch.
   - ZeRO-1: gradients are all-reduced as at ZeRO-0. ZeRO-2 (`reduce_gradients`): each gradient
     is summed onto its owner only (a reduce, half the traffic of an all-reduce) and the other
     ranks drop their copy before the optimiser step.
@@ -33,23 +33,24 @@ from .state import ParallelState
 BUCKET_ELEMS = 25_000_000  # elements per reduce / broadcast: large enough to amortise latency
 
 
-def assign_owners(group_sizes: list[list[int]], n_ranks: int) -> list[list[int]]:
-    """The owning rank of every parameter, given each group's parameter sizes (elements).
+# fp32 tensors of optimiser state per parameter element, by MuonAdamW kind: Muon's and MuonH's
+# momentum, Adam's two moments. The partition balances these bytes.
+STATE_PER_ELEMENT = {"muon": 1, "muonh": 1, "adamw": 2}
 
-    Within a group, parameters go largest first to the rank with the least of that group's load
-    (ties: the least total load so far, then the lowest rank), so each group, and with it each
-    kind's compute and state, is balanced on its own. Pure and deterministic."""
-    total = [0] * n_ranks
-    owners = []
-    for sizes in group_sizes:
-        load = [0] * n_ranks
-        mine = [0] * len(sizes)
-        for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-            r = min(range(n_ranks), key=lambda r: (load[r], total[r], r))
-            mine[i] = r
-            load[r] += sizes[i]
-            total[r] += sizes[i]
-        owners.append(mine)
+
+def assign_owners(group_costs: list[list[int]], n_ranks: int) -> list[list[int]]:
+    """The owning rank of every parameter, given each group's per-parameter costs (state bytes).
+
+    All parameters together, largest first, each to the rank with the least cost so far (ties:
+    the lowest rank): the longest-processing-time rule, so no rank ends more than one parameter's
+    cost above another. Pure and deterministic: every rank computes the same map."""
+    load = [0] * n_ranks
+    owners = [[0] * len(c) for c in group_costs]
+    items = [(g, i) for g, costs in enumerate(group_costs) for i in range(len(costs))]
+    for g, i in sorted(items, key=lambda gi: (-group_costs[gi[0]][gi[1]], gi)):
+        r = min(range(n_ranks), key=lambda r: (load[r], r))
+        owners[g][i] = r
+        load[r] += group_costs[g][i]
     return owners
 
 
@@ -77,14 +78,15 @@ class ShardedMuonAdamW(MuonAdamW):
     """MuonAdamW whose parameters are partitioned, whole, across the data-parallel group.
 
     `names` maps each parameter (by id) to its plain LoopedLM name: the owner map and the state
-    dict are keyed by name, so checkpoints do not depend on the parameter order."""
+    dict are keyed by name, so checkpoints do not depend on the parameter order. ZeRO-1 or 2 is
+    the caller's choice: it all-reduces the gradients, or calls `reduce_gradients`."""
 
-    def __init__(self, param_groups: list[dict], names: dict[int, str], st: ParallelState, zero_stage: int):
+    def __init__(self, param_groups: list[dict], names: dict[int, str], st: ParallelState):
         super().__init__(param_groups)
         lay = st.layout
-        self.group, self.ranks, self.dp_rank, self.zero_stage = st.dp_group, st.dp_ranks, lay.dp_rank, zero_stage
-        sizes = [[p.numel() for p in g["params"]] for g in self.param_groups]
-        owners = assign_owners(sizes, lay.dp)
+        self.group, self.ranks, self.dp_rank = st.dp_group, st.dp_ranks, lay.dp_rank
+        costs = [[p.numel() * STATE_PER_ELEMENT[g["kind"]] for p in g["params"]] for g in self.param_groups]
+        owners = assign_owners(costs, lay.dp)
         self._owner = {id(p): o for g, og in zip(self.param_groups, owners) for p, o in zip(g["params"], og)}
         self._name = {id(p): names[id(p)] for g in self.param_groups for p in g["params"]}
         # plain parameter name -> the DP rank that owns it (holds its state, computes its update)

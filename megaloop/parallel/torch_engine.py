@@ -59,7 +59,7 @@ class TorchEngine(DistributedEngineBase):
         self.zero_stage = cfg.parallel.zero_stage if lay.dp > 1 else 0  # one replica: nothing to shard
         if self.zero_stage:
             names = {id(p): n for n, p in model.named_parameters()}
-            self.optimizer = ShardedMuonAdamW(groups, names, st, self.zero_stage)
+            self.optimizer = ShardedMuonAdamW(groups, names, st)
         else:
             self.optimizer = MuonAdamW(groups)
         self._schedules: dict[int, object] = {}
