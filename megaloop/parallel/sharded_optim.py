@@ -103,6 +103,7 @@ class ShardedMuonAdamW(MuonAdamW):
         return [p for p in params if self._owner[id(p)] == self.dp_rank]
 
     def owned_names(self) -> list[str]:
+        """Plain names of the parameters whose state this rank holds."""
         return [n for n, o in self.owners.items() if o == self.dp_rank]
 
     # ------------------------------------------------------------------ gradients and the step
