@@ -1,11 +1,15 @@
-"""Step time and peak memory per rank for every parallel layout this machine can run; prints JSON.
+"""Step time, peak memory and optimiser-state bytes per rank for every parallel layout this machine
+can run; prints JSON.
 
-    python benchmarks/parallel.py [--procs 2] [--steps 6] [--device auto] [--set model.d_model=64 ...]
+    python benchmarks/parallel.py [--procs 4] [--steps 6] [--device auto] [--layouts single,dp2_zero1_muonh]
+                                  [--set model.d_model=64 ...]
 
 Each layout trains the harness model (megaloop.parallel.testing) for a few steps on a fixed batch
 and is compared with the single-process run. On CPU (gloo) the figures are a correctness-and-
 overhead check: loss deviation from one process, and step time relative to it. On GPUs (NCCL, one
-per rank) they add tokens/s and MFU against the device peak.
+per rank) they add tokens/s and MFU against the device peak. `optim_state_bytes_per_rank` is the
+optimiser state each rank holds; under the torch engine's ZeRO 1 / 2 (sharded Muon / MuonH) it falls
+as 1 / DP, and `optim_state` sums it up per layout.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from megaloop.parallel.testing import TINY, spawn  # noqa: E402
 
 def layouts(procs: int) -> dict[str, tuple[int, list[str], list[str]]]:
     """name -> (processes, overrides, overrides of the single-process reference with the same batch)."""
-    out = {"single": (1, [], [])}
+    muonh = ["optim.name=muonh", "optim.lr=0.014"]
+    out = {"single": (1, [], []), "single_muonh": (1, muonh, muonh)}
     if procs >= 2:
         adam = ["optim.name=adamw", "optim.lr=0.01"]
         out.update({
@@ -36,8 +41,12 @@ def layouts(procs: int) -> dict[str, tuple[int, list[str], list[str]]]:
             "dp2_zero2": (2, ["parallel.zero_stage=2", *adam], ["train.grad_accum=4", *adam]),
             "dp2_zero3": (2, ["parallel.zero_stage=3", *adam], ["train.grad_accum=4", *adam]),
         })
+        for z in (1, 2):  # the torch engine's sharded MuonH
+            out[f"dp2_zero{z}_muonh"] = (2, [f"parallel.zero_stage={z}", *muonh], ["train.grad_accum=4", *muonh])
     if procs >= 4:
         out["tp2_pp2"] = (4, ["parallel.tp=2", "parallel.pp=2"], [])
+        for z in (1, 2):
+            out[f"dp4_zero{z}_muonh"] = (4, [f"parallel.zero_stage={z}", *muonh], ["train.grad_accum=8", *muonh])
     return out
 
 
@@ -46,6 +55,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=None, help="most processes to start (default: GPUs, or 2 on CPU)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--layouts", help="comma-separated layout names to run (default: all that fit)")
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     a = ap.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
@@ -59,7 +69,13 @@ def main() -> None:
 
     results, refs = {}, {}
     with tempfile.TemporaryDirectory() as root:
-        for name, (n, over, ref_over) in layouts(procs).items():
+        chosen = layouts(procs)
+        if a.layouts:
+            unknown = sorted(set(a.layouts.split(",")) - set(chosen))
+            if unknown:
+                sys.exit(f"error: unknown layout(s) {unknown} for --procs {procs}; choose among {sorted(chosen)}")
+            chosen = {k: v for k, v in chosen.items() if k in a.layouts.split(",")}
+        for name, (n, over, ref_over) in chosen.items():
             out = os.path.join(root, name)
             res = spawn(n, out, [*base, *over], extra=["--device", device], timeout=600)
             if any(r.returncode != 0 for r in res):
@@ -75,6 +91,7 @@ def main() -> None:
                          step_time_s_per_rank=[statistics.median(r["step_times"][1:]) for r in ranks],
                          peak_mem_mb_per_rank=[round(r["peak_rss_mb"], 1) for r in ranks],
                          peak_mem_kind="cuda max_memory_allocated" if device == "cuda" else "process max RSS",
+                         optim_state_bytes_per_rank=[r["optim_state_bytes"] for r in ranks],
                          losses=main_res["losses"])
             key = tuple(ref_over)
             if name == "single":
@@ -93,7 +110,10 @@ def main() -> None:
             if "single" in results:
                 entry["step_time_vs_single"] = step_s / results["single"]["step_time_s"]
             results[name] = entry
-    print(json.dumps(dict(device=device, procs=procs, model=TINY["model"], overrides=base, layouts=results), indent=1))
+    state = {k: dict(max_per_rank=max(v["optim_state_bytes_per_rank"]), total=sum(v["optim_state_bytes_per_rank"]))
+             for k, v in results.items() if "optim_state_bytes_per_rank" in v}
+    print(json.dumps(dict(device=device, procs=procs, model=TINY["model"], overrides=base, layouts=results,
+                          optim_state=state), indent=1))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@
 Being one optimizer keeps the training loop, checkpoints and DeepSpeed's client-optimizer path
 simple.
 
-Muon and MuonH need whole matrices: orthogonalising a shard is a different operation. They are
-therefore correct with plain data parallelism and ZeRO stage 0 (every rank holds full gradients);
-under tensor parallelism each shard (marked `tp_split_dim` by megaloop.parallel) is gathered to its
-whole matrix first, and MuonH's Frobenius norms are taken over the whole matrix. ZeRO >= 1 hands
-optimisers flat partitions, so both are refused there (see megaloop/parallel/engines.py).
+Muon and MuonH need whole matrices: orthogonalising a shard is a different operation. Under
+tensor parallelism each shard (marked `tp_split_dim` by megaloop.parallel) is gathered to its whole
+matrix first, and MuonH's Frobenius norms are taken over the whole matrix. DeepSpeed's ZeRO hands
+optimisers flat partitions, so Muon never runs there at ZeRO >= 1; megaloop's own ZeRO-1/2
+(megaloop/parallel/sharded_optim.py) partitions whole matrices across the data-parallel ranks
+instead and runs `update` on each rank's share.
 """
 from __future__ import annotations
 
@@ -115,15 +116,22 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         for group in self.param_groups:
-            if group["kind"] == "muonh":
-                self._muonh(group)
-            elif group["kind"] == "muon":
-                self._muon(group)
-            else:
-                self._adamw(group)
+            self.update(group, group["params"])
 
-    def _muon(self, group: dict) -> None:
-        for p in group["params"]:
+    @torch.no_grad()
+    def update(self, group: dict, params: list) -> None:
+        """One step of `group`'s kind over `params` (the group's parameters, or a subset of them:
+        the sharded optimizer passes the ones this rank owns). Same-shaped MuonH matrices among
+        `params` are orthogonalised as one batch."""
+        if group["kind"] == "muonh":
+            self._muonh(group, params)
+        elif group["kind"] == "muon":
+            self._muon(group, params)
+        else:
+            self._adamw(group, params)
+
+    def _muon(self, group: dict, params: list) -> None:
+        for p in params:
             if p.grad is None:
                 continue
             buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p, dtype=torch.float32))
@@ -138,13 +146,15 @@ class MuonAdamW(torch.optim.Optimizer):
                 p.mul_(1 - group["lr"] * group["weight_decay"])
             p.add_(o.to(p.dtype), alpha=-group["lr"] * scale)
 
-    def _muonh(self, group: dict) -> None:
+    def _muonh(self, group: dict, params: list) -> None:
         """MuonH: the weights live on the Frobenius sphere of radius ||W_0||_F (the norm the
         matrix had at its first step), and each update has that norm too. No weight decay: on the
         sphere it is a first-order no-op. Same-shaped whole matrices are orthogonalised as one
         batch (a looped model has many of them; one batched product beats many small ones)."""
         beta, steps = group["momentum"], group["ns_steps"]
-        params = [p for p in group["params"] if p.grad is not None]
+        params = [p for p in params if p.grad is not None]
+        if not params:
+            return
         for p in params:
             st = self.state[p]
             if not st:
@@ -170,16 +180,16 @@ class MuonAdamW(torch.optim.Optimizer):
             p.sub_(update.to(p.dtype), alpha=group["lr"])
             p.mul_((radius / _frobenius(p).clamp_min(1e-10)).to(p.dtype))
 
-    def _adamw(self, group: dict) -> None:
-        """torch's own AdamW over the group's parameters: the fused kernel where the device has one
+    def _adamw(self, group: dict, params: list) -> None:
+        """torch's own AdamW over `params`: the fused kernel where the device has one
         (CPU, CUDA), else the foreach one. State keeps torch.optim.AdamW's keys (step, exp_avg,
         exp_avg_sq) in fp32, so checkpoints of either load. A parameter held in a lower precision
         steps through an fp32 copy (its state stays fp32)."""
         from torch.optim.adamw import adamw
 
-        params, grads, avgs, sqs, steps, low = [], [], [], [], [], []
-        fused = all(p.device.type in ("cpu", "cuda") for p in group["params"])
-        for p in group["params"]:
+        masters, grads, avgs, sqs, steps, low = [], [], [], [], [], []
+        fused = all(p.device.type in ("cpu", "cuda") for p in params)
+        for p in params:
             if p.grad is None:
                 continue
             st = self.state[p]
@@ -192,15 +202,15 @@ class MuonAdamW(torch.optim.Optimizer):
             master = p if p.dtype == torch.float32 else p.detach().float()
             if master is not p:
                 low.append((p, master))
-            params.append(master)
+            masters.append(master)
             grads.append(p.grad if p.grad.dtype == torch.float32 else p.grad.float())
             avgs.append(st["exp_avg"])
             sqs.append(st["exp_avg_sq"])
             steps.append(st["step"])
-        if not params:
+        if not masters:
             return
         b1, b2 = group["betas"]
-        adamw(params, grads, avgs, sqs, [], steps, foreach=not fused, fused=fused, amsgrad=False, beta1=b1,
+        adamw(masters, grads, avgs, sqs, [], steps, foreach=not fused, fused=fused, amsgrad=False, beta1=b1,
               beta2=b2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
         for p, master in low:
             p.copy_(master)

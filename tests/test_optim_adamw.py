@@ -29,9 +29,9 @@ def _cfg():
 class LoopAdamW(MuonAdamW):
     """The per-parameter AdamW loop megaloop ran before it called torch's (the reference)."""
 
-    def _adamw(self, group: dict) -> None:
+    def _adamw(self, group: dict, params: list) -> None:
         b1, b2 = group["betas"]
-        for p in group["params"]:
+        for p in params:
             if p.grad is None:
                 continue
             st = self.state[p]

@@ -26,6 +26,8 @@ CASES = {
     "more_stages_than_units": (2, "torchrun", ["parallel.pp=2", "model.n_prelude=0", "model.n_coda=0",
                                                "model.num_recur=1"], "more pipeline stages than the model has"),
     "slurm_without_master_addr": (2, "slurm", [], "MASTER_ADDR"),
+    "muon_with_zero3": (2, "torchrun", ["optim.name=muon", "parallel.zero_stage=3"],
+                        "Use parallel.zero_stage=2 (state and gradients sharded)"),
 }
 
 

@@ -48,10 +48,21 @@ def test_stages_balance_unrolled_recurrences():
 def test_validation_errors():
     with pytest.raises(ConfigError, match="more pipeline stages"):
         validate_layout(_cfg(parallel__pp=2, model__n_prelude=0, model__n_coda=0, model__num_recur=1), world=2)
-    with pytest.raises(ConfigError, match="optim.name=adamw"):
-        validate_layout(_cfg(parallel__zero_stage=2), world=2)
-    with pytest.raises(ConfigError, match="zero_stage=0"):
-        validate_layout(_cfg(parallel__zero_stage=1, parallel__pp=2, optim__name="adamw"), world=2)
+    # ZeRO 1 / 2 with Muon / MuonH, or under PP, run the torch engine's sharded optimiser; ZeRO-3
+    # with them, and Muon on DeepSpeed's flat ZeRO partitions, are refused naming the fix
+    for name in ("muon", "muonh"):
+        for z in (1, 2):
+            assert choose_engine(_cfg(parallel__zero_stage=z, optim__name=name)) == "torch"
+            assert validate_layout(_cfg(parallel__zero_stage=z, optim__name=name), world=2).dp == 2
+        with pytest.raises(ConfigError, match="zero_stage=2 .state and gradients sharded"):
+            validate_layout(_cfg(parallel__zero_stage=3, optim__name=name), world=2)
+        with pytest.raises(ConfigError, match="Use parallel.engine=torch"):
+            validate_layout(_cfg(parallel__zero_stage=1, parallel__engine="deepspeed", optim__name=name), world=2)
+    assert validate_layout(_cfg(parallel__zero_stage=2, parallel__pp=2, optim__name="adamw"), world=4).dp == 2
+    with pytest.raises(ConfigError, match="keeps the weights replicated"):
+        validate_layout(_cfg(parallel__zero_stage=3, parallel__pp=2, optim__name="adamw"), world=2)
+    with pytest.raises(ConfigError, match="parallel.engine=auto or deepspeed"):
+        validate_layout(_cfg(parallel__zero_stage=3, parallel__engine="torch", optim__name="adamw"), world=2)
     with pytest.raises(ConfigError, match="must divide model.n_head"):
         _cfg(parallel__tp=3)
     assert validate_layout(_cfg(parallel__tp=2, parallel__pp=2), world=8).dp == 2

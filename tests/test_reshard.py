@@ -8,6 +8,8 @@ and saves; the checkpoint then resumes under a different layout for steps 4-5. C
     exp_avg / exp_avg_sq) too, with AdamW's step counter exactly equal;
   - the data loader continues from the same global sample when the DP size changes (the
     resumed losses only match when every step sees the same samples);
+  - the torch engine's sharded Muon / MuonH state (ZeRO 1 / 2) reshards to one process, to TP=2
+    and from TP=2 like any other layout's;
   - `megaloop checkpoint convert` writes a layout-independent folder any layout resumes from,
     and refuses (one clear message) checkpoints it cannot convert.
 All multi-process runs share one launch of 2 processes (gloo); sources first, then resumes.
@@ -27,6 +29,7 @@ from megaloop.parallel.testing import TINY, run, spawn
 LOSS_RTOL = 1e-5
 PARAM_RTOL = 5e-5
 ADAM = ["optim.name=adamw", "optim.lr=0.01"]
+MUONH = ["optim.name=muonh", "optim.lr=0.014"]
 DP2 = ["train.grad_accum=1"]  # DP=2 x 1 micro-batch = the single process's 2 micro-batches
 
 
@@ -47,6 +50,7 @@ def runs(tmp_path_factory):
     # single-process references (uninterrupted 5 steps; refm also saves after step 3)
     run(p("refm"), [], save_at=3)
     run(p("refa"), ADAM)
+    run(p("refh"), MUONH)
     run(p("refd"), [], data=data)
     ck = lambda name: p(name, "ckpt_3")  # noqa: E731
     jobs = [  # sources (save after step 3), then resumes under other layouts
@@ -54,6 +58,7 @@ def runs(tmp_path_factory):
         dict(out=p("tp2a"), overrides=["parallel.tp=2", *ADAM], save_at=3),
         dict(out=p("tp2d"), overrides=["parallel.tp=2"], save_at=3, data=data),
         dict(out=p("z2a"), overrides=["parallel.zero_stage=2", *DP2, *ADAM], save_at=3),
+        dict(out=p("z2h"), overrides=["parallel.zero_stage=2", *DP2, *MUONH], save_at=3),  # sharded MuonH
         dict(out=p("pp2_from_tp2"), overrides=["parallel.pp=2"], save_at=3, resume=ck("tp2m")),
         dict(out=p("dp2_from_tp2"), overrides=["parallel.engine=torch", *DP2], save_at=3, resume=ck("tp2m")),
         dict(out=p("ds0_from_tp2"), overrides=["parallel.engine=deepspeed", "parallel.zero_stage=0", *DP2],
@@ -64,6 +69,8 @@ def runs(tmp_path_factory):
         dict(out=p("z1_from_tp2"), overrides=["parallel.zero_stage=1", *DP2, *ADAM], save_at=3, resume=ck("tp2a")),
         dict(out=p("z3_from_tp2"), overrides=["parallel.zero_stage=3", *DP2, *ADAM], save_at=3, resume=ck("tp2a")),
         dict(out=p("tp2_from_z2"), overrides=["parallel.tp=2", *ADAM], save_at=3, resume=ck("z2a")),
+        dict(out=p("z1m_from_tp2"), overrides=["parallel.zero_stage=1", *DP2], save_at=3, resume=ck("tp2m")),
+        dict(out=p("tp2_from_z2h"), overrides=["parallel.tp=2", *MUONH], save_at=3, resume=ck("z2h")),
     ]
     with open(p("jobs.json"), "w") as f:
         json.dump(jobs, f)
@@ -74,6 +81,7 @@ def runs(tmp_path_factory):
     assert main(["checkpoint", "convert", ck("tp2m"), "--out", p("converted")]) == 0
     run(p("single_from_tp2"), [], save_at=3, resume=p("converted"))
     run(p("single_from_z2"), ADAM, save_at=3, resume=ck("z2a"))
+    run(p("single_from_z2h"), MUONH, save_at=3, resume=ck("z2h"))
     return root
 
 
@@ -130,6 +138,15 @@ def test_zero_stages_reshard_both_ways(runs):
     ref = os.path.join(runs, "refa")
     for name in ("z1_from_tp2", "z3_from_tp2", "tp2_from_z2", "single_from_z2"):
         _assert_resumed_equal(ref, os.path.join(runs, name), name)
+
+
+def test_sharded_muon_state_reshards_both_ways(runs):
+    """The torch engine's sharded optimiser (state partitioned over DP by whole matrix): MuonH at
+    ZeRO-2 (DP=2) -> one process and -> TP=2, from optim_full.pt gathered from each matrix's
+    owner; and TP=2 (Muon) -> ZeRO-1 (DP=2), each owner taking only its entries."""
+    for name in ("single_from_z2h", "tp2_from_z2h"):
+        _assert_resumed_equal(os.path.join(runs, "refh"), os.path.join(runs, name), name)
+    _assert_resumed_equal(os.path.join(runs, "refm"), os.path.join(runs, "z1m_from_tp2"), "z1m_from_tp2")
 
 
 def test_loader_continues_from_the_same_sample_under_another_dp(runs):

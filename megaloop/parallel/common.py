@@ -111,21 +111,24 @@ def _full_like(t: torch.Tensor, p: torch.Tensor, vocab: Optional[int]) -> torch.
 
 def consolidate_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, names: list[str],
                                 vocab: int, st: ParallelState, layout: dict,
-                                get_state=None) -> Optional[dict]:
+                                get_state=None, owner=None) -> Optional[dict]:
     """The layout-independent optimiser state (megaloop.reshard's optim_full.pt format) gathered to
     global rank 0, like consolidate_state_dict gathers the weights: `names` is this rank's share
     (the same list on every TP rank of a stage), TP shards are concatenated along their split dim,
     replicas (DP, tied copies) contribute once. `get_state(name, param)` returns a parameter's state
     dict of tensors shaped like the (sharded) parameter, or scalars; default: optimizer.state.
+    `owner(name)` is the DP rank holding a parameter's state when it is sharded over DP (the
+    others hold none); default: every replica holds it and DP rank 0 contributes.
     Collective over the world; returns the dict on rank 0, None elsewhere."""
     from ..reshard import FORMAT, group_hparams
 
     lay = st.layout
     params = dict(model.named_parameters())
-    keep = lay.tp_rank == 0 and lay.dp_rank == 0
+    first = lay.tp_rank == 0 and lay.dp_rank == 0
     mine = {}
     for n in names:
         p = params[n]
+        keep = lay.tp_rank == 0 and lay.dp_rank == (owner(n) if owner is not None else 0)
         state = get_state(n, p) if get_state is not None else optimizer.state.get(p, {})
         full = {}
         for k in sorted(state):  # the same keys in the same order on every TP rank of the stage
@@ -136,7 +139,7 @@ def consolidate_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.O
                 full[k] = v.detach().cpu().clone() if torch.is_tensor(v) else v
         if keep and full:
             mine[n] = full
-    part = (mine, group_hparams(optimizer) if keep else {})
+    part = (mine, group_hparams(optimizer) if first else {})
     gathered = [None] * lay.world if lay.rank == 0 else None
     dist.gather_object(part, gathered, dst=0)
     if lay.rank != 0:

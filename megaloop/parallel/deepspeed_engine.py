@@ -6,7 +6,8 @@ The optimiser is our own MuonAdamW as a client optimiser; points that matter:
   - DeepSpeed refuses untested client optimisers under ZeRO: `zero_allow_untested_optimizer`.
   - Its gradient clipping defaults to 1.0, so ours is always passed explicitly.
   - ZeRO >= 1 hands the optimiser flat partitions: elementwise AdamW is exact there, Muon is not
-    (Newton-Schulz needs whole matrices), so validate_layout refuses muon with ZeRO >= 1.
+    (Newton-Schulz needs whole matrices), so Muon / MuonH with ZeRO 1 / 2 run on the torch
+    engine's sharded optimiser (sharded_optim.py) and validate_layout refuses them here.
   - Precision: weights, gradients and optimiser state stay fp32; bf16 runs the forward and
     backward under torch.autocast, exactly like the single-process engine (DeepSpeed's own bf16
     mode would hand Muon flattened fp32 copies even at stage 0).

@@ -3,10 +3,13 @@ rank *before* any collective (so a bad layout is one clear error per rank, never
 torch.distributed, create the process groups, and pick the engine.
 
 Engines (both implement megaloop.engine's interface):
-  - TorchEngine (megaloop.parallel.torch_engine): TP x PP x DP with ZeRO stage 0, Muon or AdamW.
-    Pipeline parallelism runs here (torch.distributed.pipelining, 1F1B).
-  - DeepSpeedEngine (megaloop.parallel.deepspeed_engine): TP x DP with ZeRO stages 0-3, pp = 1.
-parallel.engine=auto picks DeepSpeed when pp = 1 and ZeRO >= 1, the torch engine otherwise.
+  - TorchEngine (megaloop.parallel.torch_engine): TP x PP x DP with ZeRO stage 0, 1 or 2 (its
+    own, partitioning whole parameters: sharded_optim.py), Muon, MuonH or AdamW. Pipeline
+    parallelism runs here (torch.distributed.pipelining, 1F1B).
+  - DeepSpeedEngine (megaloop.parallel.deepspeed_engine): TP x DP with ZeRO stages 0-3, pp = 1;
+    at ZeRO >= 1 AdamW only (DeepSpeed's partitions are flat slices, not whole matrices).
+parallel.engine=auto picks DeepSpeed for AdamW with pp = 1 and ZeRO >= 1, the torch engine
+otherwise.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ def choose_engine(cfg: Config) -> str:
     p = cfg.parallel
     if p.engine != "auto":
         return p.engine
-    return "deepspeed" if p.pp == 1 and p.zero_stage >= 1 else "torch"
+    return "deepspeed" if p.pp == 1 and p.zero_stage >= 1 and cfg.optim.name == "adamw" else "torch"
 
 
 def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
@@ -82,17 +85,27 @@ def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
     check_pipeline(m, p.pp)
     layout = make_layout(world, p.tp, p.pp, rank)
     kind = choose_engine(cfg)
+    matrix = cfg.optim.name in ("muon", "muonh")
     if kind == "deepspeed" and p.pp > 1:
         raise ConfigError(f"parallel.engine=deepspeed runs pp=1 only (got parallel.pp={p.pp}); pipeline "
-                          f"parallelism runs on parallel.engine=torch (or auto) with zero_stage=0")
-    if kind == "torch" and p.zero_stage > 0:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs DeepSpeed: set parallel.engine=deepspeed "
-                          f"(or auto) with parallel.pp=1, or use zero_stage=0")
-    if p.zero_stage >= 1 and cfg.optim.name in ("muon", "muonh"):
+                          f"parallelism runs on parallel.engine=torch (or auto) with zero_stage 0, 1 or 2")
+    if p.zero_stage == 3 and matrix:
         raise ConfigError(
-            f"optim.name={cfg.optim.name} with parallel.zero_stage={p.zero_stage}: ZeRO hands the optimiser "
-            f"flat partitions of the weights, but Muon's orthogonalisation needs whole matrices. Use "
-            f"optim.name=adamw with ZeRO, or parallel.zero_stage=0 for {cfg.optim.name}")
+            f"optim.name={cfg.optim.name} with parallel.zero_stage=3: megaloop's sharded {cfg.optim.name} "
+            f"partitions optimiser state and gradients by whole matrices but keeps the weights replicated, and "
+            f"DeepSpeed's ZeRO-3 hands the optimiser flat slices, which cannot be orthogonalised. Use "
+            f"parallel.zero_stage=2 (state and gradients sharded), or optim.name=adamw for ZeRO-3")
+    if kind == "deepspeed" and p.zero_stage >= 1 and matrix:
+        raise ConfigError(
+            f"optim.name={cfg.optim.name} with parallel.engine=deepspeed and zero_stage={p.zero_stage}: DeepSpeed's "
+            f"ZeRO hands the optimiser flat slices of the weights, but {cfg.optim.name} orthogonalises whole "
+            f"matrices. Use parallel.engine=torch (or auto), whose ZeRO 1 / 2 partitions whole matrices")
+    if p.zero_stage == 3 and kind == "torch":
+        where = f"the pipeline (parallel.pp={p.pp}) runs" if p.pp > 1 else "parallel.engine=torch runs"
+        raise ConfigError(
+            f"parallel.zero_stage=3: {where} on the torch engine, whose ZeRO shards optimiser state and "
+            f"gradients but keeps the weights replicated. Use parallel.zero_stage=2, or ZeRO-3 on DeepSpeed "
+            f"(parallel.engine=auto or deepspeed, with parallel.pp=1)")
     if kind == "deepspeed":
         try:
             import deepspeed  # noqa: F401

@@ -49,6 +49,7 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
     from ..optim import lr_factor
     from ..train import build_model, seed_everything
     from . import build_engine, state
+    from .sharded_optim import optimizer_state_bytes
 
     torch.set_num_threads(threads)
     os.makedirs(out, exist_ok=True)
@@ -102,7 +103,8 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
             with open(os.path.join(out, "result.json"), "w") as f:
                 json.dump(result, f)
         with open(os.path.join(out, f"rank{getattr(engine, 'rank', 0)}.json"), "w") as f:
-            json.dump(dict(step_times=times, peak_rss_mb=peak, num_recur=draws), f)
+            json.dump(dict(step_times=times, peak_rss_mb=peak, num_recur=draws,
+                           optim_state_bytes=optimizer_state_bytes(engine.optimizer)), f)
         finished = True
         return result
     except BaseException as e:  # no collective after a failure: the other ranks are stopped instead

@@ -1,9 +1,11 @@
-"""TP x PP x DP training on plain torch.distributed (ZeRO stage 0): Muon or AdamW.
+"""TP x PP x DP training on plain torch.distributed: Muon, MuonH or AdamW, ZeRO stage 0, 1 or 2.
 
 - TP: the model's linears, embedding and head are swapped for shards (tensor_parallel.py).
 - PP: this rank runs one stage (pipeline.py) under torch.distributed.pipelining's 1F1B schedule
   over the step's micro-batches; the parameters of other stages are dropped from this rank.
-- DP: gradients are averaged over the data-parallel group in flat buckets after backward.
+- DP: gradients are averaged over the data-parallel group in flat buckets after backward. At
+  ZeRO 1 / 2 the optimiser is ShardedMuonAdamW (sharded_optim.py): whole parameters partitioned
+  over the DP ranks, state on the owner only, ZeRO-2 reducing each gradient to its owner.
 Then one global gradient norm (each parameter counted once: TP shards summed, replicated and
 tied copies counted once), clipping like torch.nn.utils.clip_grad_norm_, and the same
 MuonAdamW step as the single-process engine, so every layout reproduces its losses.
@@ -22,6 +24,7 @@ from ..engine import StepStats, autocast_for
 from ..optim import MuonAdamW, param_groups, set_lr
 from .common import DistributedEngineBase, consolidate_optimizer_state, consolidate_state_dict, load_consolidated
 from .pipeline import StageModule, eval_units, owned_prefixes, plan_stages, recv_tuple, run_units, send_tuple
+from .sharded_optim import ShardedMuonAdamW
 from .state import ParallelState
 from .tensor_parallel import apply_tensor_parallel
 
@@ -52,7 +55,13 @@ class TorchEngine(DistributedEngineBase):
         self.params = [p for n, p in model.named_parameters() if n in names]
         keep = {id(p) for p in self.params}
         groups = [dict(g, params=[p for p in g["params"] if id(p) in keep]) for g in param_groups(model, cfg.optim)]
-        self.optimizer = MuonAdamW([g for g in groups if g["params"]])
+        groups = [g for g in groups if g["params"]]
+        self.zero_stage = cfg.parallel.zero_stage if lay.dp > 1 else 0  # one replica: nothing to shard
+        if self.zero_stage:
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.optimizer = ShardedMuonAdamW(groups, names, st)
+        else:
+            self.optimizer = MuonAdamW(groups)
         self._schedules: dict[int, object] = {}
         self._poison = 1.0
         self._recur = cfg.model.num_recur  # this step's recurrence count (read by the pipeline stage)
@@ -147,7 +156,9 @@ class TorchEngine(DistributedEngineBase):
                 if p.grad is None:  # e.g. a stage whose passes all ran detached (bptt_k)
                     p.grad = torch.zeros_like(p)
             self._all_reduce_flat([p.grad for p in tied], self.tie_group, 1)
-        if self.st.layout.dp > 1:
+        if self.zero_stage == 2:  # each gradient to its owner only
+            self.optimizer.reduce_gradients()
+        elif self.st.layout.dp > 1:
             self._all_reduce_flat([p.grad for p in self.params if p.grad is not None], self.st.dp_group,
                                   self.st.layout.dp)
 
@@ -184,6 +195,8 @@ class TorchEngine(DistributedEngineBase):
             sq += p.grad.detach().float().pow(2).sum()
         if lay.tp * lay.pp > 1:
             dist.all_reduce(sq, group=self.st.mp_group)
+        if self.zero_stage == 2:  # each rank holds its owned gradients only
+            dist.all_reduce(sq, group=self.st.dp_group)
         norm = float(sq.sqrt())
         clip = self.cfg.optim.grad_clip or float("inf")
         coef = min(clip / (norm + 1e-6), 1.0)
@@ -237,32 +250,45 @@ class TorchEngine(DistributedEngineBase):
 
     def _layout_info(self) -> dict:
         lay = self.st.layout
-        return dict(engine="torch", tp=lay.tp, pp=lay.pp, dp=lay.dp, zero_stage=0)
+        return dict(engine="torch", tp=lay.tp, pp=lay.pp, dp=lay.dp, zero_stage=self.zero_stage)
+
+    def _native_name(self) -> str:
+        """This rank's own optimiser file: one per TP x PP rank at ZeRO 0 (the DP replicas hold
+        identical state), one per rank when the state is sharded over DP."""
+        lay = self.st.layout
+        return f"optim_tp{lay.tp_rank}_pp{lay.pp_rank}" + (f"_dp{lay.dp_rank}.pt" if self.zero_stage else ".pt")
 
     def save_files(self, path: str) -> None:
-        """model.pt and optim_full.pt: whole tensors gathered to rank 0 (any layout loads them);
-        optim_tp{t}_pp{p}.pt: this layout's own optimiser state (exact and cheap to reload)."""
+        """model.pt and optim_full.pt: whole tensors gathered to rank 0 (any layout loads them; at
+        ZeRO 1 / 2 each parameter's state comes from its owner); the native file: this layout's
+        own optimiser state (exact and cheap to reload). Sharded, that is the owned entries keyed
+        by parameter name, with the owner map."""
         from ..checkpoint import torch_save_synced
-        from ..reshard import FULL_OPTIM
+        from ..reshard import FORMAT, FULL_OPTIM
 
         counted = self._counted_names()
         full = consolidate_state_dict(self.model, counted, self.cfg.model.vocab_size, self.st)
         if self.is_main:
             torch_save_synced(full, f"{path}/model.pt")
         del full
+        owner = self.optimizer.owners.get if self.zero_stage else None
         optim = consolidate_optimizer_state(self.model, self.optimizer, counted, self.cfg.model.vocab_size,
-                                            self.st, self._layout_info())
+                                            self.st, self._layout_info(), owner=owner)
         if self.is_main:
             torch_save_synced(optim, f"{path}/{FULL_OPTIM}")
         del optim
         lay = self.st.layout
-        if lay.dp_rank == 0:  # DP replicas hold identical optimiser state under ZeRO 0
+        if self.zero_stage:
+            torch_save_synced(dict(format=FORMAT, layout=self._layout_info(), owners=self.optimizer.owners,
+                                   **self.optimizer.state_by_name()), f"{path}/{self._native_name()}")
+        elif lay.dp_rank == 0:  # DP replicas hold identical optimiser state under ZeRO 0
             torch_save_synced({"layout": [lay.tp, lay.pp], "optim": self.optimizer.state_dict()},
-                              f"{path}/optim_tp{lay.tp_rank}_pp{lay.pp_rank}.pt")
+                              f"{path}/{self._native_name()}")
 
     def load_files(self, path: str) -> None:
-        """Same tp and pp as the saving run (any dp): the native per-rank file. Another layout:
-        optim_full.pt, sliced for this rank's parameters (resharding)."""
+        """The native per-rank file when it fits (ZeRO 0: same tp and pp, any dp; sharded: the same
+        layout and owner map). Otherwise optim_full.pt, sliced for this rank's parameters
+        (resharding); sharded, each rank takes only the entries it owns."""
         import os
 
         from ..checkpoint import CheckpointError, load_file
@@ -270,12 +296,20 @@ class TorchEngine(DistributedEngineBase):
 
         load_consolidated(self.model, self.owned_names, load_file(path, "model.pt"), path)
         lay = self.st.layout
-        name = f"optim_tp{lay.tp_rank}_pp{lay.pp_rank}.pt"
+        name = self._native_name()
         native = load_file(path, name) if os.path.isfile(os.path.join(path, name)) else None
-        if native is not None and native.get("layout") == [lay.tp, lay.pp]:
+        if self.zero_stage:
+            mine = self.optimizer.owned_names()
+            fits = native is not None and native.get("layout") == self._layout_info() \
+                and native.get("owners") == self.optimizer.owners
+        else:
+            mine, fits = self.owned_names, native is not None and native.get("layout") == [lay.tp, lay.pp]
+        if fits and self.zero_stage:  # keyed by name, this rank's own (sharded) tensors
+            apply_full_state(self.model, self.optimizer, mine, native, path, slicer=lambda p, t: t)
+        elif fits:
             self.optimizer.load_state_dict(native["optim"])
         elif os.path.isfile(os.path.join(path, FULL_OPTIM)):
-            apply_full_state(self.model, self.optimizer, self.owned_names, load_file(path, FULL_OPTIM), path)
+            apply_full_state(self.model, self.optimizer, mine, load_file(path, FULL_OPTIM), path)
         else:
             raise CheckpointError(
                 f"{path} has no optimiser state for this layout (tp={lay.tp} pp={lay.pp}: {name}) and no "

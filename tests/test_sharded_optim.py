@@ -1,0 +1,122 @@
+"""Muon and MuonH with data parallelism and sharded optimiser state (megaloop/parallel/sharded_optim.py).
+
+Contracts:
+  - the owner map gives every parameter exactly one DP rank, is a pure function of the state
+    sizes (so every rank computes the same map), balances them (no rank's load exceeds another's
+    by more than the largest parameter's) and deals same-shaped matrices out evenly;
+  - ZeRO 1 and 2 on the torch engine, for muon and muonh, equal the single process on the same
+    global batch (losses to 1e-5 relative at every step, final parameters to 5e-5, eval loss):
+    DP=2 alone, TP=2 x DP=2 and PP=2 x DP=2 (4 processes), and AdamW on this engine (DP=2, and
+    PP=2 x DP=2, which DeepSpeed cannot run);
+  - the optimiser state lives on its owner only: the ranks' state bytes add up to the single
+    process's, and each rank's native checkpoint file holds its owned entries only (disjoint,
+    together exactly optim_full.pt's entries, with the same values);
+  - a checkpoint saved after step 3 resumes with identical steps 4-5 (DP=2, and TP=2 x DP=2 whose
+    native files hold TP shards). Resharding a sharded checkpoint to other layouts and to one
+    process is tested in tests/test_reshard.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from megaloop.parallel.sharded_optim import STATE_PER_ELEMENT, assign_owners
+from test_parallel_equality import MUONH, _assert_resumed, _assert_same, _jobs, _launch, _reference
+
+ADAM = ["optim.name=adamw", "optim.lr=0.01"]
+GLOBAL = ["train.grad_accum=4"]  # DP=2 x grad_accum 2 on one process
+
+
+def test_owner_map_is_balanced_deterministic_and_complete():
+    """On the reference iso-depth model's optimiser groups (r=4: 4 recurrent blocks, 2+2 once),
+    weighted by state bytes: every parameter has one owner, the ranks' loads differ by at most
+    the largest parameter's, and a group of same-shaped matrices is dealt out evenly."""
+    from megaloop.config import load_config
+    from megaloop.model import LoopedLM
+    from megaloop.optim import param_groups
+
+    cfg = load_config(raw={"train": {"steps": 1}, "model": {"d_model": 256, "n_head": 2, "vocab_size": 1000,
+                                                            "n_prelude": 2, "n_recur_block": 4, "n_coda": 2,
+                                                            "num_recur": 4}, "optim": {"name": "muonh"}})
+    with torch.device("meta"):
+        groups = param_groups(LoopedLM(cfg.model), cfg.optim)
+    costs = [[p.numel() * STATE_PER_ELEMENT[g["kind"]] for p in g["params"]] for g in groups]
+    flat = [c for cs in costs for c in cs]
+    for n in (1, 2, 3, 4, 8):
+        owners = assign_owners(costs, n)
+        assert owners == assign_owners([list(c) for c in costs], n), "not a pure function of the costs"
+        assert [len(o) for o in owners] == [len(c) for c in costs]
+        mine = [r for o in owners for r in o]
+        assert all(0 <= r < n for r in mine)
+        load = [sum(c for c, r in zip(flat, mine) if r == k) for k in range(n)]
+        assert max(load) - min(load) <= max(flat), (n, load)
+        if n <= 4:  # 48 matrices and the embedding and head: every rank gets a share
+            assert min(load) > 0.8 * sum(flat) / n, (n, load)
+    for n in (2, 4):
+        owners = assign_owners([[64 * 128] * 8], n)[0]
+        assert [owners.count(r) for r in range(n)] == [8 // n] * n
+
+
+def _state_bytes(out: str, ranks: int) -> list[int]:
+    return [json.load(open(os.path.join(out, f"rank{r}.json")))["optim_state_bytes"] for r in range(ranks)]
+
+
+def test_dp2_sharded_muon_muonh_equal_single_process(tmp_path):
+    """DP=2, 2 processes, torch engine: muon and muonh at ZeRO 1 and 2 (and AdamW at ZeRO 2 on the
+    same engine) equal the single process; state only on its owner; checkpoints resume exactly."""
+    root = str(tmp_path)
+    cases = {
+        "z1_muon": ["parallel.zero_stage=1"],
+        "z2_muon": ["parallel.zero_stage=2"],
+        "z1_muonh": ["parallel.zero_stage=1", *MUONH],
+        "z2_muonh": ["parallel.zero_stage=2", *MUONH],
+        "z2_adamw": ["parallel.engine=torch", "parallel.zero_stage=2", *ADAM],
+    }
+    single = {"z1_muon": [], "z2_muon": [], "z1_muonh": MUONH, "z2_muonh": MUONH, "z2_adamw": ADAM}
+    _launch(2, root, _jobs(root, cases, resume=("z2_muon", "z1_muonh")), timeout=400)
+    for name, opt in single.items():
+        ref, out = _reference(root, [*GLOBAL, *opt]), os.path.join(root, name)
+        _assert_same(ref, out, name)
+        whole, = _state_bytes(ref, 1)
+        parts = _state_bytes(out, 2)
+        assert sum(parts) == whole and max(parts) < 0.6 * whole, f"{name}: state bytes {parts} of {whole}"
+    _assert_resumed(os.path.join(root, "z2_muon"), os.path.join(root, "z2_muon_resumed"), 3, "z2 muon")
+    _assert_resumed(os.path.join(root, "z1_muonh"), os.path.join(root, "z1_muonh_resumed"), 3, "z1 muonh")
+    # the native files: each rank's owned entries, keyed by name, together optim_full.pt
+    final = os.path.join(root, "z2_muonh", "final")
+    full = torch.load(os.path.join(final, "optim_full.pt"), weights_only=False)
+    parts = [torch.load(os.path.join(final, f"optim_tp0_pp0_dp{d}.pt"), weights_only=False) for d in (0, 1)]
+    assert parts[0]["owners"] == parts[1]["owners"] and set(parts[0]["owners"].values()) == {0, 1}
+    assert not parts[0]["state"].keys() & parts[1]["state"].keys()
+    assert parts[0]["state"].keys() | parts[1]["state"].keys() == full["state"].keys()
+    for d, part in enumerate(parts):
+        for n, st in part["state"].items():
+            assert part["owners"][n] == d
+            for k, v in st.items():
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(full["state"][n][k])), (n, k)
+
+
+def test_sharded_muon_muonh_with_tp2_and_pp2(tmp_path):
+    """4 processes: TP=2 x DP=2 (the owning replica's TP pair gathers each sharded matrix whole)
+    and PP=2 x DP=2 at r=4 (each stage partitions its own parameters; the recurrent group's tied
+    copies are updated by each stage's owner), muon and muonh, ZeRO 1 and 2 (and AdamW: ZeRO under
+    PP runs here too), equal the single process; TP=2 x DP=2 muonh resumes from its native (TP-sharded, DP-partitioned) files."""
+    root = str(tmp_path)
+    r4 = ["model.num_recur=4"]
+    cases = {
+        "tp2_z1_muon": (["parallel.tp=2", "parallel.zero_stage=1"], []),
+        "tp2_z2_muonh": (["parallel.tp=2", "parallel.zero_stage=2", *MUONH], MUONH),
+        "pp2_z1_muonh": (["parallel.pp=2", *r4, "parallel.zero_stage=1", *MUONH], [*r4, *MUONH]),
+        "pp2_z2_muon": (["parallel.pp=2", *r4, "parallel.zero_stage=2"], r4),
+        "pp2_z1_adamw": (["parallel.pp=2", *r4, "parallel.zero_stage=1", *ADAM], [*r4, *ADAM]),
+    }
+    _launch(4, root, _jobs(root, {k: v[0] for k, v in cases.items()}, resume=("tp2_z2_muonh",)), timeout=500)
+    for name, (_, single) in cases.items():
+        ref, out = _reference(root, [*GLOBAL, *single]), os.path.join(root, name)
+        _assert_same(ref, out, name)
+        parts, whole = _state_bytes(out, 4), _state_bytes(ref, 1)[0]
+        assert 0 < min(parts) and max(parts) < 0.6 * whole, f"{name}: state bytes {parts} of {whole}"
+    _assert_resumed(os.path.join(root, "tp2_z2_muonh"), os.path.join(root, "tp2_z2_muonh_resumed"), 3,
+                    "tp2 z2 muonh")
