@@ -20,7 +20,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from ..config import Config
 from ..engine import StepStats, autocast_for
 from ..optim import MuonAdamW, param_groups, set_lr
-from .common import DistributedEngineBase, consolidate_optimizer_state, consolidate_state_dict, load_consolidated
+from .common import DistributedEngineBase
 from .pipeline import StageModule, eval_units, owned_prefixes, plan_stages, recv_tuple, run_units, send_tuple
 from .state import ParallelState
 from .tensor_parallel import apply_tensor_parallel
@@ -231,54 +231,17 @@ class TorchEngine(DistributedEngineBase):
         return self.model.head.loss(out[0], y)
 
     # ------------------------------------------------------------------ checkpoints
-    def _counted_names(self) -> list[str]:
-        """Owned parameters this rank contributes to the consolidated state dict."""
-        return [n for n in self.owned_names if n not in self.tied or self.tie_leader]
+    def save_files(self, path: str, background: bool = False):
+        """This rank's pieces (parallel/dcp_state.py): its stage's parameters, a tied copy of the
+        recurrent group from its first stage only."""
+        from .dcp_state import save, state_dict
 
-    def _layout_info(self) -> dict:
-        lay = self.st.layout
-        return dict(engine="torch", tp=lay.tp, pp=lay.pp, dp=lay.dp, zero_stage=0)
-
-    def save_files(self, path: str) -> None:
-        """model.pt and optim_full.pt: whole tensors gathered to rank 0 (any layout loads them);
-        optim_tp{t}_pp{p}.pt: this layout's own optimiser state (exact and cheap to reload)."""
-        from ..checkpoint import torch_save_synced
-        from ..reshard import FULL_OPTIM
-
-        counted = self._counted_names()
-        full = consolidate_state_dict(self.model, counted, self.cfg.model.vocab_size, self.st)
-        if self.is_main:
-            torch_save_synced(full, f"{path}/model.pt")
-        del full
-        optim = consolidate_optimizer_state(self.model, self.optimizer, counted, self.cfg.model.vocab_size,
-                                            self.st, self._layout_info())
-        if self.is_main:
-            torch_save_synced(optim, f"{path}/{FULL_OPTIM}")
-        del optim
-        lay = self.st.layout
-        if lay.dp_rank == 0:  # DP replicas hold identical optimiser state under ZeRO 0
-            torch_save_synced({"layout": [lay.tp, lay.pp], "optim": self.optimizer.state_dict()},
-                              f"{path}/optim_tp{lay.tp_rank}_pp{lay.pp_rank}.pt")
+        counted = {n for n in self.owned_names if n not in self.tied or self.tie_leader}
+        named = [(n, p) for n, p in self.model.named_parameters() if n in counted]
+        return save(path, state_dict(named, self.optimizer), background)
 
     def load_files(self, path: str) -> None:
-        """Same tp and pp as the saving run (any dp): the native per-rank file. Another layout:
-        optim_full.pt, sliced for this rank's parameters (resharding)."""
-        import os
+        from .dcp_state import load
 
-        from ..checkpoint import CheckpointError, load_file
-        from ..reshard import FULL_OPTIM, apply_full_state
-
-        load_consolidated(self.model, self.owned_names, load_file(path, "model.pt"), path)
-        lay = self.st.layout
-        name = f"optim_tp{lay.tp_rank}_pp{lay.pp_rank}.pt"
-        native = load_file(path, name) if os.path.isfile(os.path.join(path, name)) else None
-        if native is not None and native.get("layout") == [lay.tp, lay.pp]:
-            self.optimizer.load_state_dict(native["optim"])
-        elif os.path.isfile(os.path.join(path, FULL_OPTIM)):
-            apply_full_state(self.model, self.optimizer, self.owned_names, load_file(path, FULL_OPTIM), path)
-        else:
-            raise CheckpointError(
-                f"{path} has no optimiser state for this layout (tp={lay.tp} pp={lay.pp}: {name}) and no "
-                f"layout-independent {FULL_OPTIM} (written by megaloop since resharding support). Resume "
-                f"with the layout that wrote it; model.pt alone (consolidated) loads under any layout for "
-                f"evaluation")
+        params = dict(self.model.named_parameters())
+        load(path, [(n, params[n]) for n in self.owned_names], self.optimizer, known=params)
