@@ -134,10 +134,8 @@ def resolve_checkpoint(src: str) -> tuple[str, Optional[str]]:
         if latest is None:
             raise UserError(f"{src} has no complete checkpoint yet; train it first")
         return latest, src
-    if not os.path.isfile(os.path.join(src, "model.pt")):
-        from .parallel.dcp_state import has_state
-        if has_state(src):
-            raise UserError(f"{src} is already a DCP checkpoint, which every layout resumes from: nothing to convert")
+    from .parallel.dcp_state import has_state
+    if not (os.path.isfile(os.path.join(src, "model.pt")) or has_state(src)):
         raise UserError(f"{src} is neither a run directory nor a checkpoint folder (no model.pt)")
     parent = os.path.dirname(os.path.dirname(os.path.abspath(src)))
     return src, parent if os.path.isfile(os.path.join(parent, "config.yaml")) else None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
@@ -31,7 +32,15 @@ MODEL, STATE, GROUP = "model.", "optim.state.", "optim.group."
 
 Named = Iterable[tuple[str, torch.Tensor]]
 # A single process saves and loads without a process group, on purpose: DCP says so every time.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+_NO_DIST = "torch.distributed is disabled, unavailable or uninitialized"
+warnings.filterwarnings("ignore", message=_NO_DIST)  # for the writes in a background thread
+
+
+@contextmanager
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_DIST)
+        yield
 
 
 def _error(msg: str):
@@ -183,7 +192,8 @@ def save(path: str, sd: dict, background: bool = False) -> Optional[Background]:
     try:
         if background:
             return Background(dcp.async_save(sd, storage_writer=writer, process_group=group, no_dist=group is None))
-        dcp.save(sd, storage_writer=writer, process_group=group, no_dist=group is None)
+        with _quiet():
+            dcp.save(sd, storage_writer=writer, process_group=group, no_dist=group is None)
     except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
         cause = _cause(e)
         if cause is e:
@@ -195,7 +205,8 @@ def save(path: str, sd: dict, background: bool = False) -> Optional[Background]:
 def write_whole(path: str, sd: dict) -> None:
     """Write whole tensors (keys as in the module docstring) from one process."""
     from torch.distributed import checkpoint as dcp
-    dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.path.join(path, STATE_DIR), sync_files=True), no_dist=True)
+    with _quiet():
+        dcp.save(sd, storage_writer=dcp.FileSystemWriter(os.path.join(path, STATE_DIR), sync_files=True), no_dist=True)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -221,20 +232,20 @@ def not_a_checkpoint(path: str) -> str:
 
 
 def _corrupt(path: str, e: BaseException):
-    return _error(f"checkpoint {path}/{STATE_DIR} is corrupt ({type(_cause(e)).__name__}). Delete that checkpoint "
-                  f"folder and resume from an earlier one")
+    return _error(f"checkpoint {path}/{STATE_DIR} is corrupt or incomplete ({type(_cause(e)).__name__}). Delete "
+                  f"that checkpoint folder and resume from an earlier one")
 
 
 def _read(path: str, sd: dict, distributed: bool) -> None:
     from torch.distributed import checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     group = checkpoint_group() if distributed else None
     try:
-        dcp.load(sd, storage_reader=dcp.FileSystemReader(os.path.join(path, STATE_DIR)), process_group=group,
-                 no_dist=group is None)
-    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
+        with _quiet():
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(os.path.join(path, STATE_DIR)), process_group=group,
+                     no_dist=group is None)
+    except CheckpointException as e:  # a rank could not read its pieces (a collective's failure is not one)
         raise _corrupt(path, e) from None
 
 
