@@ -3,7 +3,7 @@
 The tiny looped model of tests/test_parallel_equality.py trains 3 steps under a source layout
 and saves; the checkpoint then resumes under a different layout for steps 4-5. Contracts:
   - the resumed steps' losses equal an uninterrupted single-process 5-step run's to a relative
-    1e-5, the final parameters (read whole from the final checkpoint) to a relative norm 5e-5 per
+    1e-6, the final parameters (read whole from the final checkpoint) to a relative norm 5e-5 per
     tensor (the equality tests' tolerances), and the final optimiser state too (Muon momentum,
     AdamW exp_avg / exp_avg_sq, group hyperparameters), with AdamW's step counter exactly equal;
   - the checkpoint holds the single-process shapes: vocab-parallel padding is never saved, and
@@ -28,7 +28,7 @@ import torch
 from megaloop.parallel.dcp_state import read_weights, read_whole, split_optim
 from megaloop.parallel.testing import TINY, run, spawn
 
-LOSS_RTOL = 1e-5
+LOSS_RTOL = 1e-6
 PARAM_RTOL = 5e-5
 ADAM = ["optim.name=adamw", "optim.lr=0.01"]
 DP2 = ["train.grad_accum=1"]  # DP=2 x 1 micro-batch = the single process's 2 micro-batches
