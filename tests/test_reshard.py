@@ -199,6 +199,21 @@ def test_checkpoint_holds_single_process_shapes_one_file_per_rank(runs):
     assert all(_rel(a[k], b[k]) <= PARAM_RTOL for k in a)
 
 
+def test_replicas_are_written_once_and_writes_are_spread(runs):
+    """What several ranks hold is written once: the final checkpoints of DP=2 (torch engine and
+    DeepSpeed ZeRO 0), PP=2 and ZeRO-1 / ZeRO-3 (DP=2) take exactly the bytes of the single
+    process's, and each rank writes a share of them (at least a third) into its own file."""
+    def sizes(name: str) -> list[int]:
+        state = os.path.join(runs, name, "final", "state")
+        return [os.path.getsize(os.path.join(state, f)) for f in sorted(os.listdir(state)) if f.endswith(".distcp")]
+
+    for names, ref in ((("dp2_from_tp2", "ds0_from_tp2", "pp2_from_tp2"), "refm"), (("z1_from_tp2", "z3_from_tp2"), "refa")):
+        total = sum(sizes(ref))
+        for name in names:
+            got = sizes(name)
+            assert len(got) == 2 and sum(got) == total and min(got) >= total / 3, f"{name}: {got} vs {total}"
+
+
 def test_loader_continues_from_the_same_sample_under_another_dp(runs):
     """End to end with the real PackedLoader: saved at TP=2 x DP=1 after 3 steps, resumed at DP=2
     (1 micro-batch per rank): steps 4-5 equal the uninterrupted single-process run, which holds only
