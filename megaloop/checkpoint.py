@@ -1,13 +1,16 @@
 """Crash-safe checkpoints.
 
-Layout: RUN_DIR/checkpoints/step_00000100/{meta.json, model.pt, optim.pt, trainer.pt, rank*.pt}
-and RUN_DIR/checkpoints/latest (a one-line pointer). A checkpoint is written into a hidden
+Layout: RUN_DIR/checkpoints/step_00000100/{meta.json, trainer.pt, state/} (state/: the model and
+optimiser state, one DCP checkpoint that any layout loads: megaloop/parallel/dcp_state.py) and
+RUN_DIR/checkpoints/latest (a one-line pointer). A checkpoint is written into a hidden
 temporary folder, every file is fsynced, the folder is renamed into place (atomic on POSIX), and
 only then is `latest` replaced (write-temp + fsync + rename). So `latest` only ever names a
 complete checkpoint; a crash mid-save leaves at most a stray temp folder, which is ignored and
 cleaned up by the next save. Old checkpoints are deleted only after the new one is complete.
 Under several ranks the checkpoint is published only after every rank has written its files: a
 rank that fails mid-save never reaches that point, and the others are stopped (parallel/failfast).
+A save may also write in the background (train.async_save): it is published the same way once its
+writes are complete, so `latest` still never names a half-written checkpoint.
 """
 from __future__ import annotations
 
@@ -164,12 +167,10 @@ def latest_path(run_dir: str) -> Optional[str]:
     return path
 
 
-def save(run_dir: str, step: int, write_files: Callable[[str], None], meta: dict, keep: int,
-         is_writer: bool = True, barrier: Callable[[], None] = lambda: None) -> str:
-    """Write a checkpoint for `step` through `write_files(tmp_dir)` (called on every rank, each
-    writing its own files), then publish it atomically from the writer rank."""
+def _begin(run_dir: str, step: int, is_writer: bool, barrier: Callable[[], None]) -> str:
+    """The hidden folder the checkpoint of `step` is written into (created by the writer rank,
+    after removing the leftovers of interrupted saves; no save is in flight here)."""
     root = ckpt_root(run_dir)
-    final = os.path.join(root, step_dir_name(step))
     tmp = os.path.join(root, f".tmp_{step_dir_name(step)}")
     if is_writer:
         os.makedirs(root, exist_ok=True)
@@ -178,41 +179,101 @@ def save(run_dir: str, step: int, write_files: Callable[[str], None], meta: dict
                 shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
     barrier()
+    return tmp
+
+
+def _write_failed(e: OSError, run_dir: str, step: int, tmp: str, is_writer: bool) -> CheckpointError:
+    if is_writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cause, fix = os_error_cause(e)
+    return CheckpointError(
+        f"could not write checkpoint for step {step} in {ckpt_root(run_dir)}: {cause}. The previous "
+        f"checkpoint is intact; {fix}, then resume with --resume")
+
+
+def _publish(run_dir: str, step: int, tmp: str, meta: dict, keep: int) -> str:
+    """Writer rank, every rank's files on disk: rename `tmp` into place, then point `latest` at it."""
+    root = ckpt_root(run_dir)
+    final = os.path.join(root, step_dir_name(step))
+    old = os.path.join(root, f".tmp_old_{step_dir_name(step)}")
+    try:
+        for sub, _, _ in os.walk(tmp):  # the folder entries of the files too (DCP writes a sub-folder)
+            _fsync_dir(sub)
+        write_atomic(os.path.join(tmp, META), json.dumps(dict(meta, step=step)).encode())
+        with PUBLISH_LOCK:
+            if os.path.exists(final):  # a re-save of the same step (e.g. after a resume)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+            write_atomic(os.path.join(root, "latest"), step_dir_name(step).encode())
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(final):  # put the re-saved step back
+            os.replace(old, final)
+        cause, fix = os_error_cause(e)
+        raise CheckpointError(
+            f"could not publish checkpoint for step {step} in {root}: {cause}. The previous "
+            f"checkpoint is intact; {fix}, then resume with --resume") from None
+    for stale in list_complete(run_dir)[:-keep]:
+        shutil.rmtree(os.path.join(root, step_dir_name(stale)), ignore_errors=True)
+    return final
+
+
+def save(run_dir: str, step: int, write_files: Callable[[str], None], meta: dict, keep: int,
+         is_writer: bool = True, barrier: Callable[[], None] = lambda: None) -> str:
+    """Write a checkpoint for `step` through `write_files(tmp_dir)` (called on every rank, each
+    writing its own files), then publish it atomically from the writer rank."""
+    tmp = _begin(run_dir, step, is_writer, barrier)
     try:
         write_files(tmp)
     except OSError as e:
         # No barrier on failure: the others wait in the next one, so the writer never publishes a
         # checkpoint without this rank's files; the failing rank's exit stops them.
-        if is_writer:
-            shutil.rmtree(tmp, ignore_errors=True)
-        cause, fix = os_error_cause(e)
-        raise CheckpointError(
-            f"could not write checkpoint for step {step} in {root}: {cause}. The previous "
-            f"checkpoint is intact; {fix}, then resume with --resume") from None
+        raise _write_failed(e, run_dir, step, tmp, is_writer) from None
     barrier()  # every rank's files are on disk
-    if is_writer:
-        old = os.path.join(root, f".tmp_old_{step_dir_name(step)}")
-        try:
-            write_atomic(os.path.join(tmp, META), json.dumps(dict(meta, step=step)).encode())
-            with PUBLISH_LOCK:
-                if os.path.exists(final):  # a re-save of the same step (e.g. after a resume)
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                _fsync_dir(root)
-                write_atomic(os.path.join(root, "latest"), step_dir_name(step).encode())
-            shutil.rmtree(old, ignore_errors=True)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if os.path.isdir(old) and not os.path.exists(final):  # put the re-saved step back
-                os.replace(old, final)
-            cause, fix = os_error_cause(e)
-            raise CheckpointError(
-                f"could not publish checkpoint for step {step} in {root}: {cause}. The previous "
-                f"checkpoint is intact; {fix}, then resume with --resume") from None
-        for stale in list_complete(run_dir)[:-keep]:
-            shutil.rmtree(os.path.join(root, step_dir_name(stale)), ignore_errors=True)
+    final = _publish(run_dir, step, tmp, meta, keep) if is_writer else os.path.join(
+        ckpt_root(run_dir), step_dir_name(step))
     barrier()
     return final
+
+
+class PendingSave:
+    """A checkpoint whose files are still being written in the background. It is published (by
+    the writer rank) in finish(), once every rank's files are on disk, and never before; a run
+    that stops first leaves it an unpublished temporary folder, removed by the next save."""
+
+    def __init__(self, run_dir: str, step: int, tmp: str, handle, meta: dict, keep: int, is_writer: bool):
+        self.run_dir, self.step, self.tmp, self.handle = run_dir, step, tmp, handle
+        self.meta, self.keep, self.is_writer = meta, keep, is_writer
+
+    def done(self) -> bool:
+        """Whether finish() would return at once."""
+        return self.handle is None or self.handle.done()
+
+    def finish(self) -> None:
+        """Wait for this rank's writes and, on the writer rank, publish. No collective: ranks may
+        call it at different steps. The writer's handle completes only after every rank's files
+        are written (the save's last collective gathers their results)."""
+        try:
+            if self.handle is not None:
+                self.handle.wait()
+        except OSError as e:
+            raise _write_failed(e, self.run_dir, self.step, self.tmp, self.is_writer) from None
+        if self.is_writer:
+            _publish(self.run_dir, self.step, self.tmp, self.meta, self.keep)
+
+
+def save_async(run_dir: str, step: int, write_files: Callable[[str], Optional[Any]], meta: dict, keep: int,
+               is_writer: bool = True, barrier: Callable[[], None] = lambda: None) -> PendingSave:
+    """Like save, but `write_files(tmp_dir)` returns once the state is copied, with a handle
+    (done(), wait()) on the writes it leaves running; publishing waits for PendingSave.finish."""
+    tmp = _begin(run_dir, step, is_writer, barrier)
+    try:
+        handle = write_files(tmp)
+    except OSError as e:
+        raise _write_failed(e, run_dir, step, tmp, is_writer) from None
+    return PendingSave(run_dir, step, tmp, handle, meta, keep, is_writer)
 
 
 def load_file(path: str, name: str) -> Any:

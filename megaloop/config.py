@@ -144,6 +144,7 @@ class TrainConfig:
     eval_recur: list = field(default_factory=list)  # extra r values evaluated at the end
     save_every: int = 0                      # 0 = only at the end
     keep_checkpoints: int = 2
+    async_save: bool = False                 # write checkpoints in the background (published when complete)
     device: str = "auto"                     # auto | cpu | cuda
     compile: bool = False
     max_bad_steps: int = 3                   # consecutive non-finite steps that mean divergence

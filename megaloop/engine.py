@@ -79,37 +79,15 @@ class LocalEngine:
         self.model.train()
         return tot / max(n, 1)
 
-    # checkpoint state: written by the only rank. optim.pt is the exact native state;
-    # optim_full.pt the same state keyed by parameter name, which any layout can load.
-    def save_files(self, path: str) -> None:
-        from .checkpoint import torch_save_synced
-        from .reshard import FULL_OPTIM, local_full_state
-        torch_save_synced(self.model.state_dict(), f"{path}/model.pt")
-        torch_save_synced(self.optimizer.state_dict(), f"{path}/optim.pt")
-        layout = dict(engine="local", tp=1, pp=1, dp=1, zero_stage=0)
-        torch_save_synced(local_full_state(self.model, self.optimizer, layout), f"{path}/{FULL_OPTIM}")
+    # checkpoint state (megaloop/parallel/dcp_state.py): every parameter, whole, by name
+    def save_files(self, path: str, background: bool = False):
+        from .parallel.dcp_state import save, state_dict
+        return save(path, state_dict(self.model.named_parameters(), self.optimizer), background)
 
     def load_files(self, path: str) -> None:
-        import os
-
-        from .checkpoint import CheckpointError, load_file
-        from .reshard import FULL_OPTIM, apply_full_state
-        try:
-            self.model.load_state_dict(load_file(path, "model.pt"))
-        except RuntimeError as e:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit this model ({str(e).splitlines()[0]}); the config's "
-                f"model shape differs from the run that wrote it") from None
-        if os.path.isfile(os.path.join(path, "optim.pt")):  # written by a single process: exact
-            self.optimizer.load_state_dict(load_file(path, "optim.pt"))
-        elif os.path.isfile(os.path.join(path, FULL_OPTIM)):  # another layout: whole tensors by name
-            apply_full_state(self.model, self.optimizer, [n for n, _ in self.model.named_parameters()],
-                             load_file(path, FULL_OPTIM), path)
-        else:
-            raise CheckpointError(
-                f"{path} has neither optim.pt nor {FULL_OPTIM}: it was written under a parallel layout by a "
-                f"megaloop without resharding support. Resume it under the layout that wrote it (or "
-                f"convert it with `megaloop checkpoint convert`)")
+        from .parallel.dcp_state import load
+        named = list(self.model.named_parameters())
+        load(path, named, self.optimizer, known=[n for n, _ in named])
 
     def barrier(self) -> None:
         pass

@@ -47,7 +47,8 @@ def load_pretrained(path: str, device: str = "cpu") -> tuple[LoopedLM, Config, O
         latest = ckpt.latest_path(path)
         if latest is None:
             raise UserError(f"{path} has no complete checkpoint yet; train it first")
-        state, tok = ckpt.load_file(latest, "model.pt"), None
+        from .parallel.dcp_state import read_weights
+        state, tok = read_weights(latest), None
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -125,16 +126,18 @@ def checkpoint_main(argv: list[str]) -> int:
     sub = ap.add_subparsers(dest="action", required=True)
     info = sub.add_parser("info", help="list complete checkpoints and the latest")
     info.add_argument("run_dir")
-    conv = sub.add_parser("convert", help="write a layout-independent checkpoint (resumes under any TP/PP/DP/ZeRO)",
-                          description="Write DIR/{model.pt, optim_full.pt, trainer.pt, meta.json}: whole "
-                                      "(unsharded) weights and optimiser state by parameter name, which any "
-                                      "parallel layout resumes from.")
+    conv = sub.add_parser("convert", help="convert a checkpoint of the format before DCP checkpoints",
+                          description="Read a checkpoint written before DCP checkpoints (model.pt with "
+                                      "optim_full.pt or a single process's optim.pt) and write it as a DCP "
+                                      "checkpoint, which any TP / PP / DP / ZeRO layout resumes from. A run "
+                                      "directory becomes a new run directory (resume it with `megaloop train "
+                                      "OUT/config.yaml --resume`), a checkpoint folder a new checkpoint folder.")
     conv.add_argument("src", help="a run directory (its latest checkpoint) or a checkpoint folder")
-    conv.add_argument("--out", required=True, help="output checkpoint folder")
+    conv.add_argument("--out", required=True, help="output run directory or checkpoint folder")
     conv.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = ap.parse_args(argv)
     if args.action == "convert":
-        from .reshard import convert
+        from .convert import convert
         print(f"converted to {convert(args.src, args.out, args.force)}")
         return 0
     if not os.path.isdir(args.run_dir):

@@ -237,6 +237,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         stats, window = None, []  # window: the draws of the steps since the last logged one
         start = time.perf_counter()
         bar = _progress(cfg, budget.steps, step, is_main)
+        pending = None  # a checkpoint still being written in the background (train.async_save)
         while step < budget.steps:
             factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac)
             factor *= guard.lr_scale(step)
@@ -249,7 +250,10 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             if stats.skipped:
                 log(f"step {step}: non-finite loss or gradient (loss={stats.loss}, grad_norm={stats.grad_norm}); "
                     f"update skipped ({guard.bad_in_a_row} in a row)")
+            if pending is not None and pending.done():  # published as soon as its writes are complete
+                pending = _finish(pending)
             if diverged:
+                pending = _finish(pending)  # the checkpoint to go back to may be the one in flight
                 step = rewind(cfg, engine, loader, guard, metrics, step, diverged, budget.tokens_per_step, log)
                 last_time, last_tokens = time.perf_counter(), step * budget.tokens_per_step
                 window = []  # the rewound steps' draws are not logged (they are drawn again: same r)
@@ -278,14 +282,15 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                 vl = engine.eval_loss(valid())
                 metrics.write(dict(step=step, tokens=tokens, val_loss=vl))
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < budget.steps:
-                _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step)
+                pending = _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step, pending,
+                                background=cfg.train.async_save)
             if bar is not None:
                 bar.update(1)
             faults.maybe_kill("step", step)
             faults.maybe_fail("step", step)
         if bar is not None:
             bar.close()
-        _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step)
+        _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step, pending)  # the last one in the foreground
 
         by_r = final_eval(cfg, engine, list(valid()), is_main)  # num_recur and every train.eval_recur
         val_loss = by_r[str(cfg.model.num_recur)]
@@ -328,15 +333,30 @@ def trainer_state(step: int, loader, guard: DivergenceGuard, tokens_per_step: in
             "guard": guard.state_dict()}
 
 
-def _save(cfg: Config, engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int) -> None:
-    def write(path: str) -> None:
+def _save(cfg: Config, engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int,
+          pending: Optional[ckpt.PendingSave] = None, background: bool = False) -> Optional[ckpt.PendingSave]:
+    """Checkpoint `step`. background (train.async_save): return once the state is copied, with
+    the PendingSave that publishes it when its writes are done. A save still in flight is
+    finished first: one at a time."""
+    _finish(pending)
+
+    def write(path: str):
         faults.maybe_fail("save", step)
-        engine.save_files(path)
+        handle = engine.save_files(path, background=background)
         faults.maybe_kill("save", step)
         if engine.is_main:
             ckpt.torch_save_synced(trainer_state(step, loader, guard, tokens_per_step), os.path.join(path, "trainer.pt"))
-    ckpt.save(cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},
+        return handle
+    how = ckpt.save_async if background else ckpt.save
+    out = how(cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},
               keep=cfg.train.keep_checkpoints, is_writer=engine.is_main, barrier=engine.barrier)
+    return out if background else None
+
+
+def _finish(pending: Optional[ckpt.PendingSave]) -> None:
+    """Wait for a background save and publish it (None: nothing in flight)."""
+    if pending is not None:
+        pending.finish()
 
 
 def rewind(cfg: Config, engine, loader, guard: DivergenceGuard, metrics: MetricsLog, step: int, why: str,

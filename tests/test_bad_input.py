@@ -78,7 +78,7 @@ def _copy_run(root, tr):
 def corrupt_checkpoint(root, tr):
     raw = _copy_run(root, tr)
     latest = open(root / "run" / "checkpoints" / "latest").read().strip()
-    (root / "run" / "checkpoints" / latest / "model.pt").write_bytes(b"not a checkpoint")
+    (root / "run" / "checkpoints" / latest / "state" / "__0_0.distcp").write_bytes(b"not a checkpoint")
     return ["train", write_cfg(root / "c.yaml", raw), "--resume"]
 
 

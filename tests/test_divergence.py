@@ -14,6 +14,7 @@ from megaloop import faults
 from megaloop.config import load_config
 from megaloop.divergence import DivergenceGuard
 from megaloop.errors import UserError
+from megaloop.parallel.dcp_state import read_weights
 from megaloop.train import train
 from test_train import metrics
 
@@ -65,7 +66,7 @@ def test_rewind_finishes_and_resume_reproduces_the_curve(kind, tiny_corpus, data
     assert steps == list(range(1, STEPS + 1))  # one unbroken curve
     latest = ckpt.latest_path(full)
     assert latest.endswith(ckpt.step_dir_name(STEPS)) and os.path.isfile(os.path.join(latest, "meta.json"))
-    ckpt.load_file(latest, "model.pt")
+    read_weights(latest)
     state = ckpt.load_file(latest, "trainer.pt")
     assert state["loader"]["global_samples"] == (STEPS + spec["from_step"] - spec["to"]) * MICRO
     assert state["guard"]["rewinds"] == 1
@@ -113,7 +114,7 @@ def test_rewind_limits_stop_the_run(tiny_corpus, data_cache, tmp_path, fault_env
         train(load_config(raw=tiny_raw(tiny_corpus, data_cache, run, steps=8, save_every=2, max_bad_steps=2,
                                        max_rewinds=1)), log=lambda *a: None)
     assert ckpt.list_complete(run) == [2, 4]
-    ckpt.load_file(ckpt.latest_path(run), "model.pt")
+    read_weights(ckpt.latest_path(run))
 
 
 class _T:  # the train section fields the guard reads

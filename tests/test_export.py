@@ -10,6 +10,7 @@ from conftest import tiny_raw
 from megaloop import checkpoint as ckpt
 from megaloop.cli import main
 from megaloop.export import load_pretrained
+from megaloop.parallel.dcp_state import read_weights
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_export_roundtrip_and_plain_load(run):
     assert main(["export", str(run / "run"), "--out", str(out)]) == 0
     assert sorted(os.listdir(out)) == ["config.yaml", "model.safetensors", "tokenizer.model"]
     model, cfg, tok = load_pretrained(str(out))
-    ref = ckpt.load_file(ckpt.latest_path(str(run / "run")), "model.pt")
+    ref = read_weights(ckpt.latest_path(str(run / "run")))
     sd = model.state_dict()
     assert set(sd) == set(ref) and all(torch.equal(sd[k], ref[k]) for k in ref)
     assert tok and os.path.isfile(tok)

@@ -24,6 +24,7 @@ from conftest import tiny_raw
 from megaloop import checkpoint as ckpt
 from megaloop.config import load_config
 from megaloop.data.prepare import ensure_prepared
+from megaloop.parallel.dcp_state import read_weights
 from megaloop.parallel.testing import free_port
 from test_parallel_errors import RANK_VARS
 
@@ -93,7 +94,7 @@ def test_one_failed_rank_ends_every_rank_quickly(tiny_corpus, data_cache, tmp_pa
         if latest is None or not latest.endswith("step_00000002") or ckpt.list_complete(run) != [2]:
             problems.append(f"latest {latest}, complete {ckpt.list_complete(run)}")
         else:
-            ckpt.load_file(latest, "model.pt")
+            read_weights(latest)
             ckpt.load_file(latest, "trainer.pt")
         if problems:
             failures.append(f"{name}: " + "; ".join(problems) + f"\nrank 1 output:\n{logs[1][-1500:]}")

@@ -1,17 +1,20 @@
-"""Resharding: a checkpoint saved under one parallel layout resumes under another.
+"""Resharding: a checkpoint (torch.distributed.checkpoint) saved under one layout resumes under another.
 
 The tiny looped model of tests/test_parallel_equality.py trains 3 steps under a source layout
 and saves; the checkpoint then resumes under a different layout for steps 4-5. Contracts:
   - the resumed steps' losses equal an uninterrupted single-process 5-step run's to a relative
-    1e-5, the final consolidated parameters to a relative norm 5e-5 per tensor (the equality
-    tests' tolerances), and the final optimiser state (optim_full.pt: Muon momentum, AdamW
-    exp_avg / exp_avg_sq) too, with AdamW's step counter exactly equal;
-  - the data loader continues from the same global sample when the DP size changes (the
-    resumed losses only match when every step sees the same samples);
-  - the torch engine's sharded Muon / MuonH state (ZeRO 1 / 2) reshards to one process, to TP=2
-    and from TP=2 like any other layout's;
-  - `megaloop checkpoint convert` writes a layout-independent folder any layout resumes from,
-    and refuses (one clear message) checkpoints it cannot convert.
+    1e-6, the final parameters (read whole from the final checkpoint) to a relative norm 5e-5 per
+    tensor (the equality tests' tolerances), and the final optimiser state too (Muon momentum,
+    AdamW exp_avg / exp_avg_sq, group hyperparameters), with AdamW's step counter exactly equal;
+  - the checkpoint holds the single-process shapes: vocab-parallel padding is never saved, and
+    each rank writes its own file;
+  - the data loader continues from the same global sample when the DP size changes;
+  - the torch engine's sharded Muon / MuonH state (ZeRO 1 / 2: each matrix's state on its owner
+    only) reshards to one process, to TP=2 and from TP=2 like any other layout's;
+  - a save written in the background while training goes on resumes like the others;
+  - `megaloop checkpoint convert` reads the format before DCP checkpoints (model.pt with
+    optim_full.pt or a single process's optim.pt, written here as that code wrote them), and
+    refuses (one clear message) checkpoints it cannot convert.
 All multi-process runs share one launch of 2 processes (gloo); sources first, then resumes.
 """
 from __future__ import annotations
@@ -24,9 +27,10 @@ import numpy as np
 import pytest
 import torch
 
+from megaloop.parallel.dcp_state import read_weights, read_whole, split_optim
 from megaloop.parallel.testing import TINY, run, spawn
 
-LOSS_RTOL = 1e-5
+LOSS_RTOL = 1e-6
 PARAM_RTOL = 5e-5
 ADAM = ["optim.name=adamw", "optim.lr=0.01"]
 MUONH = ["optim.name=muonh", "optim.lr=0.014"]
@@ -41,17 +45,58 @@ def _token_data(prefix: str) -> None:
             w.add_document(rng.integers(1, TINY["model"]["vocab_size"], size=int(rng.integers(20, 80))))
 
 
+def _tiny_cfg(overrides=()):
+    from megaloop.config import _merge, config_from_dict, parse_overrides
+    return config_from_dict(_merge(TINY, parse_overrides(list(overrides))))
+
+
+def write_old_format(src: str, out: str, cfg, full: bool = True, local: bool = True) -> None:
+    """The checkpoint folder `src` in the format before DCP checkpoints, written the way that
+    code's single-process engine wrote it: model.pt (the state dict), optim.pt (torch's
+    index-keyed optimiser state) and optim_full.pt (the same state keyed by parameter name),
+    with trainer.pt and meta.json (config and step)."""
+    from megaloop.engine import LocalEngine
+    from megaloop.train import build_model
+
+    engine = LocalEngine(cfg, build_model(cfg), torch.device("cpu"))
+    engine.load_files(src)
+    os.makedirs(out)
+    torch.save(engine.model.state_dict(), os.path.join(out, "model.pt"))
+    if local:
+        torch.save(engine.optimizer.state_dict(), os.path.join(out, "optim.pt"))
+    if full:
+        state = {n: dict(engine.optimizer.state[p]) for n, p in engine.model.named_parameters()
+                 if engine.optimizer.state.get(p)}
+        groups = {g["name"]: {k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups}
+        torch.save(dict(format="megaloop-optim-v1", layout=dict(engine="local", tp=1, pp=1, dp=1, zero_stage=0),
+                        groups=groups, state=state), os.path.join(out, "optim_full.pt"))
+    if os.path.isfile(os.path.join(src, "trainer.pt")):
+        shutil.copy(os.path.join(src, "trainer.pt"), out)
+    if os.path.isfile(os.path.join(src, "meta.json")):
+        shutil.copy(os.path.join(src, "meta.json"), out)
+    else:
+        with open(os.path.join(out, "meta.json"), "w") as f:
+            json.dump({"config": cfg.to_dict(), "step": 3}, f)
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    from megaloop.cli import main
+
     root = str(tmp_path_factory.mktemp("reshard"))
     p = lambda *a: os.path.join(root, *a)  # noqa: E731
     data = p("tokens")
     _token_data(data)
-    # single-process references (uninterrupted 5 steps; refm also saves after step 3)
+    # single-process references (uninterrupted 5 steps; refm and refa also save after step 3)
     run(p("refm"), [], save_at=3)
-    run(p("refa"), ADAM)
+    run(p("refa"), ADAM, save_at=3)
     run(p("refh"), MUONH)
     run(p("refd"), [], data=data)
+    # the format before DCP checkpoints, converted (optim_full.pt; and optim.pt alone, with the config)
+    write_old_format(p("refm", "ckpt_3"), p("old_full"), _tiny_cfg(), local=False)
+    write_old_format(p("refa", "ckpt_3"), p("old_local"), _tiny_cfg(ADAM), full=False)
+    assert main(["checkpoint", "convert", p("old_full"), "--out", p("conv_full")]) == 0
+    assert main(["checkpoint", "convert", p("old_local"), "--out", p("conv_local")]) == 0
     ck = lambda name: p(name, "ckpt_3")  # noqa: E731
     jobs = [  # sources (save after step 3), then resumes under other layouts
         dict(out=p("tp2m"), overrides=["parallel.tp=2"], save_at=3),
@@ -59,6 +104,7 @@ def runs(tmp_path_factory):
         dict(out=p("tp2d"), overrides=["parallel.tp=2"], save_at=3, data=data),
         dict(out=p("z2a"), overrides=["parallel.zero_stage=2", *DP2, *ADAM], save_at=3),
         dict(out=p("z2h"), overrides=["parallel.zero_stage=2", *DP2, *MUONH], save_at=3),  # sharded MuonH
+        dict(out=p("tp2m_async"), overrides=["parallel.tp=2"], save_at=3, save_async=True),
         dict(out=p("pp2_from_tp2"), overrides=["parallel.pp=2"], save_at=3, resume=ck("tp2m")),
         dict(out=p("dp2_from_tp2"), overrides=["parallel.engine=torch", *DP2], save_at=3, resume=ck("tp2m")),
         dict(out=p("ds0_from_tp2"), overrides=["parallel.engine=deepspeed", "parallel.zero_stage=0", *DP2],
@@ -71,23 +117,29 @@ def runs(tmp_path_factory):
         dict(out=p("tp2_from_z2"), overrides=["parallel.tp=2", *ADAM], save_at=3, resume=ck("z2a")),
         dict(out=p("z1m_from_tp2"), overrides=["parallel.zero_stage=1", *DP2], save_at=3, resume=ck("tp2m")),
         dict(out=p("tp2_from_z2h"), overrides=["parallel.tp=2", *MUONH], save_at=3, resume=ck("z2h")),
+        dict(out=p("tp2_from_old"), overrides=["parallel.tp=2"], save_at=3, resume=p("conv_full")),
+        dict(out=p("z2_from_old"), overrides=["parallel.zero_stage=2", *DP2, *ADAM], save_at=3,
+             resume=p("conv_local")),
     ]
     with open(p("jobs.json"), "w") as f:
         json.dump(jobs, f)
-    for r in spawn(2, p("launch"), [], extra=["--jobs", p("jobs.json")], timeout=400):
+    for r in spawn(2, p("launch"), [], extra=["--jobs", p("jobs.json")], timeout=900):
         assert r.returncode == 0, r.stdout[-6000:]
-    # back to one process: from TP=2 through `megaloop checkpoint convert`, and from ZeRO-2
-    from megaloop.cli import main
-    assert main(["checkpoint", "convert", ck("tp2m"), "--out", p("converted")]) == 0
-    run(p("single_from_tp2"), [], save_at=3, resume=p("converted"))
+    # back to one process
+    run(p("single_from_tp2"), [], save_at=3, resume=ck("tp2m"))
     run(p("single_from_z2"), ADAM, save_at=3, resume=ck("z2a"))
     run(p("single_from_z2h"), MUONH, save_at=3, resume=ck("z2h"))
+    run(p("single_from_async"), [], save_at=3, resume=ck("tp2m_async"))
     return root
 
 
 def _result(path: str) -> dict:
     with open(os.path.join(path, "result.json")) as f:
         return json.load(f)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / a.norm().clamp(min=1e-12))
 
 
 def _assert_resumed_equal(ref: str, out: str, label: str) -> None:
@@ -97,44 +149,42 @@ def _assert_resumed_equal(ref: str, out: str, label: str) -> None:
     assert len(got) == len(want) == 2, f"{label}: {got}"
     for step, (x, y) in enumerate(zip(want, got), 4):
         assert abs(x - y) <= LOSS_RTOL * abs(x), f"{label}: step {step} loss {y} vs single-process {x}"
-    pa, pb = (torch.load(os.path.join(d, "final", "model.pt")) for d in (ref, out))
+    pa, pb = (read_weights(os.path.join(d, "final")) for d in (ref, out))
     assert pa.keys() == pb.keys(), f"{label}: {set(pa) ^ set(pb)}"
     for k in pa:
-        rel = float((pa[k] - pb[k]).norm() / pa[k].norm().clamp(min=1e-12))
-        assert rel <= PARAM_RTOL, f"{label}: parameter {k} differs by {rel:.2e}"
-    oa, ob = (torch.load(os.path.join(d, "final", "optim_full.pt"), weights_only=False) for d in (ref, out))
-    assert oa["groups"] == ob["groups"], f"{label}: optimiser hyperparameters differ"
-    assert oa["state"].keys() == ob["state"].keys(), f"{label}: {set(oa['state']) ^ set(ob['state'])}"
-    for n, st in oa["state"].items():
-        assert st.keys() == ob["state"][n].keys(), f"{label}: {n} state keys {sorted(ob['state'][n])}"
+        assert pa[k].shape == pb[k].shape and _rel(pa[k], pb[k]) <= PARAM_RTOL, f"{label}: parameter {k} differs"
+    (sa, ga), (sb, gb) = (split_optim(read_whole(os.path.join(d, "final"), "optim.")) for d in (ref, out))
+    assert ga == gb, f"{label}: optimiser hyperparameters differ"
+    assert sa.keys() == sb.keys(), f"{label}: {set(sa) ^ set(sb)}"
+    for n, st in sa.items():
+        assert st.keys() == sb[n].keys(), f"{label}: {n} state keys {sorted(sb[n])}"
         for k, v in st.items():
-            w = ob["state"][n][k]
+            w = sb[n][k]
             if k == "step":
                 assert float(v) == float(w) == 5.0, f"{label}: {n} step {w} vs {v}"
             else:
                 assert v.shape == w.shape, f"{label}: {n}.{k} shape {tuple(w.shape)} vs {tuple(v.shape)}"
-                rel = float((v - w).norm() / v.norm().clamp(min=1e-12))
-                assert rel <= PARAM_RTOL, f"{label}: optimiser state {n}.{k} differs by {rel:.2e}"
+                assert _rel(v, w) <= PARAM_RTOL, f"{label}: optimiser state {n}.{k} differs by {_rel(v, w):.2e}"
 
 
 def test_tp2_checkpoint_resumes_under_pp2_dp2_and_one_process(runs):
     """TP=2 (Muon) saved after step 3 resumes under PP=2, under DP=2 at ZeRO 0 (torch engine and
-    DeepSpeed) and on one process (via `checkpoint convert`), each equal to the uninterrupted run."""
+    DeepSpeed) and on one process, each equal to the uninterrupted run."""
     ref = os.path.join(runs, "refm")
     for name in ("pp2_from_tp2", "dp2_from_tp2", "ds0_from_tp2", "single_from_tp2"):
         _assert_resumed_equal(ref, os.path.join(runs, name), name)
 
 
 def test_single_process_checkpoint_resumes_under_tp2(runs):
-    """The reverse direction: a single-process checkpoint (optim.pt + optim_full.pt) resumes under
-    TP=2 (vocab padding re-added to the sharded embedding/head state) equal to the single run."""
+    """The reverse direction: a single-process checkpoint resumes under TP=2 (vocab padding
+    re-added in memory, not on disk) equal to the single run."""
     _assert_resumed_equal(os.path.join(runs, "refm"), os.path.join(runs, "tp2_from_single"), "tp2_from_single")
 
 
 def test_zero_stages_reshard_both_ways(runs):
-    """AdamW: TP=2 -> DeepSpeed ZeRO-1 and ZeRO-3 (DP=2; partitioned flat state set through
-    DeepSpeed's safe_set_full_* API), and ZeRO-2 (DP=2) -> TP=2 and -> one process; AdamW's
-    step counter carries over exactly."""
+    """AdamW: TP=2 -> DeepSpeed ZeRO-1 and ZeRO-3 (DP=2; partitioned state set through DeepSpeed's
+    public safe_set_full_* API), and ZeRO-2 (DP=2) -> TP=2 and -> one process; AdamW's step
+    counter carries over exactly."""
     ref = os.path.join(runs, "refa")
     for name in ("z1_from_tp2", "z3_from_tp2", "tp2_from_z2", "single_from_z2"):
         _assert_resumed_equal(ref, os.path.join(runs, name), name)
@@ -142,11 +192,43 @@ def test_zero_stages_reshard_both_ways(runs):
 
 def test_sharded_muon_state_reshards_both_ways(runs):
     """The torch engine's sharded optimiser (state partitioned over DP by whole matrix): MuonH at
-    ZeRO-2 (DP=2) -> one process and -> TP=2, from optim_full.pt gathered from each matrix's
-    owner; and TP=2 (Muon) -> ZeRO-1 (DP=2), each owner taking only its entries."""
+    ZeRO-2 (DP=2) -> one process and -> TP=2 (each matrix's state written by its owner alone);
+    and TP=2 (Muon) -> ZeRO-1 (DP=2), each owner asking only for its entries."""
     for name in ("single_from_z2h", "tp2_from_z2h"):
         _assert_resumed_equal(os.path.join(runs, "refh"), os.path.join(runs, name), name)
     _assert_resumed_equal(os.path.join(runs, "refm"), os.path.join(runs, "z1m_from_tp2"), "z1m_from_tp2")
+def test_checkpoint_holds_single_process_shapes_one_file_per_rank(runs):
+    """A TP=2 checkpoint of a vocab (101) that TP does not divide holds the embedding and head at
+    101 rows, every key the single-process one, the same bytes as the single process's up to
+    the layouts' float differences; each rank wrote its own file."""
+    from megaloop.parallel.dcp_state import metadata
+
+    single, tp2 = (os.path.join(runs, n, "ckpt_3") for n in ("refm", "tp2m"))
+    ms, mt = metadata(single), metadata(tp2)
+    assert ms.keys() == mt.keys()
+    assert tuple(mt["model.embed.weight"].size) == tuple(mt["model.head.weight"].size) == (101, 32)
+    assert all(getattr(ms[k], "size", None) == getattr(mt[k], "size", None) for k in ms)
+    assert sorted(f for f in os.listdir(os.path.join(tp2, "state")) if f.endswith(".distcp")) == \
+        ["__0_0.distcp", "__1_0.distcp"]
+    a, b = read_weights(single), read_weights(tp2)
+    assert all(_rel(a[k], b[k]) <= PARAM_RTOL for k in a)
+
+
+def test_replicas_are_written_once_and_writes_are_spread(runs):
+    """What several ranks hold is written once: the final checkpoints of DP=2 (torch engine and
+    DeepSpeed ZeRO 0), PP=2, ZeRO-1 / ZeRO-3 (DP=2) and the sharded MuonH of ZeRO-2 (DP=2, each
+    matrix's state on its owner only) take exactly the bytes of the single process's, and each rank
+    writes a share of them (at least a third) into its own file."""
+    def sizes(name: str) -> list[int]:
+        state = os.path.join(runs, name, "final", "state")
+        return [os.path.getsize(os.path.join(state, f)) for f in sorted(os.listdir(state)) if f.endswith(".distcp")]
+
+    for names, ref in ((("dp2_from_tp2", "ds0_from_tp2", "pp2_from_tp2"), "refm"), (("z1_from_tp2", "z3_from_tp2"), "refa"),
+                       (("z2h",), "refh")):
+        total = sum(sizes(ref))
+        for name in names:
+            got = sizes(name)
+            assert len(got) == 2 and sum(got) == total and min(got) >= total / 3, f"{name}: {got} vs {total}"
 
 
 def test_loader_continues_from_the_same_sample_under_another_dp(runs):
@@ -170,60 +252,97 @@ def test_loader_continues_from_the_same_sample_under_another_dp(runs):
     assert any(abs(x - y) > 100 * LOSS_RTOL * abs(x) for x, y in zip(want, got))
 
 
-def test_optim_full_matches_native_single_process_state(runs):
-    """optim_full.pt of a single-process checkpoint is its optim.pt keyed by parameter name
-    (bitwise), convert rebuilds it from optim.pt alone (with the config in meta.json), and a
-    single process resumes from optim_full.pt alone with the identical optimiser state."""
-    from megaloop.config import _merge, config_from_dict
-    from megaloop.engine import LocalEngine
-    from megaloop.reshard import full_from_local
-    from megaloop.train import build_model
-
-    src = os.path.join(runs, "refm", "ckpt_3")
-    native = torch.load(os.path.join(src, "optim.pt"), weights_only=False)
-    full = torch.load(os.path.join(src, "optim_full.pt"), weights_only=False)
-    cfg = config_from_dict(_merge(TINY, {}))
-    rebuilt = full_from_local(native, cfg)
-    assert rebuilt["groups"] == full["groups"] and rebuilt["state"].keys() == full["state"].keys()
-    for n, st in full["state"].items():
-        assert all(torch.equal(torch.as_tensor(v), torch.as_tensor(rebuilt["state"][n][k])) for k, v in st.items())
-    # convert from optim.pt only (an older single-process checkpoint)
-    old = os.path.join(runs, "old_local")
-    shutil.copytree(src, old)
-    os.remove(os.path.join(old, "optim_full.pt"))
-    with open(os.path.join(old, "meta.json"), "w") as f:
-        json.dump({"config": cfg.to_dict(), "step": 3}, f)
-    from megaloop.cli import main
-    assert main(["checkpoint", "convert", old, "--out", os.path.join(runs, "old_converted")]) == 0
-    assert sorted(os.listdir(os.path.join(runs, "old_converted"))) == ["meta.json", "model.pt", "optim_full.pt"]
-    # load from optim_full.pt alone
-    only_full = os.path.join(runs, "only_full")
-    shutil.copytree(os.path.join(runs, "old_converted"), only_full)
-    a = LocalEngine(cfg, build_model(cfg), torch.device("cpu"))
-    a.load_files(src)
-    b = LocalEngine(cfg, build_model(cfg), torch.device("cpu"))
-    b.load_files(only_full)
-    sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
-    assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
-    for i in sa["state"]:
-        assert all(torch.equal(sa["state"][i][k], sb["state"][i][k]) for k in sa["state"][i])
+def test_background_save_resumes_like_a_foreground_one(runs):
+    """TP=2 saving after step 3 in the background while steps 4-5 run: the run itself is
+    unchanged (same losses and final weights as the foreground-saving run, bit for bit), and its
+    checkpoint holds the state of step 3, not of the steps taken while it was written: resumed on
+    one process it equals the uninterrupted run."""
+    a, b = (os.path.join(runs, n) for n in ("tp2m", "tp2m_async"))
+    assert _result(a)["losses"] == _result(b)["losses"]
+    wa, wb = read_weights(os.path.join(a, "final")), read_weights(os.path.join(b, "final"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ca, cb = read_whole(os.path.join(a, "ckpt_3")), read_whole(os.path.join(b, "ckpt_3"))
+    assert ca.keys() == cb.keys() and all(torch.equal(v, cb[k]) if torch.is_tensor(v) else v == cb[k]
+                                         for k, v in ca.items())
+    _assert_resumed_equal(os.path.join(runs, "refm"), os.path.join(runs, "single_from_async"), "async")
 
 
-def test_unconvertible_checkpoints_fail_clearly(runs, capsys):
-    """A checkpoint with only per-layout optimiser shards (written before resharding support) is
-    refused by convert and by another layout's resume, with a message naming the way out."""
+def test_old_format_converts_and_resumes_under_other_layouts(runs):
+    """Checkpoints of the format before DCP (model.pt with optim_full.pt; model.pt with a single
+    process's optim.pt and the config in meta.json) convert losslessly (the same tensors, bit for
+    bit, as the checkpoint they were made from) and resume under TP=2 and ZeRO-2 equal to the
+    uninterrupted run."""
+    for conv, src in (("conv_full", "refm"), ("conv_local", "refa")):
+        a, b = read_whole(os.path.join(runs, src, "ckpt_3")), read_whole(os.path.join(runs, conv))
+        assert a.keys() == b.keys(), set(a) ^ set(b)
+        for k, v in a.items():
+            assert torch.equal(v, b[k]) if torch.is_tensor(v) else v == b[k], k
+        assert sorted(os.listdir(os.path.join(runs, conv))) == ["meta.json", "state"]
+    _assert_resumed_equal(os.path.join(runs, "refm"), os.path.join(runs, "tp2_from_old"), "tp2 from old format")
+    _assert_resumed_equal(os.path.join(runs, "refa"), os.path.join(runs, "z2_from_old"), "zero-2 from old format")
+
+
+def test_unconvertible_and_old_checkpoints_fail_clearly(runs, capsys):
+    """An old checkpoint with only per-layout optimiser shards is refused by convert; an
+    unconverted old checkpoint and an already converted one are refused with the way out, one
+    line, no traceback."""
     from megaloop.checkpoint import CheckpointError
     from megaloop.cli import main
-    from megaloop.config import _merge, config_from_dict
     from megaloop.engine import LocalEngine
     from megaloop.train import build_model
 
-    old = os.path.join(runs, "old_tp2")
-    shutil.copytree(os.path.join(runs, "tp2m", "ckpt_3"), old)
+    old = os.path.join(runs, "old_shards")
+    shutil.copytree(os.path.join(runs, "old_full"), old)
     os.remove(os.path.join(old, "optim_full.pt"))
+    torch.save({"layout": [2, 1], "optim": {}}, os.path.join(old, "optim_tp0_pp0.pt"))
     assert main(["checkpoint", "convert", old, "--out", os.path.join(runs, "nope")]) == 2
     err = capsys.readouterr().err
     assert "optim_full.pt" in err and "layout that wrote it" in err and "Traceback" not in err
-    cfg = config_from_dict(_merge(TINY, {}))
-    with pytest.raises(CheckpointError, match="neither optim.pt nor optim_full.pt"):
-        LocalEngine(cfg, build_model(cfg), torch.device("cpu")).load_files(old)
+    assert not os.path.exists(os.path.join(runs, "nope"))
+    assert main(["checkpoint", "convert", os.path.join(runs, "conv_full"), "--out", os.path.join(runs, "nope")]) == 2
+    assert "already a DCP checkpoint" in capsys.readouterr().err
+    cfg = _tiny_cfg()
+    with pytest.raises(CheckpointError, match="megaloop checkpoint convert"):
+        LocalEngine(cfg, build_model(cfg), torch.device("cpu")).load_files(os.path.join(runs, "old_full"))
+
+
+def test_old_format_run_directory_converts_and_resumes_bitwise(tiny_corpus, data_cache, tmp_path):
+    """A run directory whose latest checkpoint is in the format before DCP checkpoints becomes,
+    through `megaloop checkpoint convert RUN --out NEW`, a run directory that `megaloop train
+    NEW/config.yaml --resume` continues: on one process, bit for bit as the uninterrupted run
+    (losses and final weights). The source is left as it was."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from conftest import tiny_raw
+    from megaloop import checkpoint as ckpt
+    from megaloop.cli import main
+    from megaloop.config import load_config
+    from megaloop.train import train
+    from test_train import losses
+
+    full = str(tmp_path / "full")
+    train(load_config(raw=tiny_raw(tiny_corpus, data_cache, full, steps=6, save_every=3)), log=lambda *a: None)
+    part = str(tmp_path / "part")
+    cfg_path = tmp_path / "part.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_raw(tiny_corpus, data_cache, part, steps=6, save_every=3)))
+    proc = subprocess.run([sys.executable, "-m", "megaloop.cli", "train", str(cfg_path)], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, MEGALOOP_FAULT="step:4"))
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    latest = ckpt.latest_path(part)
+    write_old_format(latest, latest + ".old", load_config(str(cfg_path)))
+    shutil.rmtree(latest)
+    os.replace(latest + ".old", latest)
+    before = sorted(os.listdir(latest))
+    assert before == ["meta.json", "model.pt", "optim.pt", "optim_full.pt", "trainer.pt"]
+    new = str(tmp_path / "new")
+    assert main(["checkpoint", "convert", part, "--out", new]) == 0
+    assert sorted(os.listdir(latest)) == before
+    cfg = load_config(os.path.join(new, "config.yaml"))
+    assert cfg.train.run_dir == new
+    train(cfg, resume=True, log=lambda *a: None)
+    assert losses(new) == losses(full)
+    a, b = (read_weights(ckpt.latest_path(d)) for d in (full, new))
+    assert all(torch.equal(a[k], b[k]) for k in a)

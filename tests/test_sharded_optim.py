@@ -9,10 +9,10 @@ Contracts:
     DP=2 alone, TP=2 x DP=2 and PP=2 x DP=2 (4 processes), and AdamW on this engine (DP=2, and
     PP=2 x DP=2, which DeepSpeed cannot run);
   - the optimiser state lives on its owner only: the ranks' state bytes add up to the single
-    process's, and each rank's native checkpoint file holds its owned entries only (disjoint,
-    together exactly optim_full.pt's entries, with the same values);
-  - a checkpoint saved after step 3 resumes with identical steps 4-5 (DP=2, and TP=2 x DP=2 whose
-    native files hold TP shards). Resharding a sharded checkpoint to other layouts and to one
+    process's; the checkpoint (DCP) holds every parameter's state once, with the single process's
+    entries and values, and each owner writes its own share;
+  - a checkpoint saved after step 3 resumes with identical steps 4-5 (DP=2, and TP=2 x DP=2, whose
+    state is TP-sharded as well). Resharding a sharded checkpoint to other layouts and to one
     process is tested in tests/test_reshard.py.
 """
 from __future__ import annotations
@@ -84,25 +84,27 @@ def test_dp2_sharded_muon_muonh_equal_single_process(tmp_path):
         assert sum(parts) == whole and max(parts) < 0.6 * whole, f"{name}: state bytes {parts} of {whole}"
     _assert_resumed(os.path.join(root, "z2_muon"), os.path.join(root, "z2_muon_resumed"), 3, "z2 muon")
     _assert_resumed(os.path.join(root, "z1_muonh"), os.path.join(root, "z1_muonh_resumed"), 3, "z1 muonh")
-    # the native files: each rank's owned entries, keyed by name, together optim_full.pt
-    final = os.path.join(root, "z2_muonh", "final")
-    full = torch.load(os.path.join(final, "optim_full.pt"), weights_only=False)
-    parts = [torch.load(os.path.join(final, f"optim_tp0_pp0_dp{d}.pt"), weights_only=False) for d in (0, 1)]
-    assert parts[0]["owners"] == parts[1]["owners"] and set(parts[0]["owners"].values()) == {0, 1}
-    assert not parts[0]["state"].keys() & parts[1]["state"].keys()
-    assert parts[0]["state"].keys() | parts[1]["state"].keys() == full["state"].keys()
-    for d, part in enumerate(parts):
-        for n, st in part["state"].items():
-            assert part["owners"][n] == d
-            for k, v in st.items():
-                assert torch.equal(torch.as_tensor(v), torch.as_tensor(full["state"][n][k])), (n, k)
+    # the checkpoint (DCP): every parameter's state once, written by its owner alone, and the
+    # same entries as the single process's with the same values
+    from megaloop.parallel.dcp_state import read_whole, split_optim
+    final, ref_final = (os.path.join(d, "final") for d in (os.path.join(root, "z2_muonh"), _reference(root, [*GLOBAL, *MUONH])))
+    (st, groups), (ref_st, ref_groups) = (split_optim(read_whole(f, "optim.")) for f in (final, ref_final))
+    assert groups == ref_groups and st.keys() == ref_st.keys()
+    for n, entries in ref_st.items():
+        assert entries.keys() == st[n].keys(), n
+        for k, v in entries.items():
+            w = st[n][k]
+            assert torch.allclose(torch.as_tensor(w), torch.as_tensor(v), rtol=1e-4, atol=1e-6), (n, k)
+    sizes = [os.path.getsize(os.path.join(final, "state", f)) for f in sorted(os.listdir(os.path.join(final, "state")))
+             if f.endswith(".distcp")]
+    assert len(sizes) == 2 and min(sizes) > 0.3 * sum(sizes), f"each owner writes its own share: {sizes}"
 
 
 def test_sharded_muon_muonh_with_tp2_and_pp2(tmp_path):
     """4 processes: TP=2 x DP=2 (the owning replica's TP pair gathers each sharded matrix whole)
     and PP=2 x DP=2 at r=4 (each stage partitions its own parameters; the recurrent group's tied
     copies are updated by each stage's owner), muon and muonh, ZeRO 1 and 2 (and AdamW: ZeRO under
-    PP runs here too), equal the single process; TP=2 x DP=2 muonh resumes from its native (TP-sharded, DP-partitioned) files."""
+    PP runs here too), equal the single process; TP=2 x DP=2 muonh resumes from its (TP-sharded, DP-partitioned) checkpoint."""
     root = str(tmp_path)
     r4 = ["model.num_recur=4"]
     cases = {

@@ -11,6 +11,7 @@ from conftest import tiny_raw
 from megaloop import checkpoint as ckpt
 from megaloop.config import ConfigError, load_config
 from megaloop.errors import UserError
+from megaloop.parallel.dcp_state import read_weights
 from megaloop.train import train
 
 
@@ -74,8 +75,8 @@ def test_resume_continues_bitwise(tiny_corpus, data_cache, tmp_path):
     assert ckpt.list_complete(part) == [3]
     train(load_config(str(cfg_path)), resume=True, log=lambda *a: None)
     assert losses(part) == losses(full)
-    a = ckpt.load_file(ckpt.latest_path(full), "model.pt")
-    b = ckpt.load_file(ckpt.latest_path(part), "model.pt")
+    a = read_weights(ckpt.latest_path(full))
+    b = read_weights(ckpt.latest_path(part))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -116,7 +117,7 @@ def test_nan_steps_are_skipped_then_run_stops(tiny_corpus, data_cache, tmp_path,
     with pytest.raises(UserError, match="at step 5"):
         train(load_config(raw=raw), log=lambda *a: None)
     assert ckpt.list_complete(run) == [2, 4]
-    ckpt.load_file(ckpt.latest_path(run), "model.pt")
+    read_weights(ckpt.latest_path(run))
     monkeypatch.delenv("MEGALOOP_FAULT")
     importlib.reload(faults)
 

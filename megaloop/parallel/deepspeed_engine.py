@@ -17,7 +17,6 @@ The optimiser is our own MuonAdamW as a client optimiser; points that matter:
 from __future__ import annotations
 
 import math
-import os
 from typing import Iterable, Optional
 
 import torch
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from ..config import Config
 from ..engine import StepStats, autocast_for
 from ..optim import build_optimizer, set_lr
-from .common import DistributedEngineBase, consolidate_optimizer_state, consolidate_state_dict, load_consolidated
+from .common import DistributedEngineBase
 from .state import ParallelState
 from .tensor_parallel import apply_tensor_parallel
 
@@ -86,7 +85,10 @@ def ds_config(cfg: Config, dp: int) -> dict:
         "gradient_clipping": float(cfg.optim.grad_clip) if cfg.optim.grad_clip else NO_CLIP,
         # ZeRO-3: persist (do not partition) tensors up to d_model elements, i.e. the norm scales
         # and lane mixers, whose gathers would cost more than they save; matrices are partitioned.
-        "zero_optimization": {"stage": p.zero_stage, "stage3_param_persistence_threshold": cfg.model.d_model},
+        # One ZeRO-3 sub-group per parameter group (sub-groups tile optimiser offload, unused here):
+        # a resumed run sets each group's optimiser state when its partition is stepped first.
+        "zero_optimization": {"stage": p.zero_stage, "stage3_param_persistence_threshold": cfg.model.d_model,
+                              "sub_group_size": 2 ** 62},
         "zero_allow_untested_optimizer": True,
         "fp16": {"enabled": False},
         "bf16": {"enabled": False},
@@ -114,6 +116,10 @@ class DeepSpeedEngine(DistributedEngineBase):
         if cfg.parallel.zero_stage == 3:
             _register_external_parameters(model)
         opt = build_optimizer(model, cfg.optim)
+        names = {id(p): n for n, p in model.named_parameters()}
+        # each group's parameters by name: DeepSpeed replaces them by flat partitions (ZeRO >= 1)
+        self._members = {g["name"]: [(names[id(p)], p) for p in g["params"]] for g in opt.param_groups}
+        self._pending: dict = {}  # optimiser state loaded but not yet handed to the partitions
         self._guard_step(opt)
         self.optimizer = opt
         self.ds, _, _, _ = deepspeed.initialize(
@@ -127,6 +133,8 @@ class DeepSpeedEngine(DistributedEngineBase):
         self._skipped = False
 
         def step(closure=None):
+            if self._pending:
+                self._apply_pending(opt)
             bad = any(not torch.isfinite(p.grad).all() for g in opt.param_groups for p in g["params"]
                       if p.grad is not None)
             flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
@@ -183,178 +191,112 @@ class DeepSpeedEngine(DistributedEngineBase):
         return float(tot[0] / tot[1].clamp(min=1))
 
     # ------------------------------------------------------------------ checkpoints
-    def _layout_info(self) -> dict:
-        lay = self.st.layout
-        return dict(engine="deepspeed", tp=lay.tp, pp=1, dp=lay.dp, zero_stage=self.cfg.parallel.zero_stage)
+    # ZeRO >= 1 keeps the fp32 weights and the optimiser state in flat partitions over the DP
+    # ranks. They are read and written per parameter through DeepSpeed's public safe_get_full_* /
+    # safe_set_full_* (whole tensors of this rank's TP shard, on every DP rank); each DP rank then
+    # writes every dp-th parameter, so the checkpoint's writes are spread over the replicas.
+    def save_files(self, path: str, background: bool = False):
+        from .dcp_state import local_shape, save, state_dict
 
-    def _zero_flats(self) -> list:
-        """The flat fp32 partitions ZeRO >= 1 hands the client optimiser (its state's keys)."""
-        zo = self.ds.optimizer
-        if self.cfg.parallel.zero_stage == 3:
-            return list(zo.fp32_partitioned_groups_flat)
-        return list(zo.single_partition_of_fp32_groups)
+        named = list(self.model.named_parameters())
+        zero, lay = self.cfg.parallel.zero_stage, self.st.layout
+        if zero == 0:  # the client optimiser holds the model's own parameters
+            return save(path, state_dict(named, self.optimizer), background)
+        from deepspeed.utils import safe_get_full_fp32_param
 
-    def _relink(self) -> None:
-        """ZeRO 1/2 links each parameter's fragment to the optimiser state once, right after the
-        first group's first step, when the client optimiser has not yet created the other groups'
-        state (it steps one group at a time and creates state lazily): link again, now that the
-        state exists, so DeepSpeed's safe_get/set_full_optimizer_state see every group."""
-        zo = self.ds.optimizer
-        if self.cfg.parallel.zero_stage in (1, 2):
-            zo._hp_optimizer_states_linked = False
-            zo._lazy_init_hp_params_optimizer_state()
+        self._link_zero_state()
+        mine = {n for i, (n, _) in enumerate(named) if i % lay.dp == lay.dp_rank}
 
-    def _zero_step(self):
-        """AdamW's step counter under ZeRO >= 1: one per flat partition, the same for all of them
-        (every partition is updated on every applied step). None before the first step."""
-        steps = {float(st["step"]) for st in self.optimizer.state.values() if "step" in st}
-        if len(steps) > 1:
-            raise RuntimeError(f"ZeRO partitions disagree on the optimiser step: {sorted(steps)}")
-        return next(iter(steps)) if steps else None
+        def weight(name, p):  # a collective under ZeRO-3 (all-gather of the partitions)
+            w = safe_get_full_fp32_param(p).reshape(local_shape(p)) if zero == 3 else p.detach()
+            return w if name in mine else None
 
-    def _zero_state_keys(self) -> list[str]:
-        keys = set()
-        for st in self.optimizer.state.values():
-            keys |= {k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0}
-        return sorted(keys)
-
-    def save_files(self, path: str) -> None:
-        """model.pt / optim_full.pt: the consolidated plain state dict and the whole per-parameter
-        optimiser state (any layout loads them); deepspeed/: DeepSpeed's own checkpoint (module,
-        ZeRO-partitioned optimiser state), which restores the next step exactly under this layout."""
-        from ..checkpoint import torch_save_synced
-        from ..reshard import FULL_OPTIM
-
-        names = [n for n, _ in self.model.named_parameters()]
-        vocab, zero = self.cfg.model.vocab_size, self.cfg.parallel.zero_stage
-        if zero == 3:
-            import deepspeed
-            with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-                full = consolidate_state_dict(self.model, names, vocab, self.st)
-        else:
-            full = consolidate_state_dict(self.model, names, vocab, self.st)
-        if self.is_main:
-            torch_save_synced(full, f"{path}/model.pt")
-        del full
-        get_state = None
-        if zero >= 1:
-            from deepspeed.utils import safe_get_full_optimizer_state
-            step, keys = self._zero_step(), self._zero_state_keys()
-            if step is not None:
-                self._relink()
-
-            def get_state(name, p):  # collective over DP (DeepSpeed all-reduces the fragments)
-                if step is None:
-                    return {}
-                out = {k: safe_get_full_optimizer_state(p, k).reshape(_shape(p)) for k in keys}
-                out["step"] = torch.tensor(step, dtype=torch.float32)
-                return out
-        optim = consolidate_optimizer_state(self.model, self.optimizer, names, vocab, self.st,
-                                            self._layout_info(), get_state=get_state)
-        if self.is_main:
-            torch_save_synced(optim, f"{path}/{FULL_OPTIM}")
-        del optim
-        self.ds.save_checkpoint(os.path.join(path, "deepspeed"), tag="state", save_latest=False)
+        def state(name, p):
+            st = self._full_state(name, p)
+            return st if name in mine else {}
+        return save(path, state_dict(named, self.optimizer, weight, state), background)
 
     def load_files(self, path: str) -> None:
-        """The same layout (engine, tp, dp, ZeRO stage): DeepSpeed's own checkpoint. Another
-        layout: model.pt and optim_full.pt, sliced for this rank (resharding)."""
-        from ..checkpoint import CheckpointError, load_file
-        from ..reshard import FULL_OPTIM
+        from .dcp_state import load
 
-        ds_dir = os.path.join(path, "deepspeed")
-        has_native = os.path.isdir(os.path.join(ds_dir, "state"))
-        full = load_file(path, FULL_OPTIM) if os.path.isfile(os.path.join(path, FULL_OPTIM)) else None
-        same = full is not None and full.get("layout") == self._layout_info()
-        if has_native and (same or full is None):
-            loaded, _ = self.ds.load_checkpoint(ds_dir, tag="state", load_optimizer_states=True,
-                                                load_lr_scheduler_states=False)
-            if loaded is None:
-                raise CheckpointError(f"DeepSpeed could not load {ds_dir}; resume with the layout that wrote it")
-            return
-        if full is None:
-            raise CheckpointError(
-                f"{path} has neither DeepSpeed state (deepspeed/state) nor a layout-independent {FULL_OPTIM}: "
-                f"it was written by another engine or layout by a megaloop without resharding support. "
-                f"Resume with the engine and layout that wrote it")
-        self._load_resharded(path, load_file(path, "model.pt"), full)
-
-    def _load_resharded(self, path: str, weights: dict, full: dict) -> None:
-        from ..checkpoint import CheckpointError
-        from ..reshard import FULL_OPTIM, apply_full_state, check_full
-
-        check_full(full, path)
+        named = list(self.model.named_parameters())
         zero = self.cfg.parallel.zero_stage
-        names = [n for n, _ in self.model.named_parameters()]
-        if zero == 0:  # the client optimiser holds the model's own parameters: as the torch engine
-            load_consolidated(self.model, names, weights, path)
-            apply_full_state(self.model, self.optimizer, names, full, path)
+        if zero == 0:
+            load(path, named, self.optimizer, known=[n for n, _ in named])
             return
         import deepspeed
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+        from deepspeed.utils import safe_set_full_fp32_param
 
-        params = dict(self.model.named_parameters())
-        missing = [n for n in params if n not in weights]
-        if missing:
-            raise CheckpointError(f"checkpoint {path} does not fit this model (missing {missing[0]}); the "
-                                  f"config's model shape differs from the run that wrote it")
-        # Group hyperparameters (and the checks on groups and names) as for the other engines, on
-        # the client optimiser's groups; its per-parameter state is ZeRO's, set below.
-        apply_full_state(self.model, self.optimizer, [], full, path)
-        steps = {float(st["step"]) for st in full["state"].values() if "step" in st}
+        from ..checkpoint import CheckpointError
+
+        loaded = load(path, named, self.optimizer, known=[n for n, _ in named], in_place=False)
+        steps = {float(st["step"]) for st in loaded.states.values() if "step" in st}
         if len(steps) > 1:
-            raise CheckpointError(f"{path}/{FULL_OPTIM}: parameters were updated a different number of times "
-                                  f"({sorted(steps)}); ZeRO keeps one AdamW step per partition and cannot resume "
-                                  f"it. Resume with parallel.zero_stage=0")
-        keys = sorted({k for st in full["state"].values() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0})
-        flats = self._zero_flats()
-        if steps:  # make sure the partitions' state exists (it is created lazily at the first step)
-            for flat in flats:
-                st = self.optimizer.state[flat]
-                for k in keys:
-                    if k not in st:
-                        st[k] = torch.zeros_like(flat, dtype=torch.float32)
-                st["step"] = torch.tensor(next(iter(steps)), dtype=torch.float32)
-            self._relink()
+            raise CheckpointError(f"{path}: parameters were updated a different number of times ({sorted(steps)}); "
+                                  f"ZeRO keeps one AdamW step per partition and cannot resume it. Resume with "
+                                  f"parallel.zero_stage=0")
         with torch.no_grad():
-            for n in names:
-                p = params[n]
-                w = _slice(p, weights[n])
-                if w.numel() != _numel(p):
-                    raise CheckpointError(f"checkpoint {path}: {n} has shape {tuple(weights[n].shape)}, which does "
-                                          f"not fit this model; the config's model shape differs from the saved run")
+            for name, p in named:
+                w = loaded.weights[name].to(self.device, torch.float32)
                 if zero == 3:
                     with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                         p.data.copy_(w.view_as(p.data))
                 else:
-                    p.data.copy_(w.view_as(p.data))
-                safe_set_full_fp32_param(p, w.to(self.device, torch.float32))
-                saved = full["state"].get(n, {})
-                for k in keys:
-                    if k in saved:
-                        safe_set_full_optimizer_state(p, _slice(p, saved[k]).to(self.device, torch.float32), k)
+                    p.data.copy_(w)
+                safe_set_full_fp32_param(p, w)
+        # The optimiser state goes in at the next step: only then does DeepSpeed hand the client
+        # optimiser its flat partitions (ZeRO-3 empties its groups between steps).
+        self._pending = {n: st for n, st in loaded.states.items() if st}
+        if not self._pending:
+            self.optimizer.state.clear()
 
+    def _apply_pending(self, opt: torch.optim.Optimizer) -> None:
+        """Inside the client optimiser's step: give the partitions handed to it now the state
+        loaded for their parameters (created as a first step would, then set per parameter)."""
+        from deepspeed.utils import safe_set_full_optimizer_state
 
-def _shape(p: torch.Tensor) -> torch.Size:
-    """A parameter's real shape (ZeRO-3 partitions hide it behind an empty tensor)."""
-    return getattr(p, "ds_shape", None) or p.shape
+        for g in opt.param_groups:
+            todo = [(n, p) for n, p in self._members.get(g.get("name"), []) if n in self._pending]
+            if not g["params"] or not todo:
+                continue
+            for flat in g["params"]:
+                st = opt.state[flat]
+                for k, v in self._pending[todo[0][0]].items():  # scalars (AdamW's step) are one per partition
+                    st[k] = torch.zeros_like(flat, dtype=torch.float32) if v.dim() > 0 else v.clone()
+            self._link_zero_state([g])
+            for n, p in todo:
+                for k, v in self._pending.pop(n).items():
+                    if v.dim() > 0:
+                        safe_set_full_optimizer_state(p, v.to(self.device, torch.float32), k)
 
+    def _link_zero_state(self, groups: Optional[list] = None) -> None:
+        """ZeRO 1/2 links each parameter's fragment to the optimiser state once, after the first
+        group's first step, when the client optimiser (which creates state lazily, one group at a
+        time) has no state yet for the other groups: link each group again now that its state
+        exists, so safe_get/set_full_optimizer_state see it. (ZeRO-3 reads the state directly.)"""
+        if self.cfg.parallel.zero_stage not in (1, 2):
+            return
+        from deepspeed.utils import lazy_init_hp_params_optimizer_state
 
-def _numel(p: torch.Tensor) -> int:
-    return int(torch.Size(_shape(p)).numel())
+        for g in (self.optimizer.param_groups if groups is None else groups):
+            if g["params"] and self.optimizer.state.get(g["params"][0]):
+                lazy_init_hp_params_optimizer_state([p for _, p in self._members[g["name"]]], g["params"][0],
+                                                    self.optimizer.state)
 
+    def _full_state(self, name: str, p: torch.Tensor) -> dict:
+        """p's optimiser state, whole over DP (collective over DP), shaped like p's TP shard."""
+        from deepspeed.utils import safe_get_full_optimizer_state
 
-class _ShapeOf:
-    """Stands in for a ZeRO-3 parameter in `shard_of`, which needs its real shape."""
+        from .dcp_state import local_shape
 
-    def __init__(self, p):
-        self.tp_split_dim, self.tp_group = getattr(p, "tp_split_dim", None), getattr(p, "tp_group", None)
-        self._shape = torch.Size(_shape(p))
-
-    def size(self, dim: int) -> int:
-        return self._shape[dim]
-
-
-def _slice(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    from .tensor_parallel import shard_of
-    return shard_of(_ShapeOf(p), full).contiguous()
+        if self._pending:  # loaded and not stepped since
+            return self._pending.get(name, {})
+        states = [st for st in self.optimizer.state.values() if st]
+        keys = sorted({k for st in states for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0})
+        out = {k: safe_get_full_optimizer_state(p, k).reshape(local_shape(p)) for k in keys}
+        steps = {float(st["step"]) for st in states if "step" in st}  # AdamW: the same for every partition
+        if len(steps) > 1:
+            raise RuntimeError(f"ZeRO partitions disagree on the optimiser step: {sorted(steps)}")
+        if steps:
+            out["step"] = torch.tensor(steps.pop(), dtype=torch.float32)
+        return out

@@ -139,14 +139,3 @@ class ShardedMuonAdamW(MuonAdamW):
                 if owner != self.dp_rank:
                     for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
                         dst.copy_(src)
-
-    # ------------------------------------------------------------------ state keyed by name
-    def state_by_name(self) -> dict:
-        """This rank's share of the optimiser state: {"groups": hyperparameters per group name,
-        "state": {parameter name: {key: tensor or scalar}}}, owned parameters only. Tensors are
-        this rank's (TP-sharded) local ones."""
-        from ..reshard import group_hparams
-
-        state = {self._name[id(p)]: dict(self.state[p]) for g in self.param_groups for p in self.owned(g["params"])
-                 if self.state.get(p)}
-        return dict(groups=group_hparams(self), state=state)

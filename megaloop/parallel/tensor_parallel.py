@@ -1,10 +1,12 @@
 """Megatron-style tensor parallelism on plain tensors.
 
 Each sharded weight is an ordinary `nn.Parameter` holding this rank's slice (so DeepSpeed ZeRO
-and our optimiser see plain tensors) and carries two attributes:
+and our optimiser see plain tensors) and carries three attributes:
   - `tp_split_dim`: the dimension it was cut along (0: output rows, 1: input columns), used to
-    gather it back (checkpoints, Muon's Newton-Schulz) and to count it once in the grad norm;
-  - `tp_group`: the process group of its shards.
+    gather it back (Muon's Newton-Schulz) and to count it once in the grad norm;
+  - `tp_group`: the process group of its shards;
+  - `tp_full_size`: the whole tensor's size along that dimension, without the vocab padding, so
+    a checkpoint places each shard in the single-process tensor (parallel/dcp_state.py).
 The modules keep the plain model's parameter names (`weight`), so a state dict maps 1:1 to
 shards and `apply_tensor_parallel` can slice a fully built model: every layout starts from the
 same initial weights as the single-process run.
@@ -152,9 +154,10 @@ def _shard(full: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return full.detach().chunk(size, dim)[rank].clone().contiguous()
 
 
-def _mark(p: nn.Parameter, dim: int, group) -> nn.Parameter:
+def _mark(p: nn.Parameter, dim: int, group, full: int) -> nn.Parameter:
     p.tp_split_dim = dim
     p.tp_group = group
+    p.tp_full_size = full  # the whole tensor's size along dim, vocab padding excluded (checkpoints)
     return p
 
 
@@ -164,7 +167,8 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, full_weight: torch.Tensor, group):
         super().__init__()
         self.group = group
-        self.weight = _mark(nn.Parameter(_shard(full_weight, 0, _rank(group), _size(group))), 0, group)
+        self.weight = _mark(nn.Parameter(_shard(full_weight, 0, _rank(group), _size(group))), 0, group,
+                            full_weight.size(0))
         self.in_features, self.out_features = full_weight.size(1), self.weight.size(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,7 +181,8 @@ class RowParallelLinear(nn.Module):
     def __init__(self, full_weight: torch.Tensor, group):
         super().__init__()
         self.group = group
-        self.weight = _mark(nn.Parameter(_shard(full_weight, 1, _rank(group), _size(group))), 1, group)
+        self.weight = _mark(nn.Parameter(_shard(full_weight, 1, _rank(group), _size(group))), 1, group,
+                            full_weight.size(1))
         self.in_features, self.out_features = self.weight.size(1), full_weight.size(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -204,7 +209,7 @@ class VocabParallelEmbedding(nn.Module):
         tp, rank = _size(group), _rank(group)
         self.group, self.vocab_size = group, full_weight.size(0)
         padded = _pad_rows(full_weight, padded_vocab(self.vocab_size, tp))
-        self.weight = _mark(nn.Parameter(_shard(padded, 0, rank, tp)), 0, group)
+        self.weight = _mark(nn.Parameter(_shard(padded, 0, rank, tp)), 0, group, self.vocab_size)
         self.vocab_start = rank * self.weight.size(0)
         self.embedding_dim = full_weight.size(1)
 
@@ -285,7 +290,7 @@ class VocabParallelHead(nn.Module):
         tp, rank = _size(group), _rank(group)
         self.group, self.softcap, self.vocab_size = group, softcap, full_weight.size(0)
         padded = _pad_rows(full_weight, padded_vocab(self.vocab_size, tp))
-        self.weight = _mark(nn.Parameter(_shard(padded, 0, rank, tp)), 0, group)
+        self.weight = _mark(nn.Parameter(_shard(padded, 0, rank, tp)), 0, group, self.vocab_size)
         self.vocab_start = rank * self.weight.size(0)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
@@ -313,19 +318,6 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
     model.embed = VocabParallelEmbedding(model.embed.weight, group)
     model.head = VocabParallelHead(model.head.weight, model.head.softcap, group)
     return model
-
-
-def full_tensor(p: torch.Tensor, vocab: Optional[int] = None) -> torch.Tensor:
-    """The whole tensor behind a TP shard (all-gather over its group; collective), vocab padding
-    trimmed when `vocab` is given. Plain tensors come back unchanged."""
-    dim, group = getattr(p, "tp_split_dim", None), getattr(p, "tp_group", None)
-    t = p.detach()
-    if dim is None or _size(group) == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    full = torch.cat(parts, dim)
-    return full[:vocab] if vocab is not None and dim == 0 else full
 
 
 def shard_of(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,8 @@
 
 `python -m megaloop.parallel.testing --out DIR [--set k=v ...] [--steps N] [--save-at S] [--resume CKPT]
 [--data PREFIX]` runs on one process (LocalEngine) or under any launcher (one process per rank: RANK, WORLD_SIZE,
-MASTER_ADDR, MASTER_PORT). Rank 0 writes DIR/result.json (per-step loss and grad norm) and the
-consolidated DIR/final/model.pt. `spawn` starts N such processes on a free port (gloo on CPU) for
+MASTER_ADDR, MASTER_PORT). Rank 0 writes DIR/result.json (per-step loss and grad norm) and every
+rank its pieces of the checkpoint DIR/final (DCP: parallel/dcp_state.py, which read_weights reads whole). `spawn` starts N such processes on a free port (gloo on CPU) for
 the tests and the benchmark. With --data, batches come from a PackedLoader over that token
 dataset (sharded over DP by global sample) instead of the fixed batch, and checkpoints carry the
 loader state in trainer.pt, so a resume under another DP size must continue from the same sample.
@@ -40,9 +40,9 @@ def fixed_batches(cfg, dp_size: int, seed: int = 7) -> list[tuple[torch.Tensor, 
 
 def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Optional[int] = None,
         resume: Optional[str] = None, threads: int = 1, keep_group: bool = False, device: str = "cpu",
-        data: Optional[str] = None) -> dict:
-    """Train the tiny model; with save_at, also checkpoint after that step; with resume, load the
-    checkpoint and run the remaining steps. keep_group leaves torch.distributed up for another run
+        data: Optional[str] = None, save_async: bool = False) -> dict:
+    """Train the tiny model; with save_at, also checkpoint after that step (save_async: in the
+    background, while the next steps run); with resume, load the checkpoint and run the remaining steps. keep_group leaves torch.distributed up for another run
     in the same processes (the harness runs several layouts per launch to pay imports once)."""
     from ..config import _merge, config_from_dict, parse_overrides
     from ..depth import DepthSampler
@@ -80,6 +80,7 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
             loader.load_state_dict(torch.load(os.path.join(resume, "trainer.pt"), weights_only=False)["loader"])
     depth = DepthSampler(cfg.model, cfg.train.seed)  # the loop's draw: each rank computes it alone
     losses, norms, times, draws = [], [], [], []
+    pending = None
     finished = False
     try:
         for step in range(start, steps):
@@ -93,7 +94,10 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
             losses.append(st.loss)
             norms.append(st.grad_norm)
             if save_at is not None and step + 1 == save_at and not resume:
-                _save(engine, os.path.join(out, f"ckpt_{save_at}"), step + 1, loader)
+                pending = _save(engine, os.path.join(out, f"ckpt_{save_at}"), step + 1, loader, save_async)
+        if pending is not None:
+            pending.wait()
+            engine.barrier()
         eval_loss = engine.eval_loss(batches[:2])
         _save(engine, os.path.join(out, "final"), steps, loader)
         peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mb()
@@ -121,10 +125,11 @@ def run(out: str, overrides: list[str], steps: Optional[int] = None, save_at: Op
 
 
 def run_many(jobs: list[dict], threads: int = 1, device: str = "cpu") -> None:
-    """Several runs in one launch: [{out, overrides, save_at?, resume?}, ...]."""
+    """Several runs in one launch: [{out, overrides, save_at?, resume?, data?, save_async?}, ...]."""
     for i, job in enumerate(jobs):
         run(job["out"], job.get("overrides", []), job.get("steps"), job.get("save_at"), job.get("resume"),
-            threads, keep_group=i + 1 < len(jobs), device=device, data=job.get("data"))
+            threads, keep_group=i + 1 < len(jobs), device=device, data=job.get("data"),
+            save_async=job.get("save_async", False))
 
 
 def check_vocab_parallel_ce() -> None:
@@ -167,14 +172,16 @@ def check_vocab_parallel_ce() -> None:
         dist.destroy_process_group()
 
 
-def _save(engine, path: str, step: int = 0, loader=None) -> None:
+def _save(engine, path: str, step: int = 0, loader=None, background: bool = False):
     if engine.is_main:
         os.makedirs(path, exist_ok=True)
     engine.barrier()
-    engine.save_files(path)
+    pending = engine.save_files(path, background=background)
     if engine.is_main and loader is not None:
         torch.save({"step": step, "loader": loader.state_dict()}, os.path.join(path, "trainer.pt"))
-    engine.barrier()
+    if pending is None:
+        engine.barrier()
+    return pending
 
 
 def _peak_rss_mb() -> float:

@@ -22,7 +22,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from ..config import Config
 from ..engine import StepStats, autocast_for
 from ..optim import MuonAdamW, param_groups, set_lr
-from .common import DistributedEngineBase, consolidate_optimizer_state, consolidate_state_dict, load_consolidated
+from .common import DistributedEngineBase
 from .pipeline import StageModule, eval_units, owned_prefixes, plan_stages, recv_tuple, run_units, send_tuple
 from .sharded_optim import ShardedMuonAdamW
 from .state import ParallelState
@@ -244,75 +244,19 @@ class TorchEngine(DistributedEngineBase):
         return self.model.head.loss(out[0], y)
 
     # ------------------------------------------------------------------ checkpoints
-    def _counted_names(self) -> list[str]:
-        """Owned parameters this rank contributes to the consolidated state dict."""
-        return [n for n in self.owned_names if n not in self.tied or self.tie_leader]
+    def save_files(self, path: str, background: bool = False):
+        """This rank's pieces (parallel/dcp_state.py): its stage's parameters, a tied copy of the
+        recurrent group from its first stage only."""
+        from .dcp_state import save, state_dict
 
-    def _layout_info(self) -> dict:
-        lay = self.st.layout
-        return dict(engine="torch", tp=lay.tp, pp=lay.pp, dp=lay.dp, zero_stage=self.zero_stage)
-
-    def _native_name(self) -> str:
-        """This rank's own optimiser file: one per TP x PP rank at ZeRO 0 (the DP replicas hold
-        identical state), one per rank when the state is sharded over DP."""
-        lay = self.st.layout
-        return f"optim_tp{lay.tp_rank}_pp{lay.pp_rank}" + (f"_dp{lay.dp_rank}.pt" if self.zero_stage else ".pt")
-
-    def save_files(self, path: str) -> None:
-        """model.pt and optim_full.pt: whole tensors gathered to rank 0 (any layout loads them; at
-        ZeRO 1 / 2 each parameter's state comes from its owner); the native file: this layout's
-        own optimiser state (exact and cheap to reload). Sharded, that is the owned entries keyed
-        by parameter name, with the owner map."""
-        from ..checkpoint import torch_save_synced
-        from ..reshard import FORMAT, FULL_OPTIM
-
-        counted = self._counted_names()
-        full = consolidate_state_dict(self.model, counted, self.cfg.model.vocab_size, self.st)
-        if self.is_main:
-            torch_save_synced(full, f"{path}/model.pt")
-        del full
-        owner = self.optimizer.owners.get if self.zero_stage else None
-        optim = consolidate_optimizer_state(self.model, self.optimizer, counted, self.cfg.model.vocab_size,
-                                            self.st, self._layout_info(), owner=owner)
-        if self.is_main:
-            torch_save_synced(optim, f"{path}/{FULL_OPTIM}")
-        del optim
-        lay = self.st.layout
-        if self.zero_stage:
-            torch_save_synced(dict(format=FORMAT, layout=self._layout_info(), owners=self.optimizer.owners,
-                                   **self.optimizer.state_by_name()), f"{path}/{self._native_name()}")
-        elif lay.dp_rank == 0:  # DP replicas hold identical optimiser state under ZeRO 0
-            torch_save_synced({"layout": [lay.tp, lay.pp], "optim": self.optimizer.state_dict()},
-                              f"{path}/{self._native_name()}")
+        counted = {n for n in self.owned_names if n not in self.tied or self.tie_leader}
+        named = [(n, p) for n, p in self.model.named_parameters() if n in counted]
+        return save(path, state_dict(named, self.optimizer), background)
 
     def load_files(self, path: str) -> None:
-        """The native per-rank file when it fits (ZeRO 0: same tp and pp, any dp; sharded: the same
-        layout and owner map). Otherwise optim_full.pt, sliced for this rank's parameters
-        (resharding); sharded, each rank takes only the entries it owns."""
-        import os
+        from .dcp_state import load
 
-        from ..checkpoint import CheckpointError, load_file
-        from ..reshard import FULL_OPTIM, apply_full_state
-
-        load_consolidated(self.model, self.owned_names, load_file(path, "model.pt"), path)
-        lay = self.st.layout
-        name = self._native_name()
-        native = load_file(path, name) if os.path.isfile(os.path.join(path, name)) else None
-        if self.zero_stage:
-            mine = self.optimizer.owned_names()
-            fits = native is not None and native.get("layout") == self._layout_info() \
-                and native.get("owners") == self.optimizer.owners
-        else:
-            mine, fits = self.owned_names, native is not None and native.get("layout") == [lay.tp, lay.pp]
-        if fits and self.zero_stage:  # keyed by name, this rank's own (sharded) tensors
-            apply_full_state(self.model, self.optimizer, mine, native, path, slicer=lambda p, t: t)
-        elif fits:
-            self.optimizer.load_state_dict(native["optim"])
-        elif os.path.isfile(os.path.join(path, FULL_OPTIM)):
-            apply_full_state(self.model, self.optimizer, mine, load_file(path, FULL_OPTIM), path)
-        else:
-            raise CheckpointError(
-                f"{path} has no optimiser state for this layout (tp={lay.tp} pp={lay.pp}: {name}) and no "
-                f"layout-independent {FULL_OPTIM} (written by megaloop since resharding support). Resume "
-                f"with the layout that wrote it; model.pt alone (consolidated) loads under any layout for "
-                f"evaluation")
+        params = dict(self.model.named_parameters())
+        # sharded over DP (ZeRO 1 / 2), a rank asks only for the state of the parameters it owns
+        owns = (lambda name: self.optimizer.owners[name] == self.st.layout.dp_rank) if self.zero_stage else None
+        load(path, [(n, params[n]) for n in self.owned_names], self.optimizer, known=params, owns_state=owns)
