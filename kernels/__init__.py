@@ -12,6 +12,7 @@ from .recurrence import (
     hc_update,
     hc_update_reference,
     inject,
+    inject_e_half,
     inject_reference,
     recur_norm_inject,
     recur_norm_inject_reference,
@@ -23,7 +24,7 @@ from .softcap_ce import softcap_cross_entropy, softcap_cross_entropy_reference
 __all__ = [
     "set_backend", "get_backend", "backend_for", "triton_available",
     "rms_norm", "add_rms_norm", "qk_norm_rope", "relu_squared",
-    "recur_norm_inject", "inject", "hc_combine", "hc_update", "softcap_cross_entropy",
+    "recur_norm_inject", "inject", "inject_e_half", "hc_combine", "hc_update", "softcap_cross_entropy",
     "rms_norm_reference", "add_rms_norm_reference", "qk_norm_rope_reference", "relu_squared_reference",
     "recur_norm_inject_reference", "inject_reference", "hc_combine_reference", "hc_update_reference",
     "softcap_cross_entropy_reference",

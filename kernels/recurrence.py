@@ -110,8 +110,53 @@ class LinearInjectFn(torch.autograd.Function):
         return ge, gs, gW
 
 
-def inject(e: torch.Tensor, s: torch.Tensor, mode: str, inject_weight: Optional[torch.Tensor] = None):
-    """The input of a pass through the recurrent group from the prelude output e and state s."""
+class StateInjectFn(torch.autograd.Function):
+    """u = e_half + s @ W2.T with W = [W1 | W2], where e_half = e @ W1.T was computed once for all
+    passes (inject_e_half): every pass reads the same e, so only the state half is per pass. The
+    gradient of W1 then comes from e_half's own backward, once, from the passes' summed gradients."""
+
+    @staticmethod
+    def forward(ctx, e_half, s, W):
+        d = s.shape[-1]
+        if W.shape[1] != 2 * d:
+            raise ValueError(f"inject_weight must be [d_out, 2*{d}], got {tuple(W.shape)}")
+        dt = s.dtype
+        if torch.is_autocast_enabled(s.device.type):
+            dt = torch.get_autocast_dtype(s.device.type)
+        s2 = s.reshape(-1, d).to(dt)
+        W2 = W[:, d:].to(dt)
+        u = torch.addmm(e_half.reshape(-1, W.shape[0]).to(dt), s2, W2.t())
+        ctx.save_for_backward(s2, W2)
+        ctx.meta = (s.shape, e_half.dtype, s.dtype, W.dtype, W.shape)
+        return u.view(*s.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, gu):
+        s2, W2 = ctx.saved_tensors
+        s_shape, eh_dtype, s_dtype, w_dtype, w_shape = ctx.meta
+        d = s2.shape[1]
+        g2 = gu.reshape(-1, w_shape[0]).to(W2.dtype)
+        geh = gs = gW = None
+        if ctx.needs_input_grad[0]:
+            geh = gu.to(eh_dtype)
+        if ctx.needs_input_grad[1]:
+            gs = torch.mm(g2, W2).view(s_shape).to(s_dtype)
+        if ctx.needs_input_grad[2]:
+            gW = torch.zeros(w_shape, device=W2.device, dtype=w_dtype)
+            gW[:, d:] = torch.mm(g2.t(), s2)
+        return geh, gs, gW
+
+
+def inject_e_half(e: torch.Tensor, inject_weight: torch.Tensor) -> torch.Tensor:
+    """e @ W1.T, the part of linear injection that every pass shares (W = [W1 | W2])."""
+    return torch.nn.functional.linear(e, inject_weight[:, : e.shape[-1]])
+
+
+def inject(e: torch.Tensor, s: torch.Tensor, mode: str, inject_weight: Optional[torch.Tensor] = None,
+           e_half: Optional[torch.Tensor] = None):
+    """The input of a pass through the recurrent group from the prelude output e and state s.
+    Linear injection with e_half (= inject_e_half(e, W), computed once for the passes that read
+    the same e) computes only the state half."""
     if mode == "additive":
         return s + e
     if mode == "passthrough":
@@ -119,14 +164,17 @@ def inject(e: torch.Tensor, s: torch.Tensor, mode: str, inject_weight: Optional[
     if mode == "linear":
         if inject_weight is None:
             raise ValueError("mode 'linear' needs inject_weight [d, 2d]")
+        if e_half is not None:
+            return StateInjectFn.apply(e_half, s, inject_weight)
         return LinearInjectFn.apply(e, s, inject_weight)
     raise ValueError(f"unknown injection mode {mode!r}; expected one of {MODES} "
                      "(hyperconnect uses hc_combine / hc_update)")
 
 
 def recur_norm_inject(h: torch.Tensor, e: torch.Tensor, norm_weight: Optional[torch.Tensor], eps: float,
-                      mode: str, inject_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(s, u): s = rms_norm(h) * norm_weight, u = inject(e, s, mode, inject_weight)."""
+                      mode: str, inject_weight: Optional[torch.Tensor] = None,
+                      e_half: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(s, u): s = rms_norm(h) * norm_weight, u = inject(e, s, mode, inject_weight, e_half)."""
     if mode not in MODES:
         raise ValueError(f"unknown injection mode {mode!r}; expected one of {MODES}")
     if mode == "additive":
@@ -136,7 +184,7 @@ def recur_norm_inject(h: torch.Tensor, e: torch.Tensor, norm_weight: Optional[to
         s = rms_norm_reference(h, norm_weight, eps)
         return s, s + e
     s = rms_norm(h, norm_weight, eps)
-    return s, inject(e, s, mode, inject_weight)
+    return s, inject(e, s, mode, inject_weight, e_half)
 
 
 # ----------------------------------------------------------------------------- hyperconnect kernels

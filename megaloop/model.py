@@ -283,11 +283,14 @@ class LoopedLM(nn.Module):
                 s = self.norm_recur(self._group(K.hc_combine(aux, inj.alpha[i % R])))
                 aux = K.hc_update(aux, s, inj.mix[i % R], inj.beta[i % R])
             return s, aux
-        u = K.inject(aux, s, inj.mode, inj.weight)
+        # linear: every pass reads the same e, so its half of u = W [e ; s] is computed once
+        e_half = K.inject_e_half(aux, inj.weight) if inj.mode == "linear" else None
+        u = K.inject(aux, s, inj.mode, inj.weight, e_half)
         for i in range(start, stop):
             h = self._group(u)
             if i + 1 < stop:
-                s, u = K.recur_norm_inject(h, aux, self.norm_recur.weight, self.norm_recur.eps, inj.mode, inj.weight)
+                s, u = K.recur_norm_inject(h, aux, self.norm_recur.weight, self.norm_recur.eps, inj.mode, inj.weight,
+                                           e_half)
             else:
                 s = self.norm_recur(h)
         return s, aux

@@ -11,6 +11,7 @@ from megaloop.kernels import (
     hc_update,
     hc_update_reference,
     inject,
+    inject_e_half,
     inject_reference,
     recur_norm_inject,
     recur_norm_inject_reference,
@@ -55,6 +56,40 @@ def test_recur_norm_inject_matches_reference(shape, mode, dtype):
     names = ["s", "u", "dh", "dw", "de", "dW"]
     for i in range(len(outs["tri"])):
         check_close(names[i], outs["tri"][i], outs["pt"][i], outs["ref"][i], atol=atol_for(dtype))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("shape", [(2, 11, 96), (1, 3, 37)])
+def test_linear_inject_with_a_shared_e_half_matches_reference(shape, autocast):
+    """Linear injection over several passes with its e-half computed once (inject_e_half, then
+    inject(..., e_half=) per pass: only the state half is per pass) equals the plain formula
+    u_i = W [e ; s_i] per pass, forward and backward (e, every s_i and W), on odd shapes; under
+    bf16 autocast the products run in bf16 like the plain formula's."""
+    g = generator(5)
+    d = shape[-1]
+    e0 = torch.randn(shape, generator=g)
+    s0 = [torch.randn(shape, generator=g) for _ in range(3)]
+    W0 = torch.randn(d, 2 * d, generator=g) * d ** -0.5
+    gus = [torch.randn(shape, generator=g) for _ in range(3)]
+
+    def run(shared: bool):
+        e, W = e0.clone().requires_grad_(), W0.clone().requires_grad_()
+        ss = [t.clone().requires_grad_() for t in s0]
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            if shared:
+                half = inject_e_half(e, W)
+                us = [inject(e, s, "linear", W, e_half=half) for s in ss]
+            else:
+                us = [inject_reference(e, s, "linear", W) for s in ss]
+        torch.autograd.backward([u.float() for u in us], gus)
+        return [u.float() for u in us] + [e.grad, W.grad] + [s.grad for s in ss]
+
+    for got, want in zip(run(True), run(False)):
+        if autocast:  # bf16 products, summed in another order: compare by norm
+            assert float((got.float() - want.float()).norm() / want.float().norm()) < 1e-2
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["additive", "passthrough", "linear"])

@@ -4,9 +4,12 @@ LoopedLM.run_passes runs any contiguous range of passes; run_recurrence is one c
 a pipeline stage (megaloop.parallel.pipeline.run_units) makes one call per range it holds.
 Contracts:
   - run_recurrence is bitwise the recurrence as first written (a copy of it is kept below), in
-    output and in every gradient, for each injection mode and with truncated backprop;
-  - the passes cut anywhere (0..k then k..r) give bitwise the uncut recurrence: the contract the
-    pipeline stands on;
+    output and in every gradient, for each injection mode and with truncated backprop; linear
+    injection's gradients agree to float rounding (1e-5) instead, because its e-half, computed
+    once for all passes, sums the passes' gradients before one product (the old code took one
+    product per pass);
+  - the passes cut anywhere (0..k then k..r) give bitwise the uncut recurrence (linear: outputs
+    bitwise, gradients to float rounding): the contract the pipeline stands on;
   - run_units chained stage by stage in one process is bitwise the model's forward (training
     schedule, padded sampled-depth schedule with skipped slots, evaluation at another r), and it
     runs the fused norm_recur + injection kernel between every two passes of a stage's range;
@@ -92,18 +95,21 @@ def output_and_grads(model, recurrence, seed=1):
     return x.detach(), e.grad, grads
 
 
-def same(a, b) -> bool:
-    """Bitwise equal tensors, or both None (no gradient reached it)."""
-    return a is None and b is None or a is not None and b is not None and torch.equal(a, b)
+def same(a, b, exact: bool = True) -> bool:
+    """Bitwise equal tensors (or, not exact, equal to float rounding), or both None (no gradient
+    reached it)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def assert_bitwise(a, b, label):
+def assert_bitwise(a, b, label, exact_grads: bool = True):
     xa, ea, ga = a
     xb, eb, gb = b
     assert torch.equal(xa, xb), f"{label}: outputs differ"
-    assert same(ea, eb), f"{label}: gradients of e differ"
+    assert same(ea, eb, exact_grads), f"{label}: gradients of e differ"
     for n in ga:
-        assert same(ga[n], gb[n]), f"{label}: gradient of {n} differs"
+        assert same(ga[n], gb[n], exact_grads), f"{label}: gradient of {n} differs"
 
 
 @pytest.mark.parametrize("mode,bptt_k", VARIANTS)
@@ -113,7 +119,8 @@ def test_run_recurrence_is_the_old_recurrence_and_cuts_anywhere(mode, bptt_k):
     r = 4
     model = perturbed_model(tiny(input_injection=mode, bptt_k=bptt_k))
     ref = output_and_grads(model, lambda e: old_run_recurrence(model, e, r))
-    assert_bitwise(output_and_grads(model, lambda e: model.run_recurrence(e, r)), ref, f"{mode} bptt_k={bptt_k}")
+    exact = mode != "linear"  # see the module docstring: the e-half sums the passes' gradients first
+    assert_bitwise(output_and_grads(model, lambda e: model.run_recurrence(e, r)), ref, f"{mode} bptt_k={bptt_k}", exact)
 
     def cut_at(k):
         def recurrence(e):
@@ -121,7 +128,7 @@ def test_run_recurrence_is_the_old_recurrence_and_cuts_anywhere(mode, bptt_k):
             return model.end_recurrence(model.run_passes(state, k, r, r))
         return recurrence
     for k in range(r + 1):
-        assert_bitwise(output_and_grads(model, cut_at(k)), ref, f"{mode} bptt_k={bptt_k} cut at {k}")
+        assert_bitwise(output_and_grads(model, cut_at(k)), ref, f"{mode} bptt_k={bptt_k} cut at {k}", exact)
 
 
 def chained_stages(model, stage_units, idx, num_recur, last_pass=None):
@@ -163,7 +170,7 @@ def test_stages_chained_equal_the_model_with_fused_kernels(mode, bptt_k, monkeyp
         h, n_fused, g = forward_backward(model, lambda: chained_stages(model, stage_units, idx, r, last_pass))
         assert torch.equal(h, ref_h), f"{label}: hidden states differ"
         for n in ref_g or {}:
-            assert same(ref_g[n], g[n]), f"{label}: gradient of {n} differs"
+            assert same(ref_g[n], g[n], mode != "linear"), f"{label}: gradient of {n} differs"
         if mode != "hyperconnect":  # the lanes have no fused norm kernel, in the model either
             # a stage cut between passes c - 1 and c costs one fusion, unless the autograd mode
             # changes there anyway (truncated backprop) or pass c is a skipped slot
