@@ -108,7 +108,9 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 0
     precision: str = "fp32"                  # fp32 | bf16
-    engine: str = "auto"                     # auto | torch | deepspeed (auto: deepspeed when distributed)
+    # Read by nothing: the engine follows zero_stage (DeepSpeed exactly when zero_stage >= 1). Kept
+    # so that the config.yaml of older runs, which recorded it, still loads and resumes.
+    engine: str = "auto"                     # auto | torch | deepspeed
 
 
 @dataclass

@@ -27,6 +27,7 @@ from .divergence import DivergenceGuard
 from .errors import UserError
 from .model import LoopedLM
 from .optim import lr_factor
+from .parallel import Engine, build_engine
 
 # Config sections whose change makes a resumed run a different experiment.
 # (The batch is checked as tokens per step, so a resume under another data-parallel size can
@@ -176,7 +177,6 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     from .data.preprocess import unigram_entropy
     from .mfu import peak_flops
     from .observe import build_sinks, check_backends, close_sinks
-    from .parallel import build_engine
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -204,7 +204,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         loader = PackedLoader([p for p, _ in data.train], [w for _, w in data.train], cfg.model.seq_len,
                               cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
         if cfg.train.compile:
-            compile_blocks(engine.model if hasattr(engine.model, "blocks") else model)
+            compile_blocks(engine.model)
         step = 0
         guard = DivergenceGuard(cfg.train)
         if latest is not None:
@@ -328,7 +328,7 @@ def trainer_state(step: int, loader, guard: DivergenceGuard, tokens_per_step: in
             "guard": guard.state_dict()}
 
 
-def _save(cfg: Config, engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int) -> None:
+def _save(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int) -> None:
     def write(path: str) -> None:
         faults.maybe_fail("save", step)
         engine.save_files(path)
@@ -339,7 +339,7 @@ def _save(cfg: Config, engine, loader, guard: DivergenceGuard, step: int, counts
               keep=cfg.train.keep_checkpoints, is_writer=engine.is_main, barrier=engine.barrier)
 
 
-def rewind(cfg: Config, engine, loader, guard: DivergenceGuard, metrics: MetricsLog, step: int, why: str,
+def rewind(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, metrics: MetricsLog, step: int, why: str,
            tokens_per_step: int, log=print) -> int:
     """train.on_divergence at step `step`: stop with an error, or go back to the last complete
     checkpoint with the loader left where it is (the batches since are skipped). Returns the step
@@ -372,7 +372,7 @@ def rewind(cfg: Config, engine, loader, guard: DivergenceGuard, metrics: Metrics
     return to
 
 
-def final_eval(cfg: Config, engine, batches: list, is_main: bool) -> dict:
+def final_eval(cfg: Config, engine: Engine, batches: list, is_main: bool) -> dict:
     """Validation loss at the trained r and at train.eval_recur, with one progress bar over all."""
     rs = [cfg.model.num_recur] + [r for r in cfg.train.eval_recur if r != cfg.model.num_recur]
     rs = list(dict.fromkeys(rs))
@@ -409,11 +409,11 @@ def evaluate_run(path: str, recur: list[int], max_tokens: Optional[int] = None, 
     For a run directory the losses are also merged into its summary.json (val_loss_by_r)."""
     from .data.loader import eval_batches
     from .data.prepare import ensure_prepared
-    from .engine import LocalEngine
     from .export import load_pretrained
+    from .parallel import local_engine
 
     model, cfg, _ = load_pretrained(path)
-    engine = LocalEngine(cfg, model, resolve_device(cfg))
+    engine = local_engine(cfg, model, resolve_device(cfg))
     data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log)
     tokens = max_tokens or cfg.train.eval_tokens
     by_r = {}

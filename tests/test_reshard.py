@@ -158,7 +158,7 @@ def test_optim_full_matches_native_single_process_state(runs):
     (bitwise), convert rebuilds it from optim.pt alone (with the config in meta.json), and a
     single process resumes from optim_full.pt alone with the identical optimiser state."""
     from megaloop.config import _merge, config_from_dict
-    from megaloop.engine import LocalEngine
+    from megaloop.parallel import local_engine
     from megaloop.reshard import full_from_local
     from megaloop.train import build_model
 
@@ -182,9 +182,9 @@ def test_optim_full_matches_native_single_process_state(runs):
     # load from optim_full.pt alone
     only_full = os.path.join(runs, "only_full")
     shutil.copytree(os.path.join(runs, "old_converted"), only_full)
-    a = LocalEngine(cfg, build_model(cfg), torch.device("cpu"))
+    a = local_engine(cfg, build_model(cfg), torch.device("cpu"))
     a.load_files(src)
-    b = LocalEngine(cfg, build_model(cfg), torch.device("cpu"))
+    b = local_engine(cfg, build_model(cfg), torch.device("cpu"))
     b.load_files(only_full)
     sa, sb = a.optimizer.state_dict(), b.optimizer.state_dict()
     assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
@@ -198,7 +198,7 @@ def test_unconvertible_checkpoints_fail_clearly(runs, capsys):
     from megaloop.checkpoint import CheckpointError
     from megaloop.cli import main
     from megaloop.config import _merge, config_from_dict
-    from megaloop.engine import LocalEngine
+    from megaloop.parallel import local_engine
     from megaloop.train import build_model
 
     old = os.path.join(runs, "old_tp2")
@@ -209,4 +209,4 @@ def test_unconvertible_checkpoints_fail_clearly(runs, capsys):
     assert "optim_full.pt" in err and "layout that wrote it" in err and "Traceback" not in err
     cfg = config_from_dict(_merge(TINY, {}))
     with pytest.raises(CheckpointError, match="neither optim.pt nor optim_full.pt"):
-        LocalEngine(cfg, build_model(cfg), torch.device("cpu")).load_files(old)
+        local_engine(cfg, build_model(cfg), torch.device("cpu")).load_files(old)

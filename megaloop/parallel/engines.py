@@ -1,12 +1,12 @@
-"""Building a distributed engine: read the launcher's environment, validate the layout on every
-rank *before* any collective (so a bad layout is one clear error per rank, never a hang), start
+"""Building an engine: read the launcher's environment, validate the layout on every rank
+*before* any collective (so a bad layout is one clear error per rank, never a hang), start
 torch.distributed, create the process groups, and pick the engine.
 
-Engines (both implement megaloop.engine's interface):
-  - TorchEngine (megaloop.parallel.torch_engine): TP x PP x DP with ZeRO stage 0, Muon or AdamW.
-    Pipeline parallelism runs here (torch.distributed.pipelining, 1F1B).
-  - DeepSpeedEngine (megaloop.parallel.deepspeed_engine): TP x DP with ZeRO stages 0-3, pp = 1.
-parallel.engine=auto picks DeepSpeed when pp = 1 and ZeRO >= 1, the torch engine otherwise.
+Engines (both implement megaloop.parallel.engine_api.Engine, with EngineBase's one step):
+  - TorchEngine (megaloop.parallel.torch_engine): one process, or TP x PP x DP with ZeRO stage 0;
+    Muon, MuonH or AdamW. Pipeline parallelism runs here (torch.distributed.pipelining, 1F1B).
+  - DeepSpeedEngine (megaloop.parallel.deepspeed_engine): TP x DP with ZeRO stages 1-3, pp = 1.
+DeepSpeed runs exactly when ZeRO asks for it (parallel.zero_stage >= 1 on more than one process).
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError
 from . import failfast, state
+from .engine_api import Engine
 from .pipeline import check_pipeline
-from .state import Layout, make_layout
+from .state import Layout, ParallelState, make_layout
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,8 @@ def rendezvous_from_env(env=None) -> Rendezvous:
 
 
 def choose_engine(cfg: Config) -> str:
-    p = cfg.parallel
-    if p.engine != "auto":
-        return p.engine
-    return "deepspeed" if p.pp == 1 and p.zero_stage >= 1 else "torch"
+    """deepspeed where ZeRO asks for it (zero_stage >= 1), the torch engine everywhere else."""
+    return "deepspeed" if cfg.parallel.zero_stage >= 1 else "torch"
 
 
 def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
@@ -83,11 +82,8 @@ def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
     layout = make_layout(world, p.tp, p.pp, rank)
     kind = choose_engine(cfg)
     if kind == "deepspeed" and p.pp > 1:
-        raise ConfigError(f"parallel.engine=deepspeed runs pp=1 only (got parallel.pp={p.pp}); pipeline "
-                          f"parallelism runs on parallel.engine=torch (or auto) with zero_stage=0")
-    if kind == "torch" and p.zero_stage > 0:
-        raise ConfigError(f"parallel.zero_stage={p.zero_stage} needs DeepSpeed: set parallel.engine=deepspeed "
-                          f"(or auto) with parallel.pp=1, or use zero_stage=0")
+        raise ConfigError(f"parallel.zero_stage={p.zero_stage} runs on DeepSpeed, which runs pp=1 only (got "
+                          f"parallel.pp={p.pp}); pipeline parallelism runs with parallel.zero_stage=0")
     if p.zero_stage >= 1 and cfg.optim.name in ("muon", "muonh"):
         raise ConfigError(
             f"optim.name={cfg.optim.name} with parallel.zero_stage={p.zero_stage}: ZeRO hands the optimiser "
@@ -97,8 +93,9 @@ def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            raise ConfigError("parallel.engine=deepspeed but DeepSpeed is not installed: "
-                              "DS_BUILD_OPS=0 pip install deepspeed (or pip install -e .[distributed])") from None
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage} runs on DeepSpeed, which is not installed: "
+                          "DS_BUILD_OPS=0 pip install deepspeed (or pip install -e .[distributed]), or use "
+                          "parallel.zero_stage=0") from None
     return layout
 
 
@@ -112,8 +109,26 @@ def init_torch_distributed(rdv: Rendezvous, device: torch.device, timeout_s: int
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def build_distributed_engine(cfg: Config, model: torch.nn.Module, device: torch.device):
-    rdv = rendezvous_from_env()
+def local_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
+    """The torch engine on this process alone (world size 1: no process group, no collective),
+    whatever cfg.parallel says: for `megaloop eval` and other single-process tools on a plain model."""
+    from .torch_engine import TorchEngine
+    return TorchEngine(cfg, model, device, ParallelState(Layout(1, 1, 1)))
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
+    """The engine for the launch environment and the config. One process: the torch engine at
+    world size 1 (ZeRO has nothing to shard there). Several: the layout is validated on every
+    rank before any collective, then torch.distributed starts and DeepSpeed runs where ZeRO asks
+    for it, the torch engine everywhere else."""
+    rdv = rendezvous_from_env()  # also raises when a rendezvous variable is missing
+    p = cfg.parallel
+    if rdv.world == 1:
+        if p.tp * p.pp > 1:
+            raise ConfigError(
+                f"parallel.tp={p.tp} x parallel.pp={p.pp} needs {p.tp * p.pp} processes, but this is a single "
+                f"process. Launch with launch/torchrun.sh --nproc {p.tp * p.pp} (or set tp=pp=1)")
+        return local_engine(cfg, model, device)
     layout = validate_layout(cfg, rdv.world, rdv.rank)  # before any collective: errors on every rank
     if device.type == "cuda":
         device = torch.device("cuda", rdv.local_rank)

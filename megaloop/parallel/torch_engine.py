@@ -1,26 +1,29 @@
-"""TP x PP x DP training on plain torch.distributed (ZeRO stage 0): Muon or AdamW.
+"""TP x PP x DP training on plain torch.distributed (ZeRO stage 0): Muon, MuonH or AdamW; also the
+single process, which is this engine at world size 1 (no process group, every collective skipped).
 
 - TP: the model's linears, embedding and head are swapped for shards (tensor_parallel.py).
 - PP: this rank runs one stage (pipeline.py) under torch.distributed.pipelining's 1F1B schedule
   over the step's micro-batches; the parameters of other stages are dropped from this rank.
 - DP: gradients are averaged over the data-parallel group in flat buckets after backward.
 Then one global gradient norm (each parameter counted once: TP shards summed, replicated and
-tied copies counted once), clipping like torch.nn.utils.clip_grad_norm_, and the same
-MuonAdamW step as the single-process engine, so every layout reproduces its losses.
+tied copies counted once), clipping exactly like torch.nn.utils.clip_grad_norm_, and the
+optimizer step, all in EngineBase's shared step, so every layout reproduces the single process.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..config import Config
-from ..engine import StepStats, autocast_for
-from ..optim import MuonAdamW, param_groups, set_lr
-from .common import DistributedEngineBase, consolidate_optimizer_state, consolidate_state_dict, load_consolidated
+from ..optim import MuonAdamW, param_groups
+from ..param_names import RECURRENT_GROUP
+from .base import EngineBase
+from .common import consolidate_optimizer_state, consolidate_state_dict, load_consolidated
+from .engine_api import Batch, autocast_for
 from .pipeline import StageModule, eval_units, owned_prefixes, plan_stages, recv_tuple, run_units, send_tuple
 from .state import ParallelState
 from .tensor_parallel import apply_tensor_parallel
@@ -28,10 +31,9 @@ from .tensor_parallel import apply_tensor_parallel
 BUCKET_ELEMS = 25_000_000  # gradient all-reduce bucket (elements): large enough to amortise latency
 
 
-class TorchEngine(DistributedEngineBase):
+class TorchEngine(EngineBase):
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, st: ParallelState):
-        super().__init__(cfg, st)
-        self.device = device
+        super().__init__(cfg, device, st)
         lay = st.layout
         apply_tensor_parallel(model, st.tp_group)
         self.model = model.to(device)
@@ -53,6 +55,10 @@ class TorchEngine(DistributedEngineBase):
         keep = {id(p) for p in self.params}
         groups = [dict(g, params=[p for p in g["params"] if id(p) in keep]) for g in param_groups(model, cfg.optim)]
         self.optimizer = MuonAdamW([g for g in groups if g["params"]])
+        # The parameters whose gradients enter the global norm: each counted once over the layout.
+        self.counted = [p for n, p in zip(self.owned_names, self.params)
+                        if (getattr(p, "tp_split_dim", None) is not None or lay.tp_rank == 0)  # TP replicas once
+                        and (n not in self.tied or self.tie_leader)]                      # tied copies once
         self._schedules: dict[int, object] = {}
         self._poison = 1.0
         self._recur = cfg.model.num_recur  # this step's recurrence count (read by the pipeline stage)
@@ -72,8 +78,7 @@ class TorchEngine(DistributedEngineBase):
                 if lay.rank in ranks:
                     self.tie_group = g
         if self.tie_group is not None:
-            self.tied = {n for n, _ in self.model.named_parameters()
-                         if n.startswith(("recur.", "injection.", "norm_recur."))}
+            self.tied = {n for n, _ in self.model.named_parameters() if n.startswith(RECURRENT_GROUP)}
         self.tie_leader = lay.pp_rank == recur_stages[0]
 
     def _schedule(self, n_micro: int):
@@ -95,49 +100,27 @@ class TorchEngine(DistributedEngineBase):
             self._schedules[n_micro] = cls(self._pipe_stage, n_micro, loss_fn=loss_fn)
         return self._schedules[n_micro]
 
-    # ------------------------------------------------------------------ training
-    def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float,
-                   inject_nan: bool = False, num_recur: Optional[int] = None) -> StepStats:
-        """One step over the micro-batches at num_recur recurrences (None: the model's; every
-        rank is handed the same draw); inject_nan poisons the loss (fault-injection tests):
-        every rank then skips the update, because the loss and grad norm are global."""
-        set_lr(self.optimizer, lr_factor)
-        self._poison = float("nan") if inject_nan else 1.0
-        self._recur = num_recur or self.cfg.model.num_recur
-        batches = list(batches)
-        n = len(batches)
+    # ------------------------------------------------------------------ the step's hooks
+    def _accumulate(self, batches: list[Batch], r: int, poison: Optional[float]) -> torch.Tensor:
         if self.plan is None:
-            total = torch.zeros((), device=self.device)
-            for x, y in batches:
-                with autocast_for(self.cfg, self.device):
-                    loss = self.model(x.to(self.device), y.to(self.device), num_recur=self._recur) * self._poison
-                (loss / n).backward()
-                total += loss.detach().float()
-            loss_t = total / n
+            return super()._accumulate(batches, r, poison)
+        # A pipeline stage: the schedule runs every micro-batch's forward and backward (1F1B).
+        self._poison = 1.0 if poison is None else poison
+        self._recur = r
+        n = len(batches)
+        x = torch.cat([b[0] for b in batches]).to(self.device)
+        y = torch.cat([b[1] for b in batches]).to(self.device)
+        sched, losses = self._schedule(n), []
+        if self.plan.first:
+            sched.step(x)
+        elif self.plan.last:
+            sched.step(target=y, losses=losses)
         else:
-            x = torch.cat([b[0] for b in batches]).to(self.device)
-            y = torch.cat([b[1] for b in batches]).to(self.device)
-            sched, losses = self._schedule(n), []
-            if self.plan.first:
-                sched.step(x)
-            elif self.plan.last:
-                sched.step(target=y, losses=losses)
-            else:
-                sched.step()
-            loss_t = (torch.stack([l.detach().float() for l in losses]).sum() / n if losses
-                      else torch.zeros((), device=self.device))
-            dist.all_reduce(loss_t, group=self.st.pp_group)  # only the last stage has it
-        self._sync_grads()
-        if self.st.layout.dp > 1:
-            dist.all_reduce(loss_t, group=self.st.dp_group)
-            loss_t /= self.st.layout.dp
-        loss = float(loss_t)
-        grad_norm = self._clip()
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss, grad_norm, skipped)
+            sched.step()
+        loss_t = (torch.stack([l.detach().float() for l in losses]).sum() / n if losses
+                  else torch.zeros((), device=self.device))
+        dist.all_reduce(loss_t, group=self.st.pp_group)  # only the last stage has it
+        return loss_t
 
     def _sync_grads(self) -> None:
         # Tied copies of the recurrent group: sum the stages' contributions.
@@ -147,9 +130,9 @@ class TorchEngine(DistributedEngineBase):
                 if p.grad is None:  # e.g. a stage whose passes all ran detached (bptt_k)
                     p.grad = torch.zeros_like(p)
             self._all_reduce_flat([p.grad for p in tied], self.tie_group, 1)
-        if self.st.layout.dp > 1:
+        if self.dp_size > 1:
             self._all_reduce_flat([p.grad for p in self.params if p.grad is not None], self.st.dp_group,
-                                  self.st.layout.dp)
+                                  self.dp_size)
 
     @staticmethod
     def _all_reduce_flat(grads: list[torch.Tensor], group, divide: int) -> None:
@@ -168,56 +151,27 @@ class TorchEngine(DistributedEngineBase):
                     dst.copy_(src)
                 bucket, size = [], 0
 
-    def _clip(self) -> float:
-        """Global grad norm over the whole model replica, then clip_grad_norm_'s scaling."""
-        lay = self.st.layout
-        sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        names = dict(zip(map(id, self.params), self.owned_names))
-        for p in self.params:
-            if p.grad is None:
-                continue
-            sharded = getattr(p, "tp_split_dim", None) is not None
-            if not sharded and lay.tp_rank != 0:
-                continue  # replicated across TP: count once
-            if names[id(p)] in self.tied and not self.tie_leader:
-                continue  # tied copy on another stage: count once
-            sq += p.grad.detach().float().pow(2).sum()
-        if lay.tp * lay.pp > 1:
+    def _clip_grads(self) -> float:
+        """The global grad norm over the whole model replica, then clip_grad_norm_'s scaling. On
+        one process this is torch.nn.utils.clip_grad_norm_ itself, operation for operation."""
+        norm = get_total_norm([p.grad for p in self.counted if p.grad is not None]).to(self.device)
+        if self.st.layout.tp * self.st.layout.pp > 1:  # this rank's share: sum the squares over TP x PP
+            sq = norm.float().square()
             dist.all_reduce(sq, group=self.st.mp_group)
-        norm = float(sq.sqrt())
-        clip = self.cfg.optim.grad_clip or float("inf")
-        coef = min(clip / (norm + 1e-6), 1.0)
-        if math.isfinite(norm):
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        return norm
+            norm = sq.sqrt()
+        clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip or float("inf"), norm)
+        return float(norm)
 
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def eval_loss(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_recur: Optional[int] = None) -> float:
-        """Mean loss per target token; batches are dealt round-robin over the DP replicas."""
-        lay = self.st.layout
-        r = num_recur or self.cfg.model.num_recur
-        self.model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for k, (x, y) in enumerate(batches):
-            if k % lay.dp != lay.dp_rank:
-                continue
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast_for(self.cfg, self.device):
-                if self.plan is None:
-                    loss = self.model(x, y, num_recur=r)
-                else:
-                    loss = self._relay_forward(x, y, r)
-            if loss is not None:
-                tot += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
-        self.model.train()
-        if lay.pp > 1:
+    # ------------------------------------------------------------------ evaluation hooks
+    def _eval_loss_of(self, x: torch.Tensor, y: torch.Tensor, r: int) -> Optional[torch.Tensor]:
+        if self.plan is None:
+            return self.model(x, y, num_recur=r)
+        return self._relay_forward(x, y, r)
+
+    def _eval_reduce(self, tot: torch.Tensor, replicas: int) -> None:
+        if self.plan is not None:
             dist.all_reduce(tot, group=self.st.pp_group)
-        if lay.dp > 1:
-            dist.all_reduce(tot, group=self.st.dp_group)
-        return float(tot[0] / tot[1].clamp(min=1))
+        super()._eval_reduce(tot, replicas)
 
     def _relay_forward(self, x: torch.Tensor, y: torch.Tensor, r: int) -> Optional[torch.Tensor]:
         from .state import pp_neighbour
@@ -241,7 +195,10 @@ class TorchEngine(DistributedEngineBase):
 
     def save_files(self, path: str) -> None:
         """model.pt and optim_full.pt: whole tensors gathered to rank 0 (any layout loads them);
-        optim_tp{t}_pp{p}.pt: this layout's own optimiser state (exact and cheap to reload)."""
+        optim_tp{t}_pp{p}.pt: this layout's own optimiser state (exact and cheap to reload).
+        One process writes the single-process files instead (model.pt, optim.pt, optim_full.pt)."""
+        if self.world == 1:
+            return self._save_single(path)
         from ..checkpoint import torch_save_synced
         from ..reshard import FULL_OPTIM
 
@@ -268,6 +225,8 @@ class TorchEngine(DistributedEngineBase):
         from ..checkpoint import CheckpointError, load_file
         from ..reshard import FULL_OPTIM, apply_full_state
 
+        if self.world == 1:
+            return self._load_single(path)
         load_consolidated(self.model, self.owned_names, load_file(path, "model.pt"), path)
         lay = self.st.layout
         name = f"optim_tp{lay.tp_rank}_pp{lay.pp_rank}.pt"
@@ -282,3 +241,35 @@ class TorchEngine(DistributedEngineBase):
                 f"layout-independent {FULL_OPTIM} (written by megaloop since resharding support). Resume "
                 f"with the layout that wrote it; model.pt alone (consolidated) loads under any layout for "
                 f"evaluation")
+
+    # One process: optim.pt is the exact native state; optim_full.pt the same state keyed by
+    # parameter name, which any layout can load.
+    def _save_single(self, path: str) -> None:
+        from ..checkpoint import torch_save_synced
+        from ..reshard import FULL_OPTIM, local_full_state
+        torch_save_synced(self.model.state_dict(), f"{path}/model.pt")
+        torch_save_synced(self.optimizer.state_dict(), f"{path}/optim.pt")
+        layout = dict(engine="local", tp=1, pp=1, dp=1, zero_stage=0)
+        torch_save_synced(local_full_state(self.model, self.optimizer, layout), f"{path}/{FULL_OPTIM}")
+
+    def _load_single(self, path: str) -> None:
+        import os
+
+        from ..checkpoint import CheckpointError, load_file
+        from ..reshard import FULL_OPTIM, apply_full_state
+        try:
+            self.model.load_state_dict(load_file(path, "model.pt"))
+        except RuntimeError as e:
+            raise CheckpointError(
+                f"checkpoint {path} does not fit this model ({str(e).splitlines()[0]}); the config's "
+                f"model shape differs from the run that wrote it") from None
+        if os.path.isfile(os.path.join(path, "optim.pt")):  # written by a single process: exact
+            self.optimizer.load_state_dict(load_file(path, "optim.pt"))
+        elif os.path.isfile(os.path.join(path, FULL_OPTIM)):  # another layout: whole tensors by name
+            apply_full_state(self.model, self.optimizer, [n for n, _ in self.model.named_parameters()],
+                             load_file(path, FULL_OPTIM), path)
+        else:
+            raise CheckpointError(
+                f"{path} has neither optim.pt nor {FULL_OPTIM}: it was written under a parallel layout by a "
+                f"megaloop without resharding support. Resume it under the layout that wrote it (or "
+                f"convert it with `megaloop checkpoint convert`)")
