@@ -47,6 +47,14 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(want)
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA memory allocated on a GPU, the resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -300,7 +308,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             r_hist={str(r): draws.count(r) for r in sorted(set(draws))},
             n_embedding=counts.embedding, n_head=counts.head, train_loss=stats.loss if stats else None,
             val_loss=val_loss, val_loss_by_r=by_r, skipped_steps=guard.skipped_total, rewinds=guard.rewinds,
-            wall_time_s=time.perf_counter() - start,
+            wall_time_s=time.perf_counter() - start, peak_mem_mb=peak_memory_mb(device),
         )
         if is_main:
             summary["unigram_entropy"] = unigram_entropy(data.valid)
