@@ -25,7 +25,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tiny model config the layout tests train
 
 
 def _bytes(path: str) -> int:
@@ -50,15 +52,17 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     a = ap.parse_args()
     from megaloop.config import _merge, config_from_dict, parse_overrides
-    from megaloop.engine import LocalEngine
-    from megaloop.parallel.testing import TINY, fixed_batches
+    from layouts import TINY
+    from megaloop.parallel import local_engine
     from megaloop.train import build_model
 
     base = ["model.d_model=512", "model.n_head=8", "model.n_kv_head=8", "model.vocab_size=8192",
             "model.seq_len=64", "train.micro_batch_size=1", "train.grad_accum=1"]
     cfg = config_from_dict(_merge(TINY, parse_overrides([*base, *a.overrides])))
-    engine = LocalEngine(cfg, build_model(cfg), torch.device("cpu"))
-    engine.train_step(fixed_batches(cfg, 1), 1.0)
+    engine = local_engine(cfg, build_model(cfg), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.seq_len), generator=g)
+    engine.train_step([(x, torch.roll(x, -1, 1))], 1.0)
     n_params = sum(p.numel() for p in engine.model.parameters())
     timings: dict = {k: [] for k in ("dcp_sync_s", "dcp_async_blocking_s", "dcp_async_total_s", "dcp_load_s",
                                      "before_s")}
@@ -75,7 +79,7 @@ def main() -> None:
             timings["dcp_async_blocking_s"].append(time.perf_counter() - t)
             handle.wait()
             timings["dcp_async_total_s"].append(time.perf_counter() - t)
-            fresh = LocalEngine(cfg, build_model(cfg), torch.device("cpu"))
+            fresh = local_engine(cfg, build_model(cfg), torch.device("cpu"))
             t = time.perf_counter()
             fresh.load_files(sync)
             timings["dcp_load_s"].append(time.perf_counter() - t)

@@ -4,12 +4,14 @@ can run; prints JSON.
     python benchmarks/parallel.py [--procs 4] [--steps 6] [--device auto] [--layouts single,dp2_zero1_muonh]
                                   [--set model.d_model=64 ...]
 
-Each layout trains the harness model (megaloop.parallel.testing) for a few steps on a fixed batch
-and is compared with the single-process run. On CPU (gloo) the figures are a correctness-and-
-overhead check: loss deviation from one process, and step time relative to it. On GPUs (NCCL, one
-per rank) they add tokens/s and MFU against the device peak. `optim_state_bytes_per_rank` is the
-optimiser state each rank holds; under the torch engine's ZeRO 1 / 2 (sharded Muon / MuonH) it falls
-as 1 / DP, and `optim_state` sums it up per layout.
+Each layout runs `megaloop train` itself (N local ranks, as torchrun starts them) on the tiny model
+of tests/layouts.py over a tiny tokenized corpus, and is compared with the single-process run on the
+same global batch. Step time is the median over the steps after the first (from metrics.jsonl: the
+step's tokens over its tokens/s); peak memory is rank 0's (summary.json). On CPU (gloo) the figures
+are a correctness-and-overhead check: loss deviation from one process, and step time relative to
+it. On GPUs (NCCL, one per rank) they add tokens/s and MFU against the device peak.
+`optim_state_bytes_per_rank` (summary.json) is the optimiser state each rank holds; under the torch
+engine's ZeRO 1 / 2 (sharded Muon / MuonH) it falls as 1 / DP, and `optim_state` sums it up per layout.
 """
 from __future__ import annotations
 
@@ -22,9 +24,12 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))  # the tiny model and corpus the layout tests train
 
-from megaloop.parallel.testing import TINY, spawn  # noqa: E402
+from layouts import ADAM, TINY, Run, token_data  # noqa: E402
+from layouts import train as train_layout  # noqa: E402
 
 
 def layouts(procs: int) -> dict[str, tuple[int, list[str], list[str]]]:
@@ -32,14 +37,13 @@ def layouts(procs: int) -> dict[str, tuple[int, list[str], list[str]]]:
     muonh = ["optim.name=muonh", "optim.lr=0.014"]
     out = {"single": (1, [], []), "single_muonh": (1, muonh, muonh)}
     if procs >= 2:
-        adam = ["optim.name=adamw", "optim.lr=0.01"]
         out.update({
             "tp2": (2, ["parallel.tp=2"], []),
             "pp2": (2, ["parallel.pp=2"], []),
-            "dp2_torch": (2, ["parallel.engine=torch"], ["train.grad_accum=4"]),
-            "dp2_zero1": (2, ["parallel.zero_stage=1", *adam], ["train.grad_accum=4", *adam]),
-            "dp2_zero2": (2, ["parallel.zero_stage=2", *adam], ["train.grad_accum=4", *adam]),
-            "dp2_zero3": (2, ["parallel.zero_stage=3", *adam], ["train.grad_accum=4", *adam]),
+            "dp2_torch": (2, [], ["train.grad_accum=4"]),
+            "dp2_zero1": (2, ["parallel.zero_stage=1", *ADAM], ["train.grad_accum=4", *ADAM]),
+            "dp2_zero2": (2, ["parallel.zero_stage=2", *ADAM], ["train.grad_accum=4", *ADAM]),
+            "dp2_zero3": (2, ["parallel.zero_stage=3", *ADAM], ["train.grad_accum=4", *ADAM]),
         })
         for z in (1, 2):  # the torch engine's sharded MuonH
             out[f"dp2_zero{z}_muonh"] = (2, [f"parallel.zero_stage={z}", *muonh], ["train.grad_accum=4", *muonh])
@@ -48,6 +52,10 @@ def layouts(procs: int) -> dict[str, tuple[int, list[str], list[str]]]:
         for z in (1, 2):
             out[f"dp4_zero{z}_muonh"] = (4, [f"parallel.zero_stage={z}", *muonh], ["train.grad_accum=8", *muonh])
     return out
+
+
+def step_times(run: Run) -> list[float]:
+    return [r["tokens"] / r["step"] / r["tokens_per_s"] for r in run.steps]  # log_every = 1
 
 
 def main() -> None:
@@ -60,15 +68,19 @@ def main() -> None:
     a = ap.parse_args()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     procs = a.procs or (torch.cuda.device_count() if device == "cuda" else 2)
-    base = [f"model.num_recur=4", f"train.steps={a.steps}", *a.overrides]
-    if device == "cuda":
-        base += ["train.device=cuda"]
-    from megaloop.accounting import count_params
-    from megaloop.config import _merge, config_from_dict, parse_overrides
-    from megaloop.mfu import peak_flops
+    base = ["model.num_recur=4", f"train.steps={a.steps}", f"train.device={device}", "logging.peak_flops=null",
+            *a.overrides]
 
     results, refs = {}, {}
     with tempfile.TemporaryDirectory() as root:
+        data = token_data(os.path.join(root, "tokens"))
+
+        def run(name: str, nproc: int, over: list[str]):
+            try:  # a subprocess each, also on one process: the same start-up cost for every layout
+                return train_layout(nproc, os.path.join(root, name), [*base, *over], data, timeout=600, env={})
+            except AssertionError as e:
+                return str(e)[-800:]
+
         chosen = layouts(procs)
         if a.layouts:
             unknown = sorted(set(a.layouts.split(",")) - set(chosen))
@@ -76,38 +88,27 @@ def main() -> None:
                 sys.exit(f"error: unknown layout(s) {unknown} for --procs {procs}; choose among {sorted(chosen)}")
             chosen = {k: v for k, v in chosen.items() if k in a.layouts.split(",")}
         for name, (n, over, ref_over) in chosen.items():
-            out = os.path.join(root, name)
-            res = spawn(n, out, [*base, *over], extra=["--device", device], timeout=600)
-            if any(r.returncode != 0 for r in res):
-                results[name] = {"error": next(r.stdout for r in res if r.returncode)[-800:]}
+            out = run(name, n, over)
+            if isinstance(out, str):
+                results[name] = {"error": out}
                 continue
-            main_res = json.load(open(os.path.join(out, "result.json")))
-            ranks = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(n)]
-            cfg = config_from_dict(_merge(TINY, parse_overrides([*base, *over])))
-            step_s = statistics.median(max(r["step_times"][k] for r in ranks) for k in range(1, a.steps))
-            dp = n // (cfg.parallel.tp * cfg.parallel.pp)
-            tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len * dp
-            entry = dict(processes=n, step_time_s=step_s,
-                         step_time_s_per_rank=[statistics.median(r["step_times"][1:]) for r in ranks],
-                         peak_mem_mb_per_rank=[round(r["peak_rss_mb"], 1) for r in ranks],
+            step_s = statistics.median(step_times(out)[1:])
+            summary = out.summary
+            entry = dict(processes=n, step_time_s=step_s, peak_mem_mb_rank0=round(summary["peak_mem_mb"], 1),
                          peak_mem_kind="cuda max_memory_allocated" if device == "cuda" else "process max RSS",
-                         optim_state_bytes_per_rank=[r["optim_state_bytes"] for r in ranks],
-                         losses=main_res["losses"])
+                         optim_state_bytes_per_rank=summary["optim_state_bytes"],
+                         losses=out.losses, tokens_per_s=out.steps[-1]["tokens"] / out.steps[-1]["step"] / step_s)
+            if device == "cuda":
+                entry["mfu"] = statistics.median(r["mfu"] for r in out.steps[1:]) / n
             key = tuple(ref_over)
             if name == "single":
-                refs[()] = main_res["losses"]
+                refs[key] = out.losses
             if key not in refs:
-                rout = os.path.join(root, f"ref_{len(refs)}")
-                rr = spawn(1, rout, [*base, *ref_over], extra=["--device", device], timeout=600)
-                refs[key] = json.load(open(os.path.join(rout, "result.json")))["losses"] if rr[0].returncode == 0 else None
-            ref = refs[key]
-            if ref:
-                entry["max_rel_loss_diff_vs_single"] = max(abs(x - y) / abs(x) for x, y in zip(ref, main_res["losses"]))
-            entry["tokens_per_s"] = tokens / step_s
-            if device == "cuda":
-                fpt = count_params(cfg.model).flops_per_token
-                entry["mfu"] = entry["tokens_per_s"] * fpt / (peak_flops(torch.device("cuda"), cfg.parallel.precision) * n)
-            if "single" in results:
+                ref = run(f"ref_{len(refs)}", 1, ref_over)
+                refs[key] = None if isinstance(ref, str) else ref.losses
+            if refs[key]:
+                entry["max_rel_loss_diff_vs_single"] = max(abs(x - y) / abs(x) for x, y in zip(refs[key], out.losses))
+            if "single" in results and "step_time_s" in results["single"]:
                 entry["step_time_vs_single"] = step_s / results["single"]["step_time_s"]
             results[name] = entry
     state = {k: dict(max_per_rank=max(v["optim_state_bytes_per_rank"]), total=sum(v["optim_state_bytes_per_rank"]))

@@ -52,7 +52,7 @@ import torch
 
 from megaloop.accounting import count_params, flops_per_token
 from megaloop.config import Config, load_config
-from megaloop.engine import LocalEngine, autocast_for
+from megaloop.parallel import Engine, autocast_for, local_engine
 from megaloop.kernels import set_backend
 from megaloop.mfu import cpu_model, measure_matmul_flops, native_bf16_matmul, peak_flops
 from megaloop.train import build_model, compile_blocks
@@ -87,7 +87,7 @@ class Variant:
     cfg: Config
     compiled: bool
     times: list[float] = field(default_factory=list)
-    engine: Optional[LocalEngine] = None
+    engine: Optional[Engine] = None
     batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     warmup_s: float = 0.0
     losses: list[float] = field(default_factory=list)
@@ -96,7 +96,7 @@ class Variant:
         model = build_model(self.cfg)
         if self.compiled:
             compile_blocks(model)
-        self.engine = LocalEngine(self.cfg, model, device)
+        self.engine = local_engine(self.cfg, model, device)
         self.batch = fixed_batch(self.cfg, device)
 
     def step(self) -> float:
@@ -170,7 +170,7 @@ def saved_activation_bytes(cfg: Config, model: torch.nn.Module, batch, device: t
     return sum(seen.values())
 
 
-def state_bytes(engine: LocalEngine) -> dict[str, int]:
+def state_bytes(engine: Engine) -> dict[str, int]:
     params = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     opt = sum(v.numel() * v.element_size() for s in engine.optimizer.state.values()
               for v in s.values() if torch.is_tensor(v))

@@ -5,8 +5,8 @@
 #                       [--master-port PORT] CONFIG [--set key=value ...]
 #
 # The hostfile lists "hostname slots=G" per node; the launcher reaches the nodes with pdsh/ssh.
-# The engine is forced to DeepSpeed (parallel.engine=deepspeed): ZeRO stage from
-# parallel.zero_stage, TP from parallel.tp, pp must be 1 (pipeline runs use torchrun).
+# The launcher only starts the processes; parallel.engine=auto picks the engine: DeepSpeed ZeRO for
+# AdamW with parallel.zero_stage >= 1 and pp = 1 (TP from parallel.tp), the torch engine otherwise.
 set -euo pipefail
 
 DRY_RUN=0
@@ -50,7 +50,7 @@ if [[ -n "$HOSTFILE" && -z "$MASTER_ADDR" ]]; then
   MASTER_ADDR=$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE" 2>/dev/null || true)
 fi
 [[ -n "$MASTER_ADDR" ]] && cmd+=(--master_addr "$MASTER_ADDR")
-cmd+=(--master_port "$MASTER_PORT" --module megaloop.cli train "$@" --set parallel.engine=deepspeed)
+cmd+=(--master_port "$MASTER_PORT" --module megaloop.cli train "$@")
 if [[ "$DRY_RUN" == 1 ]]; then
   printf '%q ' "${cmd[@]}"; echo
 else

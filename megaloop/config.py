@@ -108,7 +108,9 @@ class ParallelConfig:
     pp: int = 1
     zero_stage: int = 0
     precision: str = "fp32"                  # fp32 | bf16
-    engine: str = "auto"                     # auto | torch | deepspeed (auto: deepspeed when distributed)
+    # auto: DeepSpeed for AdamW with ZeRO >= 1 and pp = 1 on several processes, the torch engine
+    # otherwise (megaloop/parallel/engines.py choose_engine); zero_stage 0 always runs the torch engine
+    engine: str = "auto"                     # auto | torch | deepspeed
 
 
 @dataclass

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from . import param_names as names
 from .config import OptimConfig
 
 
@@ -227,9 +228,9 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
     scale = (d / 512) ** -0.5
     norms, matrices, lanes = [], [], []
     for name, p in model.named_parameters():
-        if name.startswith(("embed.", "head.")):
+        if name.startswith(names.VOCAB):
             continue
-        if name.startswith("injection.") and p.ndim != 2:
+        if name.startswith(names.INJECTION) and p.ndim != 2:
             lanes.append(p)
         elif p.ndim == 2:
             matrices.append(p)

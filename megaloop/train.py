@@ -27,6 +27,8 @@ from .divergence import DivergenceGuard
 from .errors import UserError
 from .model import LoopedLM
 from .optim import lr_factor
+from .parallel import Engine, build_engine
+from .parallel.sharded_optim import optimizer_state_bytes
 
 # Config sections whose change makes a resumed run a different experiment.
 # (The batch is checked as tokens per step, so a resume under another data-parallel size can
@@ -44,6 +46,14 @@ def resolve_device(cfg: Config) -> torch.device:
     if want == "cuda" and "LOCAL_RANK" in os.environ:
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(want)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory so far: CUDA memory allocated on a GPU, the resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def seed_everything(seed: int) -> None:
@@ -176,7 +186,6 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     from .data.preprocess import unigram_entropy
     from .mfu import peak_flops
     from .observe import build_sinks, check_backends, close_sinks
-    from .parallel import build_engine
 
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -204,7 +213,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         loader = PackedLoader([p for p, _ in data.train], [w for _, w in data.train], cfg.model.seq_len,
                               cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
         if cfg.train.compile:
-            compile_blocks(engine.model if hasattr(engine.model, "blocks") else model)
+            compile_blocks(engine.model)
         step = 0
         guard = DivergenceGuard(cfg.train)
         if latest is not None:
@@ -305,7 +314,9 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             r_hist={str(r): draws.count(r) for r in sorted(set(draws))},
             n_embedding=counts.embedding, n_head=counts.head, train_loss=stats.loss if stats else None,
             val_loss=val_loss, val_loss_by_r=by_r, skipped_steps=guard.skipped_total, rewinds=guard.rewinds,
-            wall_time_s=time.perf_counter() - start,
+            wall_time_s=time.perf_counter() - start, peak_mem_mb=peak_memory_mb(device),
+            # per rank: a sharded optimiser (ZeRO) holds each parameter's state on its owner only
+            optim_state_bytes=[int(b) for b in engine.per_rank(optimizer_state_bytes(engine.optimizer))],
         )
         if is_main:
             summary["unigram_entropy"] = unigram_entropy(data.valid)
@@ -333,7 +344,7 @@ def trainer_state(step: int, loader, guard: DivergenceGuard, tokens_per_step: in
             "guard": guard.state_dict()}
 
 
-def _save(cfg: Config, engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int,
+def _save(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int,
           pending: Optional[ckpt.PendingSave] = None, background: bool = False) -> Optional[ckpt.PendingSave]:
     """Checkpoint `step`. background (train.async_save): return once the state is copied, with
     the PendingSave that publishes it when its writes are done. A save still in flight is
@@ -359,7 +370,7 @@ def _finish(pending: Optional[ckpt.PendingSave]) -> None:
         pending.finish()
 
 
-def rewind(cfg: Config, engine, loader, guard: DivergenceGuard, metrics: MetricsLog, step: int, why: str,
+def rewind(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, metrics: MetricsLog, step: int, why: str,
            tokens_per_step: int, log=print) -> int:
     """train.on_divergence at step `step`: stop with an error, or go back to the last complete
     checkpoint with the loader left where it is (the batches since are skipped). Returns the step
@@ -392,7 +403,7 @@ def rewind(cfg: Config, engine, loader, guard: DivergenceGuard, metrics: Metrics
     return to
 
 
-def final_eval(cfg: Config, engine, batches: list, is_main: bool) -> dict:
+def final_eval(cfg: Config, engine: Engine, batches: list, is_main: bool) -> dict:
     """Validation loss at the trained r and at train.eval_recur, with one progress bar over all."""
     rs = [cfg.model.num_recur] + [r for r in cfg.train.eval_recur if r != cfg.model.num_recur]
     rs = list(dict.fromkeys(rs))
@@ -429,11 +440,11 @@ def evaluate_run(path: str, recur: list[int], max_tokens: Optional[int] = None, 
     For a run directory the losses are also merged into its summary.json (val_loss_by_r)."""
     from .data.loader import eval_batches
     from .data.prepare import ensure_prepared
-    from .engine import LocalEngine
     from .export import load_pretrained
+    from .parallel import local_engine
 
     model, cfg, _ = load_pretrained(path)
-    engine = LocalEngine(cfg, model, resolve_device(cfg))
+    engine = local_engine(cfg, model, resolve_device(cfg))
     data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log)
     tokens = max_tokens or cfg.train.eval_tokens
     by_r = {}

@@ -48,8 +48,7 @@ def test_deepspeed_hostfile(tmp_path):
     assert r.returncode == 0, r.stderr
     assert _cmd(r.stdout) == ["deepspeed", "--hostfile", str(hf), "--master_addr", "node-a", "--master_port", "29500",
                               "--module", "megaloop.cli", "train", "configs/default.yaml", "--set",
-                              "parallel.zero_stage=2", "--set", "optim.name=adamw", "--set",
-                              "parallel.engine=deepspeed"]
+                              "parallel.zero_stage=2", "--set", "optim.name=adamw"]
 
 
 def test_slurm_single_node():

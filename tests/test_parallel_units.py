@@ -68,6 +68,11 @@ def test_validation_errors():
     assert validate_layout(_cfg(parallel__tp=2, parallel__pp=2), world=8).dp == 2
     assert choose_engine(_cfg(parallel__zero_stage=1, optim__name="adamw")) == "deepspeed"
     assert choose_engine(_cfg(parallel__pp=2)) == "torch"
+    # DeepSpeed only where ZeRO asks for it: ZeRO 0 is the torch engine whatever parallel.engine says;
+    # at ZeRO >= 1 parallel.engine=torch keeps AdamW on the torch engine's own ZeRO
+    assert choose_engine(_cfg(parallel__engine="deepspeed")) == "torch"
+    assert choose_engine(_cfg(parallel__engine="torch", parallel__zero_stage=2, optim__name="adamw")) == "torch"
+    assert choose_engine(_cfg(parallel__engine="deepspeed", parallel__zero_stage=2, optim__name="adamw")) == "deepspeed"
 
 
 def test_single_process_refuses_a_parallel_layout(monkeypatch):
@@ -75,6 +80,32 @@ def test_single_process_refuses_a_parallel_layout(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     with pytest.raises(ConfigError, match="needs 2 processes"):
         build_engine(_cfg(parallel__tp=2), None, None)
+
+
+def test_one_process_is_the_torch_engine_without_a_process_group(monkeypatch):
+    """One process gets the torch engine at world size 1 (an Engine; also with zero_stage set:
+    ZeRO has nothing to shard there), and it trains and evaluates without torch.distributed."""
+    import torch
+    import torch.distributed as dist
+
+    from megaloop.model import LoopedLM
+    from megaloop.parallel import Engine
+    from megaloop.parallel.torch_engine import TorchEngine
+
+    for k in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = _cfg(parallel__zero_stage=2, optim__name="adamw")
+    engine = build_engine(cfg, LoopedLM(cfg.model), torch.device("cpu"))
+    assert isinstance(engine, TorchEngine) and isinstance(engine, Engine)
+    assert (engine.is_main, engine.rank, engine.dp_rank, engine.dp_size) == (True, 0, 0, 1)
+    x = torch.randint(0, 101, (2, 16))
+    stats = engine.train_step([(x, x.roll(-1, 1))] * 2, 1.0)
+    assert stats.loss > 0 and stats.grad_norm > 0 and not stats.skipped
+    assert engine.eval_loss([(x, x.roll(-1, 1))]) > 0
+    assert engine.all_reduce_flag(True) and not engine.all_reduce_flag(False)
+    engine.barrier()
+    engine.close()
+    assert not dist.is_initialized()
 
 
 def test_rendezvous_environment():

@@ -20,9 +20,6 @@ Contracts:
 """
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
 
@@ -30,8 +27,7 @@ from megaloop import kernels as K
 from megaloop.config import load_config
 from megaloop.model import LoopedLM
 from megaloop.parallel.pipeline import eval_units, plan_stages, run_units
-from megaloop.parallel.testing import run
-from test_parallel_equality import _assert_same, _launch
+from layouts import check_layouts, token_data
 
 MODES = ["linear", "additive", "passthrough", "hyperconnect"]
 # (mode, bptt_k): every mode with full backprop, and truncated backprop where the config allows it
@@ -222,17 +218,16 @@ def _cases() -> dict[str, list[str]]:
 
 
 def test_pipeline_pp2_every_injection_mode(tmp_path):
-    """PP=2 (2 processes, 1F1B over 2 micro-batches) equals the single process (losses to 1e-5
-    per step, final parameters to 5e-5, validation loss to 1e-5) for every injection mode at r = 2
-    and r = 4, for additive injection with bptt_k = 2 at r = 4, with checkpoint_recurrence at
-    r = 4, and validating at r = 1, 3 or 6 after training at r = 4."""
+    """PP=2 (2 processes, 1F1B over 2 micro-batches, `megaloop train` itself: tests/layouts.py)
+    equals the single process (losses to 1e-5 per step, final weights to 5e-5 (5e-3 embedding and
+    head), validation loss to 1e-5) for every injection mode at r = 2 and r = 4, for additive
+    injection with bptt_k = 2 at r = 4, with checkpoint_recurrence at r = 4, and validating at
+    r = 1, 3 or 6 after training at r = 4."""
     root = str(tmp_path)
+    data = token_data(str(tmp_path / "tokens"))
     cases = _cases()
-    jobs = [dict(out=os.path.join(root, name), overrides=["parallel.pp=2", *ov]) for name, ov in cases.items()]
-    _launch(2, root, jobs, timeout=600)
-    for name, ov in cases.items():
-        ref = os.path.join(root, "ref_" + name)
-        run(ref, ov)
-        _assert_same(ref, os.path.join(root, name), name)
-        draws = json.load(open(os.path.join(ref, "result.json")))["num_recur"]
+    runs = check_layouts(2, root, {name: (["parallel.pp=2", *ov], ov) for name, ov in cases.items()}, data,
+                         timeout=600)
+    for name, (_, ref) in runs.items():
+        draws = ref.num_recur
         assert draws == [2 if name.endswith("_r2") else 4] * 3, f"{name}: trained at r = {draws}"

@@ -191,9 +191,9 @@ def test_hf_export_of_a_sampled_hyperconnect_model_matches():
 
 def test_truncated_backprop_applies_to_the_drawn_r():
     """Contract: a step that draws r with bptt_k = k differentiates the last min(k, r) passes: one
-    LocalEngine step of a sampled run at r = 3, k = 1 leaves the same weights as the fixed-r run
+    single-process step of a sampled run at r = 3, k = 1 leaves the same weights as the fixed-r run
     at r = 3, k = 1 (and not those of full backprop at r = 3)."""
-    from megaloop.engine import LocalEngine
+    from megaloop.parallel import local_engine
 
     def step(model_over, r=None):
         # additive injection couples the passes from the first step ([I | 0] decouples them at init)
@@ -202,7 +202,7 @@ def test_truncated_backprop_applies_to_the_drawn_r():
                "optim": {"name": "adamw", "lr": 0.01}, "train": {"steps": 1}}
         cfg = load_config(raw=raw)
         torch.manual_seed(0)
-        eng = LocalEngine(cfg, LoopedLM(cfg.model), torch.device("cpu"))
+        eng = local_engine(cfg, LoopedLM(cfg.model), torch.device("cpu"))
         g = torch.Generator().manual_seed(1)
         x = torch.randint(0, 64, (2, 16), generator=g)
         eng.train_step([(x, torch.roll(x, -1, 1))], 1.0, num_recur=r)

@@ -4,12 +4,13 @@ Contracts:
   - the owner map gives every parameter exactly one DP rank, is a pure function of the state
     sizes (so every rank computes the same map), balances them (no rank's load exceeds another's
     by more than the largest parameter's) and deals same-shaped matrices out evenly;
-  - ZeRO 1 and 2 on the torch engine, for muon and muonh, equal the single process on the same
-    global batch (losses to 1e-5 relative at every step, final parameters to 5e-5, eval loss):
+  - ZeRO 1 and 2 on the torch engine, for muon and muonh, run as `megaloop train` on N processes
+    (tests/layouts.py), equal the single process on the same global batch (losses to 1e-5
+    relative at every step, final weights to 5e-5 (5e-3 embedding and head), validation loss):
     DP=2 alone, TP=2 x DP=2 and PP=2 x DP=2 (4 processes), and AdamW on this engine (DP=2, and
     PP=2 x DP=2, which DeepSpeed cannot run);
-  - the optimiser state lives on its owner only: the ranks' state bytes add up to the single
-    process's; the checkpoint (DCP) holds every parameter's state once, with the single process's
+  - the optimiser state lives on its owner only: the ranks' state bytes (summary.json's
+    optim_state_bytes) add up to the single process's; the checkpoint (DCP) holds every parameter's state once, with the single process's
     entries and values, and each owner writes its own share;
   - a checkpoint saved after step 3 resumes with identical steps 4-5 (DP=2, and TP=2 x DP=2, whose
     state is TP-sharded as well). Resharding a sharded checkpoint to other layouts and to one
@@ -17,16 +18,20 @@ Contracts:
 """
 from __future__ import annotations
 
-import json
 import os
 
+import pytest
 import torch
 
+from layouts import ADAM, MUONH, TINY, check_layouts, token_data
 from megaloop.parallel.sharded_optim import STATE_PER_ELEMENT, assign_owners
-from test_parallel_equality import MUONH, _assert_resumed, _assert_same, _jobs, _launch, _reference
 
-ADAM = ["optim.name=adamw", "optim.lr=0.01"]
 GLOBAL = ["train.grad_accum=4"]  # DP=2 x grad_accum 2 on one process
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return token_data(str(tmp_path_factory.mktemp("tokens")))
 
 
 def test_owner_map_is_balanced_deterministic_and_complete():
@@ -59,14 +64,16 @@ def test_owner_map_is_balanced_deterministic_and_complete():
         assert [owners.count(r) for r in range(n)] == [8 // n] * n
 
 
-def _state_bytes(out: str, ranks: int) -> list[int]:
-    return [json.load(open(os.path.join(out, f"rank{r}.json")))["optim_state_bytes"] for r in range(ranks)]
+def _state_bytes(run) -> list[int]:
+    """Each rank's optimiser state bytes at the end of the run (summary.json, in rank order)."""
+    return run.summary["optim_state_bytes"]
 
 
-def test_dp2_sharded_muon_muonh_equal_single_process(tmp_path):
+def test_dp2_sharded_muon_muonh_equal_single_process(tmp_path, data):
     """DP=2, 2 processes, torch engine: muon and muonh at ZeRO 1 and 2 (and AdamW at ZeRO 2 on the
     same engine) equal the single process; state only on its owner; checkpoints resume exactly."""
     root = str(tmp_path)
+    single = {"z1_muon": [], "z2_muon": [], "z1_muonh": MUONH, "z2_muonh": MUONH, "z2_adamw": ADAM}
     cases = {
         "z1_muon": ["parallel.zero_stage=1"],
         "z2_muon": ["parallel.zero_stage=2"],
@@ -74,20 +81,19 @@ def test_dp2_sharded_muon_muonh_equal_single_process(tmp_path):
         "z2_muonh": ["parallel.zero_stage=2", *MUONH],
         "z2_adamw": ["parallel.engine=torch", "parallel.zero_stage=2", *ADAM],
     }
-    single = {"z1_muon": [], "z2_muon": [], "z1_muonh": MUONH, "z2_muonh": MUONH, "z2_adamw": ADAM}
-    _launch(2, root, _jobs(root, cases, resume=("z2_muon", "z1_muonh")), timeout=400)
-    for name, opt in single.items():
-        ref, out = _reference(root, [*GLOBAL, *opt]), os.path.join(root, name)
-        _assert_same(ref, out, name)
-        whole, = _state_bytes(ref, 1)
-        parts = _state_bytes(out, 2)
-        assert sum(parts) == whole and max(parts) < 0.6 * whole, f"{name}: state bytes {parts} of {whole}"
-    _assert_resumed(os.path.join(root, "z2_muon"), os.path.join(root, "z2_muon_resumed"), 3, "z2 muon")
-    _assert_resumed(os.path.join(root, "z1_muonh"), os.path.join(root, "z1_muonh_resumed"), 3, "z1 muonh")
+    runs = check_layouts(2, root, {n: (ov, [*GLOBAL, *single[n]]) for n, ov in cases.items()}, data,
+                         resume=("z2_muon", "z1_muonh"), timeout=400)
+    for name, (run, ref) in runs.items():
+        whole, = _state_bytes(ref)
+        parts = _state_bytes(run)
+        assert len(parts) == 2 and sum(parts) == whole and max(parts) < 0.6 * whole, \
+            f"{name}: state bytes {parts} of {whole}"
     # the checkpoint (DCP): every parameter's state once, written by its owner alone, and the
     # same entries as the single process's with the same values
-    from megaloop.parallel.dcp_state import read_whole, split_optim
-    final, ref_final = (os.path.join(d, "final") for d in (os.path.join(root, "z2_muonh"), _reference(root, [*GLOBAL, *MUONH])))
+    from megaloop.parallel.dcp_state import STATE_DIR, read_whole, split_optim
+    run, ref = runs["z2_muonh"]
+    steps = TINY["train"]["steps"]
+    final, ref_final = run.checkpoint(steps), ref.checkpoint(steps)
     (st, groups), (ref_st, ref_groups) = (split_optim(read_whole(f, "optim.")) for f in (final, ref_final))
     assert groups == ref_groups and st.keys() == ref_st.keys()
     for n, entries in ref_st.items():
@@ -95,17 +101,17 @@ def test_dp2_sharded_muon_muonh_equal_single_process(tmp_path):
         for k, v in entries.items():
             w = st[n][k]
             assert torch.allclose(torch.as_tensor(w), torch.as_tensor(v), rtol=1e-4, atol=1e-6), (n, k)
-    sizes = [os.path.getsize(os.path.join(final, "state", f)) for f in sorted(os.listdir(os.path.join(final, "state")))
-             if f.endswith(".distcp")]
+    folder = os.path.join(final, STATE_DIR)
+    sizes = [os.path.getsize(os.path.join(folder, f)) for f in sorted(os.listdir(folder)) if f.endswith(".distcp")]
     assert len(sizes) == 2 and min(sizes) > 0.3 * sum(sizes), f"each owner writes its own share: {sizes}"
 
 
-def test_sharded_muon_muonh_with_tp2_and_pp2(tmp_path):
+def test_sharded_muon_muonh_with_tp2_and_pp2(tmp_path, data):
     """4 processes: TP=2 x DP=2 (the owning replica's TP pair gathers each sharded matrix whole)
     and PP=2 x DP=2 at r=4 (each stage partitions its own parameters; the recurrent group's tied
     copies are updated by each stage's owner), muon and muonh, ZeRO 1 and 2 (and AdamW: ZeRO under
-    PP runs here too), equal the single process; TP=2 x DP=2 muonh resumes from its (TP-sharded, DP-partitioned) checkpoint."""
-    root = str(tmp_path)
+    PP runs here too), equal the single process; TP=2 x DP=2 muonh resumes from its (TP-sharded,
+    DP-partitioned) checkpoint."""
     r4 = ["model.num_recur=4"]
     cases = {
         "tp2_z1_muon": (["parallel.tp=2", "parallel.zero_stage=1"], []),
@@ -114,11 +120,9 @@ def test_sharded_muon_muonh_with_tp2_and_pp2(tmp_path):
         "pp2_z2_muon": (["parallel.pp=2", *r4, "parallel.zero_stage=2"], r4),
         "pp2_z1_adamw": (["parallel.pp=2", *r4, "parallel.zero_stage=1", *ADAM], [*r4, *ADAM]),
     }
-    _launch(4, root, _jobs(root, {k: v[0] for k, v in cases.items()}, resume=("tp2_z2_muonh",)), timeout=500)
-    for name, (_, single) in cases.items():
-        ref, out = _reference(root, [*GLOBAL, *single]), os.path.join(root, name)
-        _assert_same(ref, out, name)
-        parts, whole = _state_bytes(out, 4), _state_bytes(ref, 1)[0]
-        assert 0 < min(parts) and max(parts) < 0.6 * whole, f"{name}: state bytes {parts} of {whole}"
-    _assert_resumed(os.path.join(root, "tp2_z2_muonh"), os.path.join(root, "tp2_z2_muonh_resumed"), 3,
-                    "tp2 z2 muonh")
+    runs = check_layouts(4, str(tmp_path), {n: (ov, [*GLOBAL, *ref]) for n, (ov, ref) in cases.items()}, data,
+                         resume=("tp2_z2_muonh",), timeout=500)
+    for name, (run, ref) in runs.items():
+        parts, whole = _state_bytes(run), _state_bytes(ref)[0]
+        assert len(parts) == 4 and 0 < min(parts) and max(parts) < 0.6 * whole, \
+            f"{name}: state bytes {parts} of {whole}"

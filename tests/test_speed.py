@@ -23,7 +23,7 @@ from conftest import tiny_raw
 from megaloop import mfu
 from megaloop.accounting import block_params, count_params, flops_per_token
 from megaloop.config import load_config
-from megaloop.engine import LocalEngine
+from megaloop.parallel import local_engine
 from megaloop.model import LoopedLM
 from megaloop.train import build_model, compile_blocks, train
 
@@ -59,7 +59,7 @@ def run_steps(cfg, batches, compiled=False):
     model = build_model(cfg)
     if compiled:
         compile_blocks(model)
-    engine = LocalEngine(cfg, model, torch.device("cpu"))
+    engine = local_engine(cfg, model, torch.device("cpu"))
     return [engine.train_step([b], 1.0).loss for b in batches], model
 
 

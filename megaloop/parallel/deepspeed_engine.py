@@ -1,8 +1,10 @@
-"""Data parallelism under DeepSpeed: ZeRO stages 0-3, optionally with tensor parallelism (pp = 1).
+"""Data parallelism under DeepSpeed ZeRO stages 1-3, optionally with tensor parallelism (pp = 1).
+build_engine picks it for AdamW at parallel.zero_stage >= 1 (engines.py choose_engine); ZeRO 0 and
+Muon / MuonH run on the torch engine.
 
-DeepSpeed drives the data-parallel side: gradient accumulation, the gradient all-reduce or
-reduce-scatter, ZeRO partitioning of optimiser state / gradients / parameters, and clipping.
-The optimiser is our own MuonAdamW as a client optimiser; points that matter:
+The step is EngineBase's, with DeepSpeed's hooks: it drives the data-parallel side (gradient
+accumulation, the gradient all-reduce or reduce-scatter, ZeRO partitioning of optimiser state /
+gradients / parameters, and clipping) inside its backward and step. The optimiser is our own MuonAdamW as a client optimiser; points that matter:
   - DeepSpeed refuses untested client optimisers under ZeRO: `zero_allow_untested_optimizer`.
   - Its gradient clipping defaults to 1.0, so ours is always passed explicitly.
   - ZeRO >= 1 hands the optimiser flat partitions: elementwise AdamW is exact there, Muon is not
@@ -10,22 +12,20 @@ The optimiser is our own MuonAdamW as a client optimiser; points that matter:
     engine's sharded optimiser (sharded_optim.py) and validate_layout refuses them here.
   - Precision: weights, gradients and optimiser state stay fp32; bf16 runs the forward and
     backward under torch.autocast, exactly like the single-process engine (DeepSpeed's own bf16
-    mode would hand Muon flattened fp32 copies even at stage 0).
+    mode would keep its own flattened fp32 copies).
   - Under TP, DeepSpeed gets an `mpu` naming our groups; TP shards are tagged
     `tensor_model_parallel` so its gradient norm counts replicated weights once.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..engine import StepStats, autocast_for
-from ..optim import build_optimizer, set_lr
-from .common import DistributedEngineBase
+from ..optim import build_optimizer
+from .base import EngineBase, finite_step
 from .state import ParallelState
 from .tensor_parallel import apply_tensor_parallel
 
@@ -97,9 +97,9 @@ def ds_config(cfg: Config, dp: int) -> dict:
     }
 
 
-class DeepSpeedEngine(DistributedEngineBase):
+class DeepSpeedEngine(EngineBase):
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, st: ParallelState):
-        super().__init__(cfg, st)
+        super().__init__(cfg, device, st)
         if device.type == "cpu":
             # The CPU shm all-reduce op serves DeepSpeed inference only; building it costs ~70 s.
             # (Through sys.modules: the attribute deepspeed.comm.torch is the torch package.)
@@ -107,7 +107,6 @@ class DeepSpeedEngine(DistributedEngineBase):
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         import deepspeed
 
-        self.device = device
         apply_tensor_parallel(model, st.tp_group)
         for p in model.parameters():
             if getattr(p, "tp_split_dim", None) is not None:
@@ -145,50 +144,33 @@ class DeepSpeedEngine(DistributedEngineBase):
             return None
         opt.step = step
 
-    def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float,
-                   inject_nan: bool = False, num_recur: Optional[int] = None) -> StepStats:
-        set_lr(self.optimizer, lr_factor)
-        batches = list(batches)
+    # ------------------------------------------------------------------ the step's hooks
+    def _forward(self, x: torch.Tensor, y: torch.Tensor, r: int) -> torch.Tensor:
+        return self.ds(x, y, num_recur=r)
+
+    def _train_mode(self, on: bool) -> None:
+        self.ds.train(on)
+
+    def _accumulate(self, batches: list, r: int, poison: Optional[float]) -> torch.Tensor:
         if len(batches) != self.ds.gradient_accumulation_steps():
             raise ValueError(f"DeepSpeedEngine was configured for {self.ds.gradient_accumulation_steps()} "
                              f"micro-batches per step, got {len(batches)}")
-        total = torch.zeros((), device=self.device)
-        for x, y in batches:
-            with autocast_for(self.cfg, self.device):
-                loss = self.ds(x.to(self.device), y.to(self.device), num_recur=num_recur)
-            if inject_nan:  # fault-injection tests: the guarded optimiser step then skips everywhere
-                loss = loss * float("nan")
-            self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps
-            self.ds.step()          # applies the update at the accumulation boundary only
-            total += loss.detach().float()
-        loss_t = total / len(batches)
-        if self.st.layout.dp > 1:
-            dist.all_reduce(loss_t, group=self.st.dp_group)
-            loss_t /= self.st.layout.dp
-        loss = float(loss_t)
+        return super()._accumulate(batches, r, poison)
+
+    def _backward(self, loss: torch.Tensor, n_micro: int) -> None:
+        self.ds.backward(loss)  # divides by gradient_accumulation_steps (= n_micro) itself
+        self.ds.step()          # at the accumulation boundary: reduce, clip, guarded optimiser step
+
+    def _update(self, loss: float) -> tuple[float, bool]:
+        """ZeRO reduced, clipped and stepped inside the last micro-batch's ds.step(); what is left
+        is to report, with the guard's verdict on the gradients."""
         norm = self.ds.get_global_grad_norm()
         grad_norm = float(norm) if norm is not None else float("nan")
-        skipped = self._skipped or not math.isfinite(loss)
-        return StepStats(loss, grad_norm, skipped)
+        return grad_norm, self._skipped or not finite_step(loss, grad_norm)
 
-    @torch.no_grad()
-    def eval_loss(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_recur: Optional[int] = None) -> float:
-        lay = self.st.layout
+    def _eval_replicas(self) -> int:
         # ZeRO-3 gathers parameters inside every forward: all ranks must run the same forwards.
-        deal = lay.dp if self.cfg.parallel.zero_stage < 3 else 1
-        my = lay.dp_rank if deal > 1 else 0
-        self.ds.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for k, (x, y) in enumerate(batches):
-            if k % deal != my:
-                continue
-            with autocast_for(self.cfg, self.device):
-                loss = self.ds(x.to(self.device), y.to(self.device), num_recur=num_recur)
-            tot += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
-        self.ds.train()
-        if deal > 1:
-            dist.all_reduce(tot, group=self.st.dp_group)
-        return float(tot[0] / tot[1].clamp(min=1))
+        return self.dp_size if self.cfg.parallel.zero_stage < 3 else 1
 
     # ------------------------------------------------------------------ checkpoints
     # ZeRO >= 1 keeps the fp32 weights and the optimiser state in flat partitions over the DP
@@ -200,8 +182,6 @@ class DeepSpeedEngine(DistributedEngineBase):
 
         named = list(self.model.named_parameters())
         zero, lay = self.cfg.parallel.zero_stage, self.st.layout
-        if zero == 0:  # the client optimiser holds the model's own parameters
-            return save(path, state_dict(named, self.optimizer), background)
         from deepspeed.utils import safe_get_full_fp32_param
 
         self._link_zero_state()
@@ -221,9 +201,6 @@ class DeepSpeedEngine(DistributedEngineBase):
 
         named = list(self.model.named_parameters())
         zero = self.cfg.parallel.zero_stage
-        if zero == 0:
-            load(path, named, self.optimizer, known=[n for n, _ in named])
-            return
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 

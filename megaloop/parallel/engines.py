@@ -1,15 +1,15 @@
-"""Building a distributed engine: read the launcher's environment, validate the layout on every
-rank *before* any collective (so a bad layout is one clear error per rank, never a hang), start
+"""Building an engine: read the launcher's environment, validate the layout on every rank
+*before* any collective (so a bad layout is one clear error per rank, never a hang), start
 torch.distributed, create the process groups, and pick the engine.
 
-Engines (both implement megaloop.engine's interface):
-  - TorchEngine (megaloop.parallel.torch_engine): TP x PP x DP with ZeRO stage 0, 1 or 2 (its
-    own, partitioning whole parameters: sharded_optim.py), Muon, MuonH or AdamW. Pipeline
-    parallelism runs here (torch.distributed.pipelining, 1F1B).
-  - DeepSpeedEngine (megaloop.parallel.deepspeed_engine): TP x DP with ZeRO stages 0-3, pp = 1;
-    at ZeRO >= 1 AdamW only (DeepSpeed's partitions are flat slices, not whole matrices).
-parallel.engine=auto picks DeepSpeed for AdamW with pp = 1 and ZeRO >= 1, the torch engine
-otherwise.
+Engines (both implement megaloop.parallel.engine_api.Engine, with EngineBase's one step):
+  - TorchEngine (megaloop.parallel.torch_engine): one process, or TP x PP x DP with ZeRO stage 0,
+    1 or 2 (its own, partitioning whole parameters: sharded_optim.py); Muon, MuonH or AdamW.
+    Pipeline parallelism runs here (torch.distributed.pipelining, 1F1B).
+  - DeepSpeedEngine (megaloop.parallel.deepspeed_engine): TP x DP with ZeRO stages 1-3, pp = 1,
+    AdamW only (DeepSpeed's partitions are flat slices, not whole matrices).
+parallel.engine=auto picks DeepSpeed for AdamW with pp = 1 and ZeRO >= 1 on more than one
+process, the torch engine otherwise; ZeRO stage 0 always runs the torch engine.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import torch.distributed as dist
 
 from ..config import Config, ConfigError
 from . import failfast, state
+from .engine_api import Engine
 from .pipeline import check_pipeline
-from .state import Layout, make_layout
+from .state import Layout, ParallelState, make_layout
 
 
 @dataclass(frozen=True)
@@ -65,10 +66,14 @@ def rendezvous_from_env(env=None) -> Rendezvous:
 
 
 def choose_engine(cfg: Config) -> str:
+    """DeepSpeed where ZeRO asks for it and it can run the run (AdamW, pp = 1), or where the
+    config names it; the torch engine everywhere else (always at zero_stage 0)."""
     p = cfg.parallel
+    if p.zero_stage == 0:
+        return "torch"
     if p.engine != "auto":
         return p.engine
-    return "deepspeed" if p.pp == 1 and p.zero_stage >= 1 and cfg.optim.name == "adamw" else "torch"
+    return "deepspeed" if p.pp == 1 and cfg.optim.name == "adamw" else "torch"
 
 
 def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
@@ -110,8 +115,9 @@ def validate_layout(cfg: Config, world: int, rank: int = 0) -> Layout:
         try:
             import deepspeed  # noqa: F401
         except ImportError:
-            raise ConfigError("parallel.engine=deepspeed but DeepSpeed is not installed: "
-                              "DS_BUILD_OPS=0 pip install deepspeed (or pip install -e .[distributed])") from None
+            raise ConfigError(f"parallel.zero_stage={p.zero_stage} runs on DeepSpeed, which is not installed: "
+                          "DS_BUILD_OPS=0 pip install deepspeed (or pip install -e .[distributed]), or use "
+                          "parallel.zero_stage=0") from None
     return layout
 
 
@@ -125,8 +131,26 @@ def init_torch_distributed(rdv: Rendezvous, device: torch.device, timeout_s: int
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def build_distributed_engine(cfg: Config, model: torch.nn.Module, device: torch.device):
-    rdv = rendezvous_from_env()
+def local_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
+    """The torch engine on this process alone (world size 1: no process group, no collective),
+    whatever cfg.parallel says: for `megaloop eval` and other single-process tools on a plain model."""
+    from .torch_engine import TorchEngine
+    return TorchEngine(cfg, model, device, ParallelState(Layout(1, 1, 1)))
+
+
+def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
+    """The engine for the launch environment and the config. One process: the torch engine at
+    world size 1 (ZeRO has nothing to shard there). Several: the layout is validated on every
+    rank before any collective, then torch.distributed starts and DeepSpeed runs where ZeRO asks
+    for it, the torch engine everywhere else."""
+    rdv = rendezvous_from_env()  # also raises when a rendezvous variable is missing
+    p = cfg.parallel
+    if rdv.world == 1:
+        if p.tp * p.pp > 1:
+            raise ConfigError(
+                f"parallel.tp={p.tp} x parallel.pp={p.pp} needs {p.tp * p.pp} processes, but this is a single "
+                f"process. Launch with launch/torchrun.sh --nproc {p.tp * p.pp} (or set tp=pp=1)")
+        return local_engine(cfg, model, device)
     layout = validate_layout(cfg, rdv.world, rdv.rank)  # before any collective: errors on every rank
     if device.type == "cuda":
         device = torch.device("cuda", rdv.local_rank)

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .. import param_names as names
 from ..config import ConfigError, ModelConfig
 from ..model import RecurrenceState
 
@@ -133,13 +134,14 @@ def eval_units(plan: StagePlan, cfg: ModelConfig, num_recur: int) -> list[Unit]:
 
 def owned_prefixes(plan: StagePlan) -> tuple[str, ...]:
     """State-dict name prefixes of the parameters this stage uses."""
-    out = [f"{u.kind}.{u.index}." for u in plan.units if u.kind in ("prelude", "coda")]
+    blocks = {"prelude": names.PRELUDE, "coda": names.CODA}
+    out = [f"{blocks[u.kind]}{u.index}." for u in plan.units if u.kind in blocks]
     if plan.first:
-        out += ["embed.", "norm_emb."]
+        out += [names.EMBED, names.NORM_EMB]
     if plan.holds_recurrence:
-        out += ["recur.", "injection.", "norm_recur."]
+        out += list(names.RECURRENT_GROUP)
     if plan.last:
-        out += ["norm_final.", "head."]
+        out += [names.NORM_FINAL, names.HEAD]
     return tuple(out)
 
 

@@ -1,4 +1,6 @@
-"""TP x PP x DP training on plain torch.distributed: Muon, MuonH or AdamW, ZeRO stage 0, 1 or 2.
+"""TP x PP x DP training on plain torch.distributed: Muon, MuonH or AdamW, ZeRO stage 0, 1 or 2;
+also the single process, which is this engine at world size 1 (no process group, every collective
+skipped).
 
 - TP: the model's linears, embedding and head are swapped for shards (tensor_parallel.py).
 - PP: this rank runs one stage (pipeline.py) under torch.distributed.pipelining's 1F1B schedule
@@ -7,22 +9,23 @@
   ZeRO 1 / 2 the optimiser is ShardedMuonAdamW (sharded_optim.py): whole parameters partitioned
   over the DP ranks, state on the owner only, ZeRO-2 reducing each gradient to its owner.
 Then one global gradient norm (each parameter counted once: TP shards summed, replicated and
-tied copies counted once), clipping like torch.nn.utils.clip_grad_norm_, and the same
-MuonAdamW step as the single-process engine, so every layout reproduces its losses.
+tied copies counted once), clipping exactly like torch.nn.utils.clip_grad_norm_, and the
+optimizer step, all in EngineBase's shared step, so every layout reproduces the single process.
 """
 from __future__ import annotations
 
-import math
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..config import Config
-from ..engine import StepStats, autocast_for
-from ..optim import MuonAdamW, param_groups, set_lr
-from .common import DistributedEngineBase
+from ..optim import MuonAdamW, param_groups
+from ..param_names import RECURRENT_GROUP
+from .base import EngineBase
+from .engine_api import Batch, autocast_for
 from .pipeline import StageModule, eval_units, owned_prefixes, plan_stages, recv_tuple, run_units, send_tuple
 from .sharded_optim import ShardedMuonAdamW
 from .state import ParallelState
@@ -31,10 +34,9 @@ from .tensor_parallel import apply_tensor_parallel
 BUCKET_ELEMS = 25_000_000  # gradient all-reduce bucket (elements): large enough to amortise latency
 
 
-class TorchEngine(DistributedEngineBase):
+class TorchEngine(EngineBase):
     def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, st: ParallelState):
-        super().__init__(cfg, st)
-        self.device = device
+        super().__init__(cfg, device, st)
         lay = st.layout
         apply_tensor_parallel(model, st.tp_group)
         self.model = model.to(device)
@@ -58,10 +60,14 @@ class TorchEngine(DistributedEngineBase):
         groups = [g for g in groups if g["params"]]
         self.zero_stage = cfg.parallel.zero_stage if lay.dp > 1 else 0  # one replica: nothing to shard
         if self.zero_stage:
-            names = {id(p): n for n, p in model.named_parameters()}
-            self.optimizer = ShardedMuonAdamW(groups, names, st)
+            by_id = {id(p): n for n, p in model.named_parameters()}
+            self.optimizer = ShardedMuonAdamW(groups, by_id, st)
         else:
             self.optimizer = MuonAdamW(groups)
+        # The parameters whose gradients enter the global norm: each counted once over the layout.
+        self.counted = [p for n, p in zip(self.owned_names, self.params)
+                        if (getattr(p, "tp_split_dim", None) is not None or lay.tp_rank == 0)  # TP replicas once
+                        and (n not in self.tied or self.tie_leader)]                      # tied copies once
         self._schedules: dict[int, object] = {}
         self._poison = 1.0
         self._recur = cfg.model.num_recur  # this step's recurrence count (read by the pipeline stage)
@@ -81,8 +87,7 @@ class TorchEngine(DistributedEngineBase):
                 if lay.rank in ranks:
                     self.tie_group = g
         if self.tie_group is not None:
-            self.tied = {n for n, _ in self.model.named_parameters()
-                         if n.startswith(("recur.", "injection.", "norm_recur."))}
+            self.tied = {n for n, _ in self.model.named_parameters() if n.startswith(RECURRENT_GROUP)}
         self.tie_leader = lay.pp_rank == recur_stages[0]
 
     def _schedule(self, n_micro: int):
@@ -104,49 +109,27 @@ class TorchEngine(DistributedEngineBase):
             self._schedules[n_micro] = cls(self._pipe_stage, n_micro, loss_fn=loss_fn)
         return self._schedules[n_micro]
 
-    # ------------------------------------------------------------------ training
-    def train_step(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr_factor: float,
-                   inject_nan: bool = False, num_recur: Optional[int] = None) -> StepStats:
-        """One step over the micro-batches at num_recur recurrences (None: the model's; every
-        rank is handed the same draw); inject_nan poisons the loss (fault-injection tests):
-        every rank then skips the update, because the loss and grad norm are global."""
-        set_lr(self.optimizer, lr_factor)
-        self._poison = float("nan") if inject_nan else 1.0
-        self._recur = num_recur or self.cfg.model.num_recur
-        batches = list(batches)
-        n = len(batches)
+    # ------------------------------------------------------------------ the step's hooks
+    def _accumulate(self, batches: list[Batch], r: int, poison: Optional[float]) -> torch.Tensor:
         if self.plan is None:
-            total = torch.zeros((), device=self.device)
-            for x, y in batches:
-                with autocast_for(self.cfg, self.device):
-                    loss = self.model(x.to(self.device), y.to(self.device), num_recur=self._recur) * self._poison
-                (loss / n).backward()
-                total += loss.detach().float()
-            loss_t = total / n
+            return super()._accumulate(batches, r, poison)
+        # A pipeline stage: the schedule runs every micro-batch's forward and backward (1F1B).
+        self._poison = 1.0 if poison is None else poison
+        self._recur = r
+        n = len(batches)
+        x = torch.cat([b[0] for b in batches]).to(self.device)
+        y = torch.cat([b[1] for b in batches]).to(self.device)
+        sched, losses = self._schedule(n), []
+        if self.plan.first:
+            sched.step(x)
+        elif self.plan.last:
+            sched.step(target=y, losses=losses)
         else:
-            x = torch.cat([b[0] for b in batches]).to(self.device)
-            y = torch.cat([b[1] for b in batches]).to(self.device)
-            sched, losses = self._schedule(n), []
-            if self.plan.first:
-                sched.step(x)
-            elif self.plan.last:
-                sched.step(target=y, losses=losses)
-            else:
-                sched.step()
-            loss_t = (torch.stack([l.detach().float() for l in losses]).sum() / n if losses
-                      else torch.zeros((), device=self.device))
-            dist.all_reduce(loss_t, group=self.st.pp_group)  # only the last stage has it
-        self._sync_grads()
-        if self.st.layout.dp > 1:
-            dist.all_reduce(loss_t, group=self.st.dp_group)
-            loss_t /= self.st.layout.dp
-        loss = float(loss_t)
-        grad_norm = self._clip()
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if not skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepStats(loss, grad_norm, skipped)
+            sched.step()
+        loss_t = (torch.stack([l.detach().float() for l in losses]).sum() / n if losses
+                  else torch.zeros((), device=self.device))
+        dist.all_reduce(loss_t, group=self.st.pp_group)  # only the last stage has it
+        return loss_t
 
     def _sync_grads(self) -> None:
         # Tied copies of the recurrent group: sum the stages' contributions.
@@ -158,9 +141,9 @@ class TorchEngine(DistributedEngineBase):
             self._all_reduce_flat([p.grad for p in tied], self.tie_group, 1)
         if self.zero_stage == 2:  # each gradient to its owner only
             self.optimizer.reduce_gradients()
-        elif self.st.layout.dp > 1:
+        elif self.dp_size > 1:
             self._all_reduce_flat([p.grad for p in self.params if p.grad is not None], self.st.dp_group,
-                                  self.st.layout.dp)
+                                  self.dp_size)
 
     @staticmethod
     def _all_reduce_flat(grads: list[torch.Tensor], group, divide: int) -> None:
@@ -179,58 +162,31 @@ class TorchEngine(DistributedEngineBase):
                     dst.copy_(src)
                 bucket, size = [], 0
 
-    def _clip(self) -> float:
-        """Global grad norm over the whole model replica, then clip_grad_norm_'s scaling."""
+    def _clip_grads(self) -> float:
+        """The global grad norm over the whole model replica, then clip_grad_norm_'s scaling. On
+        one process this is torch.nn.utils.clip_grad_norm_ itself, operation for operation."""
+        norm = get_total_norm([p.grad for p in self.counted if p.grad is not None]).to(self.device)
         lay = self.st.layout
-        sq = torch.zeros((), device=self.device, dtype=torch.float32)
-        names = dict(zip(map(id, self.params), self.owned_names))
-        for p in self.params:
-            if p.grad is None:
-                continue
-            sharded = getattr(p, "tp_split_dim", None) is not None
-            if not sharded and lay.tp_rank != 0:
-                continue  # replicated across TP: count once
-            if names[id(p)] in self.tied and not self.tie_leader:
-                continue  # tied copy on another stage: count once
-            sq += p.grad.detach().float().pow(2).sum()
-        if lay.tp * lay.pp > 1:
-            dist.all_reduce(sq, group=self.st.mp_group)
-        if self.zero_stage == 2:  # each rank holds its owned gradients only
-            dist.all_reduce(sq, group=self.st.dp_group)
-        norm = float(sq.sqrt())
-        clip = self.cfg.optim.grad_clip or float("inf")
-        coef = min(clip / (norm + 1e-6), 1.0)
-        if math.isfinite(norm):
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad.mul_(coef)
-        return norm
+        if lay.tp * lay.pp > 1 or self.zero_stage == 2:
+            sq = norm.float().square()
+            if lay.tp * lay.pp > 1:  # this rank's share: sum the squares over TP x PP
+                dist.all_reduce(sq, group=self.st.mp_group)
+            if self.zero_stage == 2:  # each rank holds its owned gradients only
+                dist.all_reduce(sq, group=self.st.dp_group)
+            norm = sq.sqrt()
+        clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip or float("inf"), norm)
+        return float(norm)
 
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def eval_loss(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_recur: Optional[int] = None) -> float:
-        """Mean loss per target token; batches are dealt round-robin over the DP replicas."""
-        lay = self.st.layout
-        r = num_recur or self.cfg.model.num_recur
-        self.model.eval()
-        tot = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for k, (x, y) in enumerate(batches):
-            if k % lay.dp != lay.dp_rank:
-                continue
-            x, y = x.to(self.device), y.to(self.device)
-            with autocast_for(self.cfg, self.device):
-                if self.plan is None:
-                    loss = self.model(x, y, num_recur=r)
-                else:
-                    loss = self._relay_forward(x, y, r)
-            if loss is not None:
-                tot += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
-        self.model.train()
-        if lay.pp > 1:
+    # ------------------------------------------------------------------ evaluation hooks
+    def _eval_loss_of(self, x: torch.Tensor, y: torch.Tensor, r: int) -> Optional[torch.Tensor]:
+        if self.plan is None:
+            return self.model(x, y, num_recur=r)
+        return self._relay_forward(x, y, r)
+
+    def _eval_reduce(self, tot: torch.Tensor, replicas: int) -> None:
+        if self.plan is not None:
             dist.all_reduce(tot, group=self.st.pp_group)
-        if lay.dp > 1:
-            dist.all_reduce(tot, group=self.st.dp_group)
-        return float(tot[0] / tot[1].clamp(min=1))
+        super()._eval_reduce(tot, replicas)
 
     def _relay_forward(self, x: torch.Tensor, y: torch.Tensor, r: int) -> Optional[torch.Tensor]:
         from .state import pp_neighbour
