@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import tempfile
-import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Optional
 
@@ -32,11 +31,9 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 META = "meta.json"
 # Held while a checkpoint is renamed into place and `latest` replaced: a rank stopped because
 # another rank failed waits for it, so it never exits between the two steps.
-PUBLISH_LOCK = threading.Lock()
-
-
-class CheckpointError(UserError):
-    pass
+# held while a checkpoint is renamed into place; the fail-fast watchdog waits for it before exiting
+from .parallel.failfast import PUBLISH_LOCK  # noqa: E402
+from .errors import CheckpointError  # noqa: E402,F401 - raised here, defined with the other user errors
 
 
 # What to do about the causes a save can meet; anything else is named as is.

@@ -4,3 +4,7 @@
 class UserError(Exception):
     """A mistake the user can fix (bad config, missing file, impossible layout). Message names the fix."""
     exit_status = 2
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written or read as asked (raised by the loop and the engines)."""

@@ -1,7 +1,7 @@
 """Layers point one way: the training loop uses the engines, the engines never import the loop.
 
 Contract: no module of megaloop.parallel imports (at the top or inside a function) a module of
-the layers above it: the training loop and its helpers (train, run_lock, divergence, faults,
+the layers above it: the training loop and its helpers (train, checkpoint, run_lock, divergence, faults,
 observe, the data loader and preparation), the commands (cli, export, eval / inference, sweep)
 or analysis. The engine interface (Engine, StepStats) is defined in megaloop.parallel, and the
 loop reaches the engines only through it. Checked on the source (ast), so a lazy import inside a
@@ -15,7 +15,7 @@ import os
 import megaloop.parallel
 
 PARALLEL = os.path.dirname(megaloop.parallel.__file__)
-ABOVE = ("megaloop.train", "megaloop.run_lock", "megaloop.divergence", "megaloop.faults", "megaloop.observe",
+ABOVE = ("megaloop.train", "megaloop.checkpoint", "megaloop.run_lock", "megaloop.divergence", "megaloop.faults", "megaloop.observe",
          "megaloop.data.loader", "megaloop.data.prepare", "megaloop.data.preprocess", "megaloop.data.cli",
          "megaloop.cli", "megaloop.export", "megaloop.inference", "megaloop.sweep", "megaloop.analysis",
          "megaloop.engine")

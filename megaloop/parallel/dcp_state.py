@@ -44,7 +44,7 @@ def _quiet():
 
 
 def _error(msg: str):
-    from ..checkpoint import CheckpointError
+    from ..errors import CheckpointError
     return CheckpointError(msg)
 
 

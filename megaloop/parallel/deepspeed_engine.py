@@ -204,7 +204,7 @@ class DeepSpeedEngine(EngineBase):
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        from ..checkpoint import CheckpointError
+        from ..errors import CheckpointError
 
         loaded = load(path, named, self.optimizer, known=[n for n, _ in named], in_place=False)
         steps = {float(st["step"]) for st in loaded.states.values() if "step" in st}

@@ -33,6 +33,10 @@ import torch.distributed as dist
 
 from ..errors import UserError
 
+# Held while a checkpoint is renamed into place (megaloop.checkpoint): a rank that must exit because
+# another failed waits for it, so a publication in progress is never cut in half.
+PUBLISH_LOCK = threading.Lock()
+
 POLL_S = 0.5        # how often every rank looks for a failure record
 ACK_WAIT_S = 2.0    # how long a failing rank waits for the others to read its record
 GRACE_S = 2.0       # how long a rank that lost a peer waits for that peer's own record
@@ -126,7 +130,6 @@ class FailFast:
                 return
 
     def _exit(self, rec: dict, lost_store: bool = False) -> None:
-        from ..checkpoint import PUBLISH_LOCK
         PUBLISH_LOCK.acquire(timeout=30)  # let a checkpoint being published finish
         # One line for the job: from rank 0, or from rank 1 when rank 0 is the one that failed.
         if self.rank == (1 if rec["rank"] == 0 else 0) or (lost_store and self.rank <= 1):
