@@ -39,6 +39,7 @@ class LoopKVCache:
         shape = (n_layers, batch, length, cfg.kv_heads, cfg.hdim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
         self.pos = 0  # absolute position of the next token (the same for every row)
         self._masks: dict = {}  # per chunk: every layer attends with the same mask
         self.pad = None if pad is None or not bool((pad > 0).any()) else pad.to(device)
@@ -51,15 +52,35 @@ class LoopKVCache:
               fallback: Optional[tuple] = None) -> "CacheLayer":
         """Block j of the group at recurrence i (slot i % kv_budget). Rows where `keep` is False
         (tokens that already exited) write `fallback` (k, v) instead of what they computed."""
-        return CacheLayer(self, self.n_prelude + (i % self.kv_budget) * self.n_block + j, keep, fallback)
+        return CacheLayer(self, self.recur_index(i, j), keep, fallback)
 
     def coda(self, j: int) -> "CacheLayer":
-        return CacheLayer(self, self.n_prelude + self.kv_budget * self.n_block + j)
+        return CacheLayer(self, self.coda_index(j))
+
+    def recur_index(self, i: int, j: int) -> int:
+        return self.n_prelude + (i % self.kv_budget) * self.n_block + j
+
+    def coda_index(self, j: int) -> int:
+        return self.n_prelude + self.kv_budget * self.n_block + j
 
     def fill(self, i: int, j: int, kv: tuple) -> None:
         """Write kv for the chunk in flight into block j's slot of recurrence i without computing
         it: the entries of recurrences that an exited token skips (see decode.py)."""
         self.recur(i, j).write(*kv)
+
+    def attend_one(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token per row (q [B, Hq, D], k/v [B, Hk, D]): store k and v in layer `index` at
+        this position's ring index, in place, and attend over the window; returns [B, Hq, 1, D].
+        The ring then holds exactly the last min(pos + 1, length) positions, all visible to the
+        token, so only padding needs a mask."""
+        p, n = self.pos % self.length, min(self.pos + 1, self.length)
+        keys, values = self.k_layers[index], self.v_layers[index]
+        keys[:, p], values[:, p] = k, v
+        keys, values = keys[:, :n].transpose(1, 2), values[:, :n].transpose(1, 2)
+        mask = None if self.pad is None else self.chunk_mask(n, 1, wrapped=False)
+        qd = q.unsqueeze(2) if q.dtype == keys.dtype else q.unsqueeze(2).to(keys.dtype)
+        y = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, enable_gqa=keys.size(1) != q.size(1))
+        return y if y.dtype == q.dtype else y.to(q.dtype)
 
     def advance(self, T: int) -> None:
         self.pos += T
@@ -112,6 +133,10 @@ class CacheLayer:
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         c = self.cache
         T = k.size(1)
+        if T == 1:  # one token: a slice, not an index tensor
+            c.k[self.index][:, c.pos % c.length] = k[:, 0]
+            c.v[self.index][:, c.pos % c.length] = v[:, 0]
+            return
         idx = torch.remainder(torch.arange(c.pos, c.pos + T, device=k.device), c.length)
         c.k[self.index][:, idx] = k.to(c.k.dtype)
         c.v[self.index][:, idx] = v.to(c.v.dtype)
