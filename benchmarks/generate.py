@@ -6,9 +6,15 @@
 
 Prints one JSON object:
   speed    per r: tokens/s generating --new-tokens greedy tokens from a --prompt-tokens prompt,
-           recomputing the window for every token (`uncached`, LoopedLM.generate(use_cache=False))
-           and over the cache (`cached`), the speed-up, whether both gave the same tokens, and the
-           cache's bytes. Each variant runs --repeats times alternately; the median time counts.
+           recomputing the window for every token (`uncached`: LoopedLM.next_logits, the step of
+           LoopedLM.generate(use_cache=False), whose head sees only the last position) and over
+           the cache (`cached`: the prefill and Decoder.forward steps of inference.generate).
+           The two run side by side in one process, one token of each in turn, so a noisy machine
+           slows both alike; --rounds such rounds give the medians: tokens/s, `speedup` (the
+           median of the per-round ratios of wall time) and `cpu_speedup` (the same in this
+           thread's CPU time, which a loaded machine disturbs less). Also: whether both gave the
+           same tokens (and equal inference.generate's), ms per token, the cache's bytes, and
+           the load average before and after.
   budgets  per r and kv budget k (r, then halving down to 1): the cache's bytes; the greedy
            agreement with the exact cache (share of the new tokens equal position by position, and
            the first position that differs); and the teacher-forced validation loss of cached
@@ -32,7 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megaloop.config import load_config  # noqa: E402
 from megaloop.inference.evaluate import decode_eval  # noqa: E402
-from megaloop.inference.generate import generate  # noqa: E402
+from megaloop.inference.decode import Decoder  # noqa: E402
+from megaloop.inference.generate import generate, sample  # noqa: E402
 from megaloop.model import LoopedLM  # noqa: E402
 
 
@@ -53,26 +60,54 @@ def load(args):
     return model, cfg, (x[:, :-1], x[:, 1:]), "random tokens (random weights)"
 
 
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
+class Clock:
+    """Wall and thread-CPU seconds spent inside `timed` calls."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def timed(self, fn):
+        w, c = time.perf_counter(), time.thread_time()
+        out = fn()
+        self.wall += time.perf_counter() - w
+        self.cpu += time.thread_time() - c
+        return out
 
 
-def speed(model, prompt, r, n_new, repeats):
-    times = {"uncached": [], "cached": []}
-    outs = {}
-    for _ in range(repeats):
-        dt, outs["uncached"] = timed(lambda: model.generate(prompt, n_new, num_recur=r, use_cache=False))
-        times["uncached"].append(dt)
-        dt, gen = timed(lambda: generate(model, prompt, n_new, num_recur=r))
-        times["cached"].append(dt)
-        outs["cached"] = gen.tokens
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"uncached_tokens_per_s": n_new / med["uncached"], "cached_tokens_per_s": n_new / med["cached"],
-            "speedup": med["uncached"] / med["cached"],
-            "same_tokens": bool(torch.equal(outs["uncached"], outs["cached"])),
-            "cache_bytes": gen.cache["bytes"], "seconds": med}
+def side_by_side(model, prompt, r, n_new):
+    """One round: the uncached and the cached decoder each make one greedy token in turn, on
+    their own clocks. The cached side mirrors inference.generate (cache sized to the window,
+    prefill at r, one Decoder.forward per new token but the last)."""
+    unc, cac = Clock(), Clock()
+    dec = cac.timed(lambda: Decoder(model, prompt.size(0), min(model.cfg.seq_len, prompt.size(1) + n_new), r))
+    logits = cac.timed(lambda: dec.forward(prompt, r).logits)
+    ids, new = prompt, []
+    for n in range(n_new):
+        ids = unc.timed(lambda: torch.cat([ids, sample(model.next_logits(ids, r), 0.0, None)], 1))
+        new.append(cac.timed(lambda: sample(logits, 0.0, None)))
+        if n + 1 < n_new:
+            logits = cac.timed(lambda: dec.forward(new[-1], r).logits)
+    return unc, cac, ids, torch.cat([prompt, *new], 1), dec.cache.nbytes
+
+
+def speed(model, prompt, r, n_new, rounds):
+    side_by_side(model, prompt, r, 8)  # warm-up: first calls, allocator
+    runs = [side_by_side(model, prompt, r, n_new) for _ in range(rounds)]
+    med = statistics.median
+    reference = generate(model, prompt, n_new, num_recur=r).tokens
+    same = all(torch.equal(u_ids, c_ids) for _, _, u_ids, c_ids, _ in runs)
+    diff = (runs[0][2] != runs[0][3]).nonzero()
+    return {"uncached_tokens_per_s": med(n_new / u.wall for u, *_ in runs),
+            "cached_tokens_per_s": med(n_new / c.wall for _, c, *_ in runs),
+            "speedup": med(u.wall / c.wall for u, c, *_ in runs),
+            "cpu_speedup": med(u.cpu / c.cpu for u, c, *_ in runs),
+            "round_speedups": [round(u.wall / c.wall, 2) for u, c, *_ in runs],
+            "uncached_ms_per_token": med(1e3 * u.wall / n_new for u, *_ in runs),
+            "cached_ms_per_token": med(1e3 * c.wall / n_new for _, c, *_ in runs),
+            "cached_cpu_ms_per_token": med(1e3 * c.cpu / n_new for _, c, *_ in runs),
+            "same_tokens": same and all(torch.equal(c_ids, reference) for _, _, _, c_ids, _ in runs),
+            "first_difference": int(diff[0, 1]) - prompt.size(1) if len(diff) else None,
+            "cache_bytes": runs[0][4], "rounds": rounds}
 
 
 def budgets(model, prompt, xy, r, n_new):
@@ -93,6 +128,14 @@ def budgets(model, prompt, xy, r, n_new):
     return rows
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None, help="a run directory or export folder (default: random weights)")
@@ -101,7 +144,7 @@ def main():
     ap.add_argument("--recur", default="1,4,8")
     ap.add_argument("--new-tokens", type=int, default=512)
     ap.add_argument("--prompt-tokens", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3, help="side-by-side rounds per r (medians are reported)")
     ap.add_argument("--budget-new-tokens", type=int, default=128, help="greedy tokens per budget agreement check")
     ap.add_argument("--eval-rows", type=int, default=4, help="validation windows for each budget's loss")
     ap.add_argument("--threads", type=int, default=1)
@@ -115,13 +158,16 @@ def main():
         "d_model", "n_head", "n_kv_head", "n_prelude", "n_recur_block", "n_coda", "num_recur", "seq_len",
         "vocab_size", "input_injection")}, "data": source, "threads": args.threads, "batch": 1,
         "prompt_tokens": prompt.size(1), "new_tokens": args.new_tokens, "device": "cpu", "dtype": "float32",
-        "speed": {}, "budgets": {}}
+        "cpu": cpu_name(), "load_average_before": os.getloadavg(), "speed": {}, "budgets": {}}
     with torch.no_grad():
         for r in rs:
-            result["speed"][str(r)] = speed(model, prompt, r, args.new_tokens, args.repeats)
-            print(f"r={r}: {result['speed'][str(r)]['speedup']:.1f}x", file=sys.stderr)
+            res = result["speed"][str(r)] = speed(model, prompt, r, args.new_tokens, args.rounds)
+            print(f"r={r}: {res['speedup']:.1f}x wall (rounds {res['round_speedups']}), "
+                  f"{res['cpu_speedup']:.1f}x cpu; {res['cached_ms_per_token']:.2f} vs "
+                  f"{res['uncached_ms_per_token']:.2f} ms/token", file=sys.stderr)
         for r in rs:
             result["budgets"][str(r)] = budgets(model, prompt, xy, r, args.budget_new_tokens)
+    result["load_average_after"] = os.getloadavg()
     text = json.dumps(result, indent=2)
     if args.out:
         with open(args.out, "w") as f:

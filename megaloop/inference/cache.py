@@ -39,7 +39,8 @@ class LoopKVCache:
         shape = (n_layers, batch, length, cfg.kv_heads, cfg.hdim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # per-layer views, made once
+        self.k_layers = [self.k[i] for i in range(n_layers)]  # per-layer views, made once
+        self.v_layers = [self.v[i] for i in range(n_layers)]
         self.pos = 0  # absolute position of the next token (the same for every row)
         self._masks: dict = {}  # per chunk: every layer attends with the same mask
         self.pad = None if pad is None or not bool((pad > 0).any()) else pad.to(device)
@@ -75,8 +76,9 @@ class LoopKVCache:
         token, so only padding needs a mask."""
         p, n = self.pos % self.length, min(self.pos + 1, self.length)
         keys, values = self.k_layers[index], self.v_layers[index]
-        keys[:, p], values[:, p] = k, v
-        keys, values = keys[:, :n].transpose(1, 2), values[:, :n].transpose(1, 2)
+        keys.select(1, p).copy_(k)  # (select / narrow: cheaper calls than [:, p] indexing)
+        values.select(1, p).copy_(v)
+        keys, values = keys.narrow(1, 0, n).transpose(1, 2), values.narrow(1, 0, n).transpose(1, 2)
         mask = None if self.pad is None else self.chunk_mask(n, 1, wrapped=False)
         qd = q.unsqueeze(2) if q.dtype == keys.dtype else q.unsqueeze(2).to(keys.dtype)
         y = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, enable_gqa=keys.size(1) != q.size(1))

@@ -62,7 +62,7 @@ class Decoder:
             with torch.inference_mode(False):  # the model keeps them: no inference tensors
                 m.rope(max(end, 2 * m.rope_cos.size(0)))
         cos, sin = m.rope_cos[self.cache.pos:end], m.rope_sin[self.cache.pos:end]
-        return cos, sin, rope_rotation(cos[0], sin[0]) if T == 1 else None
+        return cos, sin, rope_rotation(cos[0], sin[0], m.embed.weight.dtype) if T == 1 else None
 
     def _block(self, part, j, x, rope, index, keep=None, fallback=None):
         """Block j of `part` on x over cache layer `index`; returns (output, the (k, v) it stored)."""
