@@ -119,7 +119,7 @@ def test_token_step_equals_module_path(mode):
     left-padded row), and its rotation matrix is K.qk_norm_rope's rotary embedding."""
     from megaloop import kernels as K
     from megaloop.inference.cache import CacheLayer, LoopKVCache
-    from megaloop.inference.step import TokenBlock, rope_rotation
+    from megaloop.inference.step import RopeRotations, TokenBlock
 
     model = make(mode)
     cfg = model.cfg
@@ -127,8 +127,8 @@ def test_token_step_equals_module_path(mode):
     pos = 30  # past the 24-position ring: the write lands on a wrapped index
     cos, sin = model.rope(pos + 1)
     q = torch.randn(2, 1, cfg.n_head, cfg.hdim, generator=g)
-    k = torch.randn(2, 1, cfg.kv_heads, cfg.hdim, generator=g)
-    rot = rope_rotation(cos[pos], sin[pos])
+    k = torch.randn(2, 1, cfg.kv_heads, cfg.hdim, generator=g)  # [B, T, H, D]
+    rot = RopeRotations(model, torch.float32)(pos)
     want = K.qk_norm_rope_reference(q, k, cos[pos:pos + 1], sin[pos:pos + 1], cfg.norm_eps)
     got = [K.rms_norm_reference(torch.matmul(t, rot), None, cfg.norm_eps) for t in (q, k)]
     for a, b in zip(got, want):
@@ -144,7 +144,7 @@ def test_token_step_equals_module_path(mode):
             layer = CacheLayer(caches[0], index)
             with torch.no_grad():
                 ref = block(x, cos[pos:pos + 1], sin[pos:pos + 1], layer)
-                out, kv = TokenBlock(block)(x, rot, caches[1], index)
-            assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5), (pad, index)
-            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kv, layer.written))
+                out, kv = TokenBlock(block)(x[:, 0], rot, caches[1], index)
+            assert torch.allclose(out, ref[:, 0], atol=1e-5, rtol=1e-5), (pad, index)
+            assert all(torch.allclose(a.transpose(1, 2), b, atol=1e-6) for a, b in zip(kv, layer.written))
         assert torch.allclose(caches[1].k, caches[0].k, atol=1e-6) and torch.allclose(caches[1].v, caches[0].v, atol=1e-6)

@@ -29,7 +29,7 @@ from .. import kernels as K
 from ..model import LoopedLM
 from .cache import CacheLayer, LoopKVCache
 from .exit import ExitRule, ExitState
-from .step import TokenBlock, rms_norm, rope_rotation
+from .step import RopeRotations, TokenBlock, rms_norm
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Decoder:
         self.cache = LoopKVCache(model.cfg, batch, length, kv_budget or max_depth, p.dtype, p.device, pad)
         # One-token steps (every decoded token) take the lean path of step.py.
         self.steps = {part: [TokenBlock(b) for b in getattr(model, part)] for part in ("prelude", "recur", "coda")}
+        self.rotations = RopeRotations(model, p.dtype)
         w = model.injection.weight
         if w is not None:  # linear injection W [e ; s], as two transposed halves (see _injector)
             d = w.size(0)
@@ -56,13 +57,14 @@ class Decoder:
 
     # ------------------------------------------------------------------ pieces
     def _rope(self, T: int):
-        """(cos, sin) of the chunk's positions, and for one token its [D, D] rotation (step.py)."""
-        m, end = self.model, self.cache.pos + T
+        """(cos, sin) of the chunk's positions, or for one token its [D, D] rotation (step.py)."""
+        m, start, end = self.model, self.cache.pos, self.cache.pos + T
         if end > m.rope_cos.size(0):  # past the training length: grow the tables geometrically
             with torch.inference_mode(False):  # the model keeps them: no inference tensors
                 m.rope(max(end, 2 * m.rope_cos.size(0)))
-        cos, sin = m.rope_cos[self.cache.pos:end], m.rope_sin[self.cache.pos:end]
-        return cos, sin, rope_rotation(cos[0], sin[0], m.embed.weight.dtype) if T == 1 else None
+        if T == 1:
+            return None, None, self.rotations(start)
+        return m.rope_cos[start:end], m.rope_sin[start:end], None
 
     def _block(self, part, j, x, rope, index, keep=None, fallback=None):
         """Block j of `part` on x over cache layer `index`; returns (output, the (k, v) it stored)."""
@@ -85,6 +87,8 @@ class Decoder:
         m = self.model
         for j in range(self.cfg.n_coda):
             x = self._block("coda", j, x, rope, self.cache.coda_index(j))[0]
+        if x.dim() == 2:  # one token per row (step.py)
+            return m.head.logits(self._norm(m.norm_final, x))
         return m.head.logits(self._norm(m.norm_final, x[:, -1:]))[:, 0]
 
     @staticmethod
@@ -97,6 +101,9 @@ class Decoder:
         inj = self.model.injection
         if inj.mode != "linear":
             return lambda s: K.inject(e, s, inj.mode, inj.weight)
+        if e.dim() == 2:  # one token per row
+            ue = torch.mm(e, self.inject_e)
+            return lambda s: torch.addmm(ue, s, self.inject_s)
         ue = torch.mm(e.reshape(-1, e.size(-1)), self.inject_e)
         return lambda s: torch.addmm(ue, s.reshape(ue.size(0), -1), self.inject_s).view(e.shape)
 
@@ -112,7 +119,8 @@ class Decoder:
         if exit_rule is not None and T != 1:
             raise ValueError("per-token exit decodes one token per row at a time")
         rope = self._rope(T)
-        x = self._norm(m.norm_emb, m.embed.weight[tokens])  # LoopedLM.embed_tokens
+        # LoopedLM.embed_tokens; a one-token step carries [B, d] rows (step.py), a chunk [B, T, d]
+        x = self._norm(m.norm_emb, m.embed.weight[tokens.view(-1) if T == 1 else tokens])
         for j in range(self.cfg.n_prelude):
             x = self._block("prelude", j, x, rope, j)[0]
         e, inj = x, m.injection
@@ -121,9 +129,9 @@ class Decoder:
         R_lane = inj.alpha.size(0) if lanes_mode else 1
         state = e.unsqueeze(0).expand(inj.alpha.size(1), *e.shape) if lanes_mode else inj.initial_state(e)
         out = None                       # the coda's input after the latest recurrence
-        active = torch.ones(B, dtype=torch.bool, device=e.device)
         used = torch.full((B,), depth, dtype=torch.long, device=e.device)
         judge = ExitState(exit_rule) if exit_rule is not None else None
+        active = None if judge is None else torch.ones(B, dtype=torch.bool, device=e.device)
         last, logits, i = None, None, 0  # last: what each block wrote at the latest recurrence
         for i in range(depth):
             keep = None if judge is None or bool(active.all()) else active
@@ -138,7 +146,7 @@ class Decoder:
             if keep is None:
                 state, out = new_state, new_out
             else:  # frozen rows keep their state
-                k3 = keep[:, None, None]
+                k3 = keep.view(-1, *[1] * (out.dim() - 1))
                 state = torch.where(k3[None] if lanes_mode else k3, new_state, state)
                 out = torch.where(k3, new_out, out)
             if judge is None or i == depth - 1:
@@ -154,7 +162,10 @@ class Decoder:
         # The depths nobody computed: repeat each block's last entries (see the module docstring).
         for skipped in range(i + 1, min(self.max_depth, i + 1 + cache.kv_budget)):
             for j in range(self.cfg.n_recur_block):
-                cache.fill(skipped, j, last[j])
+                if T == 1:  # a TokenBlock's (k, v)
+                    cache.write_one(cache.recur_index(skipped, j), *last[j])
+                else:
+                    cache.fill(skipped, j, last[j])
         # The coda's cache must hold every row's final output. The latest probe ran on it exactly
         # when it followed the last recurrence computed (frozen rows do not change).
         if logits is None or i == depth - 1:

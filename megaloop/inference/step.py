@@ -1,11 +1,11 @@
 """One token per row through a block: the lean step of cached decoding.
 
-A decoded token is a [B, 1, d] row, so every op is tiny and a step costs what its number of ops
+A decoded token is one [d] row per sequence, so every op is tiny and a step costs what its number of ops
 costs, not its FLOPs. `TokenBlock` runs the maths of `Block.forward` over a `CacheLayer` with
 far fewer ops:
 
 - q, k and v come out of one matmul (their weights concatenated once, when the decoder is built);
-- the rotary embedding is one [D, D] rotation (`rope_rotation`), built once per step and shared
+- the rotary embedding is one [D, D] rotation (`RopeRotations`), built once per step and shared
   by every layer, since all rows of a step sit at the same position;
 - the keys and values are written in place at the position's ring index (`LoopKVCache.attend_one`),
   and attention gets no mask unless a row is padded.
@@ -23,13 +23,28 @@ import torch.nn.functional as F
 from ..model import Block
 
 
-def rope_rotation(cos: torch.Tensor, sin: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+class RopeRotations:
     """The half-split rotary embedding at one position as a [D, D] matrix R: x @ R rotates x the
-    way K.qk_norm_rope does (y1 = x1 c + x2 s, y2 = x2 c - x1 s), in its compute dtype (fp32, or
-    fp64 for an fp64 model). cos/sin: [D/2]; dtype: the model's."""
-    ct = torch.promote_types(dtype, torch.float32)
-    c, s = torch.diag(cos.to(ct)), torch.diag(sin.to(ct))
-    return torch.cat([torch.cat([c, -s], 1), torch.cat([s, c], 1)], 0)
+    way K.qk_norm_rope does (y1 = x1 c + x2 s, y2 = x2 c - x1 s). R = I * [c, c] + P * [s, s]
+    column-wise, P the signed half swap, so a step builds it in two ops from tables made once.
+    Built in the model's compute dtype (fp32, or fp64 for an fp64 model)."""
+
+    def __init__(self, model, dtype: torch.dtype):
+        self.model, self.dtype = model, torch.promote_types(dtype, torch.float32)
+        D = model.cfg.hdim
+        h, dev = D // 2, model.rope_cos.device
+        self.eye = torch.eye(D, dtype=self.dtype, device=dev)
+        self.swap = torch.zeros(D, D, dtype=self.dtype, device=dev)
+        i = torch.arange(h, device=dev)
+        self.swap[i + h, i], self.swap[i, i + h] = 1.0, -1.0
+        self.cc = self.ss = None
+
+    def __call__(self, pos: int) -> torch.Tensor:
+        m = self.model
+        if self.cc is None or self.cc.size(0) != m.rope_cos.size(0):  # (again after the tables grow)
+            cos, sin = m.rope_cos.to(self.dtype), m.rope_sin.to(self.dtype)
+            self.cc, self.ss = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        return torch.addcmul(self.eye * self.cc[pos], self.swap, self.ss[pos])
 
 
 def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
@@ -65,18 +80,18 @@ class TokenBlock:
 
     def __call__(self, x: torch.Tensor, rot: torch.Tensor, cache, layer: int,
                  keep: Optional[torch.Tensor] = None, fallback: Optional[tuple] = None):
-        """x [B, 1, d] (one token per row) -> (the block's output [B, 1, d], the (k, v)
-        [B, 1, Hk, D] stored in cache layer `layer`). Rows where `keep` is False store `fallback`."""
+        """x [B, d] (one token per row) -> (the block's output [B, d], the (k, v) [B, Hk, 1, D]
+        stored in cache layer `layer`). Rows where `keep` is False store `fallback` instead.
+        Every Python-level op costs a few microseconds here, so views are kept to the minimum
+        and the residual adds ride in the matmuls (addmm)."""
         B, hq, hk, D = x.size(0), self.hq, self.hk, self.head_dim
-        x = x.view(B, -1)
-        qkv = torch.mm(rms_norm(x, self.norm1, self.eps), self.wqkv).view(B, hq + 2 * hk, D)
+        qkv = torch.mm(rms_norm(x, self.norm1, self.eps), self.wqkv).view(B, hq + 2 * hk, 1, D)
         qk = torch.matmul(cast(qkv.narrow(1, 0, hq + hk), rot.dtype), rot)  # rope (fp32, as K.qk_norm_rope)
         q, k = cast(rms_norm(qk, None, self.qk_eps), x.dtype).split((hq, hk), 1)  # then QK-norm
         v = qkv.narrow(1, hq + hk, hk)
         if keep is not None:
-            k = torch.where(keep[:, None, None], k, fallback[0][:, 0])
-            v = torch.where(keep[:, None, None], v, fallback[1][:, 0])
-        y = cache.attend_one(layer, q, k, v)
-        h = torch.mm(y.reshape(B, hq * D), self.wo).add_(x)
-        mlp = torch.mm(torch.relu_(torch.mm(rms_norm(h, self.norm2, self.eps), self.fc)).square_(), self.proj)
-        return mlp.add_(h).view(B, 1, -1), (k.unsqueeze(1), v.unsqueeze(1))
+            k = torch.where(keep[:, None, None, None], k, fallback[0])
+            v = torch.where(keep[:, None, None, None], v, fallback[1])
+        h = torch.addmm(x, cache.attend_one(layer, q, k, v).reshape(B, hq * D), self.wo)
+        mlp = torch.relu_(torch.mm(rms_norm(h, self.norm2, self.eps), self.fc)).square_()
+        return torch.addmm(h, mlp, self.proj), (k, v)
