@@ -13,8 +13,10 @@ Prints one JSON object:
            slows both alike; --rounds such rounds give the medians: tokens/s, `speedup` (the
            median of the per-round ratios of wall time) and `cpu_speedup` (the same in this
            thread's CPU time, which a loaded machine disturbs less). Also: whether both gave the
-           same tokens (and equal inference.generate's), ms per token, the cache's bytes, and
-           the load average before and after.
+           same tokens (and equal inference.generate's), ms per token, the cache's bytes, the
+           load average before and after, and `flops_ratio`: the speed-up if both sides ran at
+           the same FLOP rate (the uncached side does ~window/2 times the arithmetic), beside the
+           GFLOP/s each side reaches (batched matmuls vs one-row products and per-op overhead).
   budgets  per r and kv budget k (r, then halving down to 1): the cache's bytes; the greedy
            agreement with the exact cache (share of the new tokens equal position by position, and
            the first position that differs); and the teacher-forced validation loss of cached
@@ -36,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megaloop.accounting import block_params, injection_flop_params  # noqa: E402
 from megaloop.config import load_config  # noqa: E402
 from megaloop.inference.evaluate import decode_eval  # noqa: E402
 from megaloop.inference.decode import Decoder  # noqa: E402
@@ -90,6 +93,26 @@ def side_by_side(model, prompt, r, n_new):
     return unc, cac, ids, torch.cat([prompt, *new], 1), dec.cache.nbytes
 
 
+def forward_flops(cfg, r, tokens, keys):
+    """Forward FLOPs of `tokens` positions at r recurrences, each attending to `keys` keys on
+    average, with the head on the last position only (as both decoders run it)."""
+    layers = cfg.n_prelude + cfg.n_coda + r * cfg.n_recur_block
+    per_token = 2 * (layers * block_params(cfg) + r * injection_flop_params(cfg))
+    return tokens * per_token + 4 * cfg.n_head * cfg.hdim * keys * tokens * layers + 2 * cfg.d_model * cfg.vocab_size
+
+
+def decode_flops(cfg, r, prompt_tokens, n_new):
+    """(uncached, cached) forward FLOPs of one round: the uncached side recomputes its window
+    (causal: (T + 1) / 2 keys per position on average), the cached side prefills once and then
+    runs one position per token against the cached keys."""
+    L = cfg.seq_len
+    unc = sum(forward_flops(cfg, r, min(prompt_tokens + n, L), (min(prompt_tokens + n, L) + 1) / 2)
+              for n in range(n_new))
+    cac = forward_flops(cfg, r, prompt_tokens, (prompt_tokens + 1) / 2) + sum(
+        forward_flops(cfg, r, 1, min(prompt_tokens + n + 1, L)) for n in range(n_new - 1))
+    return unc, cac
+
+
 def speed(model, prompt, r, n_new, rounds):
     side_by_side(model, prompt, r, 8)  # warm-up: first calls, allocator
     runs = [side_by_side(model, prompt, r, n_new) for _ in range(rounds)]
@@ -97,6 +120,7 @@ def speed(model, prompt, r, n_new, rounds):
     reference = generate(model, prompt, n_new, num_recur=r).tokens
     same = all(torch.equal(u_ids, c_ids) for _, _, u_ids, c_ids, _ in runs)
     diff = (runs[0][2] != runs[0][3]).nonzero()
+    f_unc, f_cac = decode_flops(model.cfg, r, prompt.size(1), n_new)
     return {"uncached_tokens_per_s": med(n_new / u.wall for u, *_ in runs),
             "cached_tokens_per_s": med(n_new / c.wall for _, c, *_ in runs),
             "speedup": med(u.wall / c.wall for u, c, *_ in runs),
@@ -107,7 +131,11 @@ def speed(model, prompt, r, n_new, rounds):
             "cached_cpu_ms_per_token": med(1e3 * c.cpu / n_new for _, c, *_ in runs),
             "same_tokens": same and all(torch.equal(c_ids, reference) for _, _, _, c_ids, _ in runs),
             "first_difference": int(diff[0, 1]) - prompt.size(1) if len(diff) else None,
-            "cache_bytes": runs[0][4], "rounds": rounds}
+            "cache_bytes": runs[0][4], "rounds": rounds,
+            # what the speed-up would be if both sides ran at the same FLOP rate, and the rates
+            "flops_ratio": f_unc / f_cac,
+            "uncached_gflops_per_s": med(f_unc / u.wall for u, *_ in runs) / 1e9,
+            "cached_gflops_per_s": med(f_cac / c.wall for _, c, *_ in runs) / 1e9}
 
 
 def budgets(model, prompt, xy, r, n_new):
