@@ -51,7 +51,7 @@ def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> tor
     """K.rms_norm's formula (fp32 statistics) as one op: on a single row the reference's separate
     pow / mean / add / rsqrt / mul / casts cost more than their arithmetic."""
     if x.dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == x.dtype):
-        return F.rms_norm(x, (x.size(-1),), weight, eps)
+        return torch.rms_norm(x, (x.size(-1),), weight, eps)
     ct = torch.promote_types(x.dtype, torch.float32)
     return F.rms_norm(x.to(ct), (x.size(-1),), None if weight is None else weight.to(ct), eps).to(x.dtype)
 
@@ -77,6 +77,8 @@ class TokenBlock:
         self.head_dim, self.qk_eps = a.head_dim, a.eps
         self.hq = a.wq.weight.size(0) // a.head_dim
         self.hk = a.wk.weight.size(0) // a.head_dim
+        self.dims, self.head_dims = (self.norm1.size(0),), (a.head_dim,)
+        self.plain = self.norm1.dtype in (torch.float32, torch.float64)
 
     def __call__(self, x: torch.Tensor, rot: torch.Tensor, cache, layer: int,
                  keep: Optional[torch.Tensor] = None, fallback: Optional[tuple] = None):
@@ -85,13 +87,18 @@ class TokenBlock:
         Every Python-level op costs a few microseconds here, so views are kept to the minimum
         and the residual adds ride in the matmuls (addmm)."""
         B, hq, hk, D = x.size(0), self.hq, self.hk, self.head_dim
-        qkv = torch.mm(rms_norm(x, self.norm1, self.eps), self.wqkv).view(B, hq + 2 * hk, 1, D)
+        norm = torch.rms_norm if self.plain else _rms_norm_args  # plain: fp32/fp64 end to end, no casts
+        qkv = torch.mm(norm(x, self.dims, self.norm1, self.eps), self.wqkv).view(B, hq + 2 * hk, 1, D)
         qk = torch.matmul(cast(qkv.narrow(1, 0, hq + hk), rot.dtype), rot)  # rope (fp32, as K.qk_norm_rope)
-        q, k = cast(rms_norm(qk, None, self.qk_eps), x.dtype).split((hq, hk), 1)  # then QK-norm
+        q, k = cast(norm(qk, self.head_dims, None, self.qk_eps), x.dtype).split((hq, hk), 1)  # then QK-norm
         v = qkv.narrow(1, hq + hk, hk)
         if keep is not None:
             k = torch.where(keep[:, None, None, None], k, fallback[0])
             v = torch.where(keep[:, None, None, None], v, fallback[1])
         h = torch.addmm(x, cache.attend_one(layer, q, k, v).reshape(B, hq * D), self.wo)
-        mlp = torch.relu_(torch.mm(rms_norm(h, self.norm2, self.eps), self.fc)).square_()
+        mlp = torch.relu_(torch.mm(norm(h, self.dims, self.norm2, self.eps), self.fc)).square_()
         return torch.addmm(h, mlp, self.proj), (k, v)
+
+
+def _rms_norm_args(x, dims, weight, eps):
+    return rms_norm(x, weight, eps)
