@@ -29,7 +29,7 @@ from .. import kernels as K
 from ..model import LoopedLM
 from .cache import CacheLayer, LoopKVCache
 from .exit import ExitRule, ExitState
-from .step import RopeRotations, TokenBlock, rms_norm
+from .step import RopeRotations, RowNorm, TokenBlock, rms_norm
 
 
 @dataclass
@@ -50,6 +50,8 @@ class Decoder:
         # One-token steps (every decoded token) take the lean path of step.py.
         self.steps = {part: [TokenBlock(b) for b in getattr(model, part)] for part in ("prelude", "recur", "coda")}
         self.rotations = RopeRotations(model, p.dtype)
+        self.row_norms = {id(n): RowNorm(n.weight.size(0), n.eps, n.weight.detach(), p.dtype, p.device)
+                          for n in (model.norm_emb, model.norm_recur, model.norm_final)}
         w = model.injection.weight
         if w is not None:  # linear injection W [e ; s], as two transposed halves (see _injector)
             d = w.size(0)
@@ -91,9 +93,9 @@ class Decoder:
             return m.head.logits(self._norm(m.norm_final, x))
         return m.head.logits(self._norm(m.norm_final, x[:, -1:]))[:, 0]
 
-    @staticmethod
-    def _norm(norm, x):
-        return rms_norm(x, norm.weight, norm.eps)  # the module's maths in one op (step.py)
+    def _norm(self, norm, x):
+        """The RMSNorm module's maths: one call on a chunk, the row path on one-token rows (step.py)."""
+        return self.row_norms[id(norm)](x) if x.dim() == 2 else rms_norm(x, norm.weight, norm.eps)
 
     def _injector(self, e):
         """s -> the input of the next pass. Linear injection W [e ; s] computes the prelude's
