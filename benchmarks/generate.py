@@ -87,7 +87,8 @@ def one_round(model, prompt, r, n_new, cached_first):
             gen = clock.timed(lambda: generate(model, prompt, n_new, num_recur=r))
             sides[side] = (clock, gen.tokens, gen.cache["bytes"])
         else:
-            sides[side] = (clock, clock.timed(lambda: model.generate(prompt, n_new, num_recur=r, use_cache=False)), None)
+            ids = clock.timed(lambda: model.generate(prompt, n_new, num_recur=r, use_cache=False))
+            sides[side] = (clock, ids, None)
     return sides["uncached"][0], sides["cached"][0], sides["uncached"][1], sides["cached"][1], sides["cached"][2]
 
 

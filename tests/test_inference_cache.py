@@ -147,4 +147,5 @@ def test_token_step_equals_module_path(mode):
                 out, kv = TokenBlock(block)(x[:, 0], rot, caches[1], index)
             assert torch.allclose(out, ref[:, 0], atol=1e-5, rtol=1e-5), (pad, index)
             assert all(torch.allclose(a.transpose(1, 2), b, atol=1e-6) for a, b in zip(kv, layer.written))
-        assert torch.allclose(caches[1].k, caches[0].k, atol=1e-6) and torch.allclose(caches[1].v, caches[0].v, atol=1e-6)
+        for got, want in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
+            assert torch.allclose(got, want, atol=1e-6)

@@ -55,7 +55,8 @@ class Decoder:
         w = model.injection.weight
         if w is not None:  # linear injection W [e ; s], as two transposed halves (see _injector)
             d = w.size(0)
-            self.inject_e, self.inject_s = (w.detach()[:, part].t().contiguous() for part in (slice(0, d), slice(d, None)))
+            self.inject_e = w.detach()[:, :d].t().contiguous()
+            self.inject_s = w.detach()[:, d:].t().contiguous()
 
     # ------------------------------------------------------------------ pieces
     def _rope(self, T: int):

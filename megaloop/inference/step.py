@@ -1,15 +1,16 @@
 """One token per row through a block: the lean step of cached decoding.
 
-A decoded token is one [d] row per sequence, so every op is tiny and a step costs what its number of ops
-costs, not its FLOPs. `TokenBlock` runs the maths of `Block.forward` over a `CacheLayer` with
-far fewer ops:
+A decoded token is one [d] row per sequence, so every op is tiny and a step costs what its
+number of ops costs (a few microseconds each on CPU) plus streaming the weights, not its FLOPs.
+`TokenBlock` runs the maths of `Block.forward` over a `CacheLayer` with far fewer ops:
 
 - q, k and v come out of one matmul (their weights concatenated once, when the decoder is built),
   and the norm scales are folded into the matrices after them;
 - the rotary embedding is one [D, D] rotation (`RopeRotations`), built once per step and shared
   by every layer, since all rows of a step sit at the same position;
-- the keys and values are written in place at the position's ring index (`LoopKVCache.attend_one`),
-  and attention gets no mask unless a row is padded.
+- the keys and values are written in place at the position's ring index
+  (`LoopKVCache.attend_one`), and attention gets no mask unless a row is padded;
+- RMSNorm takes three one-kernel calls (`RowNorm`), the residual adds ride in the matmuls.
 
 Chunks of several tokens (the prompt) keep the module path; tests check both against the full
 forward (tests/test_inference_cache.py).
@@ -91,7 +92,8 @@ class TokenBlock:
 
     def __init__(self, block: Block):
         a, w = block.attn, block.attn.wq.weight
-        fold = lambda m, scale: (m.detach().t().float() * scale.detach().float()[:, None]).to(m.dtype).contiguous()  # noqa: E731
+        def fold(m, scale):  # m [out, in] -> diag(scale) m.T, [in, out]
+            return (m.detach().t().float() * scale.detach().float()[:, None]).to(m.dtype).contiguous()
         self.wqkv = fold(torch.cat([a.wq.weight, a.wk.weight, a.wv.weight]), block.norm1.weight)
         self.fc = fold(block.mlp.fc.weight, block.norm2.weight)
         self.wo, self.proj = a.wo.weight.detach().t().contiguous(), block.mlp.proj.weight.detach().t().contiguous()
