@@ -328,6 +328,11 @@ class LoopedLM(nn.Module):
         if use_cache:
             return generate(self, idx, max_new_tokens, temperature, top_k, num_recur, generator, **cache_options).tokens
         for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.seq_len:], num_recur=num_recur)[:, -1]
-            idx = torch.cat([idx, sample(logits, temperature, top_k, generator)], 1)
+            idx = torch.cat([idx, sample(self.next_logits(idx, num_recur), temperature, top_k, generator)], 1)
         return idx
+
+    @torch.no_grad()
+    def next_logits(self, idx: torch.Tensor, num_recur: Optional[int] = None) -> torch.Tensor:
+        """[B, V] next-token logits after idx [B, T], recomputing the last seq_len positions
+        (no cache); only the last position goes through the head."""
+        return self.head.logits(self.final_hidden(idx[:, -self.cfg.seq_len:], num_recur)[:, -1])

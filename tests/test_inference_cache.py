@@ -109,3 +109,43 @@ def test_left_padded_batch_equals_one_at_a_time():
     for b, p in enumerate(prompts):
         alone = generate(model, [p], 10, num_recur=3)
         assert batched.new_tokens[b] == alone.new_tokens[0]
+
+
+@pytest.mark.parametrize("mode", ["linear", "hyperconnect"])
+def test_token_step_equals_module_path(mode):
+    """Contract: the lean one-token step (step.TokenBlock over LoopKVCache.attend_one, used for
+    every decoded token) computes what Block.forward over a CacheLayer computes, block by block:
+    the same output and the same stored keys and values (GQA; a ring that has wrapped; a
+    left-padded row), and its rotation matrix is K.qk_norm_rope's rotary embedding."""
+    from megaloop import kernels as K
+    from megaloop.inference.cache import CacheLayer, LoopKVCache
+    from megaloop.inference.step import RopeRotations, TokenBlock
+
+    model = make(mode)
+    cfg = model.cfg
+    g = torch.Generator().manual_seed(3)
+    pos = 30  # past the 24-position ring: the write lands on a wrapped index
+    cos, sin = model.rope(pos + 1)
+    q = torch.randn(2, 1, cfg.n_head, cfg.hdim, generator=g)
+    k = torch.randn(2, 1, cfg.kv_heads, cfg.hdim, generator=g)  # [B, T, H, D]
+    rot = RopeRotations(model, torch.float32)(pos)
+    want = K.qk_norm_rope_reference(q, k, cos[pos:pos + 1], sin[pos:pos + 1], cfg.norm_eps)
+    got = [K.rms_norm_reference(torch.matmul(t, rot), None, cfg.norm_eps) for t in (q, k)]
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, atol=1e-6)
+    for pad in (None, torch.tensor([0, 27])):
+        caches = [LoopKVCache(cfg, 2, 24, 3, pad=pad) for _ in range(2)]
+        for c in caches:  # the same history in both
+            c.k.normal_(generator=torch.Generator().manual_seed(4))
+            c.v.normal_(generator=torch.Generator().manual_seed(5))
+            c.pos = pos
+        x = torch.randn(2, 1, cfg.d_model, generator=g)
+        for index, block in enumerate(model.blocks()):
+            layer = CacheLayer(caches[0], index)
+            with torch.no_grad():
+                ref = block(x, cos[pos:pos + 1], sin[pos:pos + 1], layer)
+                out, kv = TokenBlock(block)(x[:, 0], rot, caches[1], index)
+            assert torch.allclose(out, ref[:, 0], atol=1e-5, rtol=1e-5), (pad, index)
+            assert all(torch.allclose(a.transpose(1, 2), b, atol=1e-6) for a, b in zip(kv, layer.written))
+        for got, want in ((caches[1].k, caches[0].k), (caches[1].v, caches[0].v)):
+            assert torch.allclose(got, want, atol=1e-6)

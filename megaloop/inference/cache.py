@@ -36,11 +36,17 @@ class LoopKVCache:
         self.n_prelude, self.n_block, self.n_coda = cfg.n_prelude, cfg.n_recur_block, cfg.n_coda
         self.kv_budget, self.length, self.batch = kv_budget, length, batch
         n_layers = self.n_prelude + kv_budget * self.n_block + self.n_coda
-        shape = (n_layers, batch, length, cfg.kv_heads, cfg.hdim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Stored heads-major [layers, B, Hk, L, D], so one layer's keys are attention's
+        # [B, Hk, L, D] operand as they lie; k and v are position-major views of that storage.
+        shape = (n_layers, batch, cfg.kv_heads, length, cfg.hdim)
+        self.k_heads = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_heads = torch.zeros(shape, dtype=dtype, device=device)
+        self.k, self.v = self.k_heads.transpose(2, 3), self.v_heads.transpose(2, 3)  # [layers, B, L, Hk, D]
+        self.k_layers = [self.k_heads[i] for i in range(n_layers)]  # per-layer views, made once
+        self.v_layers = [self.v_heads[i] for i in range(n_layers)]
         self.pos = 0  # absolute position of the next token (the same for every row)
         self._masks: dict = {}  # per chunk: every layer attends with the same mask
+        self._slot: Optional[tuple] = None  # (position, its ring index as a tensor) for write_one
         self.pad = None if pad is None or not bool((pad > 0).any()) else pad.to(device)
 
     # ------------------------------------------------------------------ layers
@@ -51,15 +57,44 @@ class LoopKVCache:
               fallback: Optional[tuple] = None) -> "CacheLayer":
         """Block j of the group at recurrence i (slot i % kv_budget). Rows where `keep` is False
         (tokens that already exited) write `fallback` (k, v) instead of what they computed."""
-        return CacheLayer(self, self.n_prelude + (i % self.kv_budget) * self.n_block + j, keep, fallback)
+        return CacheLayer(self, self.recur_index(i, j), keep, fallback)
 
     def coda(self, j: int) -> "CacheLayer":
-        return CacheLayer(self, self.n_prelude + self.kv_budget * self.n_block + j)
+        return CacheLayer(self, self.coda_index(j))
+
+    def recur_index(self, i: int, j: int) -> int:
+        return self.n_prelude + (i % self.kv_budget) * self.n_block + j
+
+    def coda_index(self, j: int) -> int:
+        return self.n_prelude + self.kv_budget * self.n_block + j
 
     def fill(self, i: int, j: int, kv: tuple) -> None:
         """Write kv for the chunk in flight into block j's slot of recurrence i without computing
-        it: the entries of recurrences that an exited token skips (see decode.py)."""
+        it: the entries of recurrences that an exited token skips (see decode.py). kv: what
+        Block stored over a CacheLayer ([B, T, Hk, D]; a TokenBlock's go to write_one)."""
         self.recur(i, j).write(*kv)
+
+    def write_one(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store one token per row (k/v [B, Hk, 1, D]) in layer `index` at this position."""
+        if self._slot is None or self._slot[0] != self.pos:  # the ring index, shared by every layer
+            self._slot = (self.pos, torch.tensor([self.pos % self.length], device=self.k.device))
+        self.k_layers[index].index_copy_(2, self._slot[1], k)
+        self.v_layers[index].index_copy_(2, self._slot[1], v)
+
+    def attend_one(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One token per row (q [B, Hq, 1, D], k/v [B, Hk, 1, D]): store k and v in layer `index`
+        at this position's ring index, in place, and attend over the window; returns
+        [B, Hq, 1, D]. The ring then holds exactly the last min(pos + 1, length) positions, all
+        visible to the token, so only padding needs a mask."""
+        self.write_one(index, k, v)
+        keys, values = self.k_layers[index], self.v_layers[index]
+        n = self.pos + 1
+        if n < self.length:  # (narrow: a cheaper call than [:, :, :n] indexing)
+            keys, values = keys.narrow(2, 0, n), values.narrow(2, 0, n)
+        mask = None if self.pad is None else self.chunk_mask(min(n, self.length), 1, wrapped=False)
+        qd = q if q.dtype == keys.dtype else q.to(keys.dtype)
+        y = F.scaled_dot_product_attention(qd, keys, values, attn_mask=mask, enable_gqa=keys.size(1) != q.size(1))
+        return y if y.dtype == q.dtype else y.to(q.dtype)
 
     def advance(self, T: int) -> None:
         self.pos += T
@@ -112,6 +147,10 @@ class CacheLayer:
     def write(self, k: torch.Tensor, v: torch.Tensor) -> None:
         c = self.cache
         T = k.size(1)
+        if T == 1:  # one token: a slice, not an index tensor
+            c.k[self.index][:, c.pos % c.length] = k[:, 0]
+            c.v[self.index][:, c.pos % c.length] = v[:, 0]
+            return
         idx = torch.remainder(torch.arange(c.pos, c.pos + T, device=k.device), c.length)
         c.k[self.index][:, idx] = k.to(c.k.dtype)
         c.v[self.index][:, idx] = v.to(c.v.dtype)

@@ -27,8 +27,9 @@ import torch
 
 from .. import kernels as K
 from ..model import LoopedLM
-from .cache import LoopKVCache
+from .cache import CacheLayer, LoopKVCache
 from .exit import ExitRule, ExitState
+from .step import RopeRotations, RowNorm, TokenBlock, rms_norm
 
 
 @dataclass
@@ -46,31 +47,71 @@ class Decoder:
         self.model, self.cfg, self.max_depth = model, model.cfg, max_depth
         p = model.embed.weight
         self.cache = LoopKVCache(model.cfg, batch, length, kv_budget or max_depth, p.dtype, p.device, pad)
+        # One-token steps (every decoded token) take the lean path of step.py.
+        self.steps = {part: [TokenBlock(b) for b in getattr(model, part)] for part in ("prelude", "recur", "coda")}
+        self.rotations = RopeRotations(model, p.dtype)
+        self.row_norms = {id(n): RowNorm(n.weight.size(0), n.eps, n.weight.detach(), p.dtype, p.device)
+                          for n in (model.norm_emb, model.norm_recur, model.norm_final)}
+        w = model.injection.weight
+        if w is not None:  # linear injection W [e ; s], as two transposed halves (see _injector)
+            d = w.size(0)
+            self.inject_e = w.detach()[:, :d].t().contiguous()
+            self.inject_s = w.detach()[:, d:].t().contiguous()
 
     # ------------------------------------------------------------------ pieces
     def _rope(self, T: int):
-        m, end = self.model, self.cache.pos + T
+        """(cos, sin) of the chunk's positions, or for one token its [D, D] rotation (step.py)."""
+        m, start, end = self.model, self.cache.pos, self.cache.pos + T
         if end > m.rope_cos.size(0):  # past the training length: grow the tables geometrically
-            m.rope(max(end, 2 * m.rope_cos.size(0)))
-        return m.rope_cos[self.cache.pos:end], m.rope_sin[self.cache.pos:end]
+            with torch.inference_mode(False):  # the model keeps them: no inference tensors
+                m.rope(max(end, 2 * m.rope_cos.size(0)))
+        if T == 1:
+            return None, None, self.rotations(start)
+        return m.rope_cos[start:end], m.rope_sin[start:end], None
 
-    def _group(self, u, i, cos, sin, keep=None, last=None):
+    def _block(self, part, j, x, rope, index, keep=None, fallback=None):
+        """Block j of `part` on x over cache layer `index`; returns (output, the (k, v) it stored)."""
+        cos, sin, rot = rope
+        if rot is not None:
+            return self.steps[part][j](x, rot, self.cache, index, keep, fallback)
+        layer = CacheLayer(self.cache, index, keep, fallback)
+        return getattr(self.model, part)[j](x, cos, sin, layer), layer.written
+
+    def _group(self, u, i, rope, keep=None, last=None):
         """One pass (recurrence i) through the recurrent group; returns (h, what each block wrote)."""
         written = []
-        for j, block in enumerate(self.model.recur):
-            layer = self.cache.recur(i, j, keep, None if last is None else last[j])
-            u = block(u, cos, sin, layer)
-            written.append(layer.written)
+        for j in range(self.cfg.n_recur_block):
+            u, kv = self._block("recur", j, u, rope, self.cache.recur_index(i, j), keep,
+                                None if last is None else last[j])
+            written.append(kv)
         return u, written
 
-    def _coda(self, x, cos, sin) -> torch.Tensor:
+    def _coda(self, x, rope) -> torch.Tensor:
         m = self.model
-        for j, block in enumerate(m.coda):
-            x = block(x, cos, sin, self.cache.coda(j))
-        return m.head.logits(m.norm_final(x[:, -1:]))[:, 0]
+        for j in range(self.cfg.n_coda):
+            x = self._block("coda", j, x, rope, self.cache.coda_index(j))[0]
+        if x.dim() == 2:  # one token per row (step.py)
+            return m.head.logits(self._norm(m.norm_final, x))
+        return m.head.logits(self._norm(m.norm_final, x[:, -1:]))[:, 0]
+
+    def _norm(self, norm, x):
+        """The RMSNorm module's maths: one call on a chunk, the row path on one-token rows (step.py)."""
+        return self.row_norms[id(norm)](x) if x.dim() == 2 else rms_norm(x, norm.weight, norm.eps)
+
+    def _injector(self, e):
+        """s -> the input of the next pass. Linear injection W [e ; s] computes the prelude's
+        share e W_e once per chunk instead of once per recurrence."""
+        inj = self.model.injection
+        if inj.mode != "linear":
+            return lambda s: K.inject(e, s, inj.mode, inj.weight)
+        if e.dim() == 2:  # one token per row
+            ue = torch.mm(e, self.inject_e)
+            return lambda s: torch.addmm(ue, s, self.inject_s)
+        ue = torch.mm(e.reshape(-1, e.size(-1)), self.inject_e)
+        return lambda s: torch.addmm(ue, s.reshape(ue.size(0), -1), self.inject_s).view(e.shape)
 
     # ------------------------------------------------------------------ forward
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, depth: Optional[int] = None,
                 exit_rule: Optional[ExitRule] = None) -> StepOutput:
         m, cache = self.model, self.cache
@@ -80,38 +121,40 @@ class Decoder:
         B, T = tokens.shape
         if exit_rule is not None and T != 1:
             raise ValueError("per-token exit decodes one token per row at a time")
-        cos, sin = self._rope(T)
-        x = m.embed_tokens(tokens)
-        for j, block in enumerate(m.prelude):
-            x = block(x, cos, sin, cache.prelude(j))
+        rope = self._rope(T)
+        # LoopedLM.embed_tokens; a one-token step carries [B, d] rows (step.py), a chunk [B, T, d]
+        x = self._norm(m.norm_emb, m.embed.weight[tokens.view(-1) if T == 1 else tokens])
+        for j in range(self.cfg.n_prelude):
+            x = self._block("prelude", j, x, rope, j)[0]
         e, inj = x, m.injection
+        inject = None if inj.mode == "hyperconnect" else self._injector(e)
         lanes_mode = inj.mode == "hyperconnect"
         R_lane = inj.alpha.size(0) if lanes_mode else 1
         state = e.unsqueeze(0).expand(inj.alpha.size(1), *e.shape) if lanes_mode else inj.initial_state(e)
         out = None                       # the coda's input after the latest recurrence
-        active = torch.ones(B, dtype=torch.bool, device=e.device)
         used = torch.full((B,), depth, dtype=torch.long, device=e.device)
         judge = ExitState(exit_rule) if exit_rule is not None else None
+        active = None if judge is None else torch.ones(B, dtype=torch.bool, device=e.device)
         last, logits, i = None, None, 0  # last: what each block wrote at the latest recurrence
         for i in range(depth):
             keep = None if judge is None or bool(active.all()) else active
             if lanes_mode:
                 a, M, b = inj.alpha[i % R_lane], inj.mix[i % R_lane], inj.beta[i % R_lane]
-                h, last = self._group(K.hc_combine(state, a), i, cos, sin, keep, last)
-                new_state = K.hc_update(state, m.norm_recur(h), M, b)
+                h, last = self._group(K.hc_combine(state, a), i, rope, keep, last)
+                new_state = K.hc_update(state, self._norm(m.norm_recur, h), M, b)
                 new_out = new_state.sum(0)
             else:
-                h, last = self._group(K.inject(e, state, inj.mode, inj.weight), i, cos, sin, keep, last)
-                new_state = new_out = m.norm_recur(h)
+                h, last = self._group(inject(state), i, rope, keep, last)
+                new_state = new_out = self._norm(m.norm_recur, h)
             if keep is None:
                 state, out = new_state, new_out
             else:  # frozen rows keep their state
-                k3 = keep[:, None, None]
+                k3 = keep.view(-1, *[1] * (out.dim() - 1))
                 state = torch.where(k3[None] if lanes_mode else k3, new_state, state)
                 out = torch.where(k3, new_out, out)
             if judge is None or i == depth - 1:
                 continue
-            logits = self._coda(out, cos, sin) if exit_rule.needs_logits else None
+            logits = self._coda(out, rope) if exit_rule.needs_logits else None
             fired = judge.fires(judge.measure(out, logits))
             if fired is not None:
                 stop = active & fired
@@ -122,10 +165,13 @@ class Decoder:
         # The depths nobody computed: repeat each block's last entries (see the module docstring).
         for skipped in range(i + 1, min(self.max_depth, i + 1 + cache.kv_budget)):
             for j in range(self.cfg.n_recur_block):
-                cache.fill(skipped, j, last[j])
+                if T == 1:  # a TokenBlock's (k, v)
+                    cache.write_one(cache.recur_index(skipped, j), *last[j])
+                else:
+                    cache.fill(skipped, j, last[j])
         # The coda's cache must hold every row's final output. The latest probe ran on it exactly
         # when it followed the last recurrence computed (frozen rows do not change).
         if logits is None or i == depth - 1:
-            logits = self._coda(out, cos, sin)
+            logits = self._coda(out, rope)
         cache.advance(T)
         return StepOutput(logits, used)
