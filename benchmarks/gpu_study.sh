@@ -37,8 +37,7 @@ done
 JOBS="${JOBS:-6}"
 DEADLINE_S="${DEADLINE_S:-390}"
 BOOTSTRAP="${BOOTSTRAP:-300}"
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
-megaloop() { "$PY" -m megaloop.cli "$@"; }
+. scripts/megaloop_env.sh   # PY and megaloop()
 
 # estimate PLAN_DIR: the runs per budget and the predicted time, under the assumptions above
 estimate() {

@@ -12,8 +12,7 @@ cd "$(dirname "$0")/.."
 SWEEP_DIR="${1:-runs/cpu_study}"
 OUT="${2:-results/cpu_study}"
 JOBS="${JOBS:-2}"
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
-megaloop() { "$PY" -m megaloop.cli "$@"; }
+. scripts/megaloop_env.sh   # PY and megaloop()
 
 start=$(date +%s)
 megaloop sweep plan configs/sweeps/cpu_study.yaml --out "$SWEEP_DIR"

@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-runs/demo_sweep}"
 SWEEP="${2:-configs/sweeps/demo.yaml}"
 JOBS="${JOBS:-$(nproc 2>/dev/null || echo 2)}"
-PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}"
-megaloop() { "$PY" -m megaloop.cli "$@"; }
+. scripts/megaloop_env.sh   # PY and megaloop()
 
 start=$(date +%s)
 megaloop sweep plan "$SWEEP" --out "$OUT"
