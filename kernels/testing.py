@@ -28,6 +28,9 @@ def test_device() -> str:
     return os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
 
 
+test_device.__test__ = False  # a helper the kernel tests import, not a test for pytest to collect
+
+
 def select_test_device() -> str:
     """Call at the top of a kernel test module, before anything imports triton.
 
