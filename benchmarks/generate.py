@@ -42,6 +42,7 @@ from megaloop.accounting import block_params, injection_flop_params  # noqa: E40
 from megaloop.config import load_config  # noqa: E402
 from megaloop.inference.evaluate import decode_eval  # noqa: E402
 from megaloop.inference.generate import generate  # noqa: E402
+from megaloop.mfu import cpu_model  # noqa: E402
 from megaloop.model import LoopedLM  # noqa: E402
 
 
@@ -154,14 +155,6 @@ def budgets(model, prompt, xy, r, n_new):
     return rows
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None, help="a run directory or export folder (default: random weights)")
@@ -184,7 +177,7 @@ def main():
         "d_model", "n_head", "n_kv_head", "n_prelude", "n_recur_block", "n_coda", "num_recur", "seq_len",
         "vocab_size", "input_injection")}, "data": source, "threads": args.threads, "batch": 1,
         "prompt_tokens": prompt.size(1), "new_tokens": args.new_tokens, "device": "cpu", "dtype": "float32",
-        "cpu": cpu_name(), "load_average_before": os.getloadavg(), "speed": {}, "budgets": {}}
+        "cpu": cpu_model(), "load_average_before": os.getloadavg(), "speed": {}, "budgets": {}}
     with torch.no_grad():
         for r in rs:
             res = result["speed"][str(r)] = speed(model, prompt, r, args.new_tokens, args.rounds)

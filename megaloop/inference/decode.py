@@ -29,7 +29,7 @@ from .. import kernels as K
 from ..model import LoopedLM
 from .cache import CacheLayer, LoopKVCache
 from .exit import ExitRule, ExitState
-from .step import RopeRotations, RowNorm, TokenBlock, rms_norm
+from .step import RopeRotations, RowNorm, TokenBlock
 
 
 @dataclass
@@ -95,8 +95,8 @@ class Decoder:
         return m.head.logits(self._norm(m.norm_final, x[:, -1:]))[:, 0]
 
     def _norm(self, norm, x):
-        """The RMSNorm module's maths: one call on a chunk, the row path on one-token rows (step.py)."""
-        return self.row_norms[id(norm)](x) if x.dim() == 2 else rms_norm(x, norm.weight, norm.eps)
+        """The RMSNorm module itself on a chunk, its maths on the row path for one-token rows (step.py)."""
+        return self.row_norms[id(norm)](x) if x.dim() == 2 else norm(x)
 
     def _injector(self, e):
         """s -> the input of the next pass. Linear injection W [e ; s] computes the prelude's
@@ -104,11 +104,11 @@ class Decoder:
         inj = self.model.injection
         if inj.mode != "linear":
             return lambda s: K.inject(e, s, inj.mode, inj.weight)
-        if e.dim() == 2:  # one token per row
+        if e.dim() == 2:  # one token per row: the halves stored transposed, as TokenBlock's weights
             ue = torch.mm(e, self.inject_e)
             return lambda s: torch.addmm(ue, s, self.inject_s)
-        ue = torch.mm(e.reshape(-1, e.size(-1)), self.inject_e)
-        return lambda s: torch.addmm(ue, s.reshape(ue.size(0), -1), self.inject_s).view(e.shape)
+        half = K.inject_e_half(e, inj.weight)  # a chunk: the model's own pieces
+        return lambda s: K.inject(e, s, "linear", inj.weight, half)
 
     # ------------------------------------------------------------------ forward
     @torch.inference_mode()

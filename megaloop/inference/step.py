@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
+from .. import kernels as K
 from ..model import Block
 
 
@@ -49,20 +49,11 @@ class RopeRotations:
         return torch.addcmul(self.eye * self.cc[pos], self.swap, self.ss[pos])
 
 
-def rms_norm(x: torch.Tensor, weight: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-    """K.rms_norm's formula (fp32 statistics) as one op: on a single row the reference's separate
-    pow / mean / add / rsqrt / mul / casts cost more than their arithmetic."""
-    if x.dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == x.dtype):
-        return torch.rms_norm(x, (x.size(-1),), weight, eps)
-    ct = torch.promote_types(x.dtype, torch.float32)
-    return F.rms_norm(x.to(ct), (x.size(-1),), None if weight is None else weight.to(ct), eps).to(x.dtype)
-
-
 class RowNorm:
     """RMSNorm of one-token rows (x [..., dim]) by K.rms_norm's formula, x * rsqrt(mean(x^2) +
     eps) * weight. On fp32/fp64 rows it takes three one-kernel calls (vector_norm; eps + n^2/dim
     in one addcmul; rsqrt), which cost less than torch.rms_norm's composite (about 5 against 9
-    us a row on the CPU we measured); other dtypes go through rms_norm in fp32."""
+    us a row on the CPU we measured); other dtypes go through K.rms_norm (fp32 statistics)."""
 
     def __init__(self, dim: int, eps: float, weight: Optional[torch.Tensor], dtype: torch.dtype, device=None):
         self.weight, self.eps, self.inv_dim = weight, eps, 1.0 / dim
@@ -71,7 +62,7 @@ class RowNorm:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.plain:
-            return rms_norm(x, self.weight, self.eps)
+            return K.rms_norm(x, self.weight, self.eps)
         n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         y = x * torch.addcmul(self.eps_t, n, n, value=self.inv_dim).rsqrt_()
         return y if self.weight is None else y.mul_(self.weight)
