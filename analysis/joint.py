@@ -193,19 +193,20 @@ def sensitivity(df: pd.DataFrame, ref, base: str, delta: float, level_reference:
     return {"rows": rows, "adapter_convention": convention,
             "refits": f"every {SENSITIVITY_STRIDE}th start of the grid plus the reference estimate; "
                       "point estimates only",
-            "conclusions": conclusions(rows, ref, base)}
+            "conclusions": conclusions(rows, phi_summary(ref, base) if ref.boot is not None else None,
+                                       base, [v for v in ref.phi_names if v != base])}
 
 
-def conclusions(rows: list[dict], ref, base: str) -> list[dict[str, Any]]:
+def conclusions(rows: list[dict], summ: dict | None, base: str, probes: list[str]) -> list[dict[str, Any]]:
     """The reference fit's conclusions (phi < 1 or > 1 when its interval excludes 1; the sign of
-    each Δphi when its interval excludes 0) and whether every sensitivity row agrees in sign."""
-    summ = phi_summary(ref, base) if ref.boot is not None else None
+    each Δphi when its interval excludes 0) and whether every sensitivity row agrees in sign.
+    summ: phi_summary of the reference fit (None: no bootstrap, so no conclusion is drawn)."""
     out = []
 
     def verdict(name, values, ref_ci, threshold, what):
         vals = [v for v in values if v is not None]
         if ref_ci is None:
-            claim, side = f"{what}: no interval in the reference fit", None
+            claim, side = f"{what}: not identified (or no bootstrap) in the reference fit, no conclusion", None
         elif ref_ci[1] < threshold:
             claim, side = f"{name} < {threshold:g}", -1
         elif ref_ci[0] > threshold:
@@ -213,8 +214,10 @@ def conclusions(rows: list[dict], ref, base: str) -> list[dict[str, Any]]:
         else:
             claim, side = f"{name} not distinguishable from {threshold:g} (interval covers it)", 0
         if side in (-1, 1):
-            ok = all(np.sign(v - threshold) == side for v in vals)
-            line = f"{claim}: {'survives every row' if ok else 'does NOT survive every row'}"
+            ok = bool(vals) and all(np.sign(v - threshold) == side for v in vals)
+            n_na = len(values) - len(vals)
+            line = (f"{claim}: {'survives every row' if ok else 'does NOT survive every row'}"
+                    + (f" ({n_na} row(s) cannot estimate it)" if n_na else ""))
         else:
             above = sum(v > threshold for v in vals)
             ok = None
@@ -223,9 +226,7 @@ def conclusions(rows: list[dict], ref, base: str) -> list[dict[str, Any]]:
 
     verdict(f"phi[{base}]", [r.get("phi") for r in rows], summ["phi_ci"][base] if summ else None, 1.0,
             f"phi[{base}]")
-    for v in ref.phi_names:
-        if v == base:
-            continue
+    for v in probes:
         verdict(f"dphi[{v}]", [(r.get("dphi") or {}).get(v) for r in rows],
                 summ["dphi_ci"][v] if summ else None, 0.0, f"dphi[{v}]")
     return out
