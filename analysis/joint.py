@@ -159,7 +159,7 @@ def sensitivity(df: pd.DataFrame, ref, base: str, delta: float, level_reference:
     from .fit import fit_law
 
     has_adapter = "n_adapter" in df.columns and df["n_adapter"].notna().all()
-    convention = ("adapter in N_rec (as in the table)" if has_adapter else
+    convention = ("in N_rec (as in the table)" if has_adapter else
                   "as in the table (no n_adapter column: the adapter-in-N_once row is not available)")
     rows = []
     for spec in _specs(df, ref, has_adapter):

@@ -234,9 +234,9 @@ def markdown(fit: dict, table: pd.DataFrame, curves: pd.DataFrame, rec: Optional
         for name, phi in (joint.get("phi") or {}).items():
             p_ci = prof.get(f"phi[{name}]") or prof.get(name)
             why = (joint.get("not_identified_because") or {}).get(f"phi[{name}]")
-            L.append(f"- {name}: phi {_ci(phi, (joint.get('phi_ci') or {}).get(name))} (bootstrap)"
+            L.append(f"- {name}: " + (f"phi not identified: {why}" if why and phi is None else
+                                      f"phi {_ci(phi, (joint.get('phi_ci') or {}).get(name))} (bootstrap)")
                      + (f", {_ci(phi, p_ci)} (profile)" if p_ci and phi is not None else "")
-                     + (f" ({why})" if why and phi is None else "")
                      + (f", dphi {_ci(joint['dphi'][name], joint['dphi_ci'][name])}" if name != "baseline" else ""))
         L.append(f"- shared: E {par(joint, 'E')}, alpha {par(joint, 'alpha')}, beta {par(joint, 'beta')}, "
                  f"R^2 {joint.get('r2', float('nan')):.4f}, {joint.get('n_runs')} runs")
