@@ -441,8 +441,7 @@ def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
                                            with_sensitivity=sensitivity)
             if len(pooled) < len(variants):
                 report["joint"]["left_out"] = [v for v in variants if v not in pooled]
-    if "joint" not in report:
-        noise = seed_noise(fits[next(iter(fits))].df if len(fits) == 1 else df)
-        report["noise"] = noise if noise else {"line": NO_SEEDS_LINE}
+    noise = seed_noise(df)
+    report["noise"] = noise if noise else {"line": NO_SEEDS_LINE}
     report["isoflop"] = isoflop(df, seed=seed)
     return report, fits

@@ -117,7 +117,7 @@ def format_report(rep: dict[str, Any]) -> str:
             out.append(_format_joint(rep["joint"], rep["baseline"]))
     else:
         out.append(format_fit(rep, "scaling law  L = E + A (N_once + r^phi N_rec)^-alpha + B D^-beta:"))
-    if rep.get("noise"):
+    if rep.get("noise") and "joint" not in rep:  # the joint section prints it
         out.append(format_noise(rep["noise"]))
     out.append(format_isoflop(rep["isoflop"]))
     return "\n".join(out)
