@@ -41,7 +41,9 @@ def fit_parser() -> argparse.ArgumentParser:
                     "plus the iso-FLOP frontier.")
     ap.add_argument("inputs", nargs="+", metavar="TABLE_OR_RUN_DIR",
                     help="a CSV (columns n_once, n_rec, r, tokens, loss; optional run, variant, flops, "
-                         "vocab_size, skipped_steps: a run whose record says it diverged is excluded), "
+                         "vocab_size, skipped_steps: a run whose record says it diverged is excluded; "
+                         "seed: runs of one cell with different seeds; n_adapter: the injection's "
+                         "parameters inside n_rec, for the sensitivity table), "
                          "or run / sweep directories (searched recursively for summary.json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--huber-delta", type=_positive_float, default=1e-3, help="Huber delta (default 1e-3)")
