@@ -41,7 +41,9 @@ def fit_parser() -> argparse.ArgumentParser:
                     "plus the iso-FLOP frontier.")
     ap.add_argument("inputs", nargs="+", metavar="TABLE_OR_RUN_DIR",
                     help="a CSV (columns n_once, n_rec, r, tokens, loss; optional run, variant, flops, "
-                         "vocab_size, skipped_steps: a run whose record says it diverged is excluded), "
+                         "vocab_size, skipped_steps: a run whose record says it diverged is excluded; "
+                         "seed: runs of one cell with different seeds; n_adapter: the injection's "
+                         "parameters inside n_rec, for the sensitivity table), "
                          "or run / sweep directories (searched recursively for summary.json)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     ap.add_argument("--huber-delta", type=_positive_float, default=1e-3, help="Huber delta (default 1e-3)")
@@ -49,7 +51,16 @@ def fit_parser() -> argparse.ArgumentParser:
                     help="bootstrap resamples for the intervals (default 1000; 0 = none)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--joint", action="store_true",
-                    help="also fit all variants jointly: shared E, A, alpha, B, beta, one phi each")
+                    help="also fit all variants jointly, twice: the shared-level model (E, A, alpha, B, "
+                         "beta shared, one phi each) and the per-variant-level model (A per variant too); "
+                         "a robust likelihood-ratio test picks the one dphi is reported under; with the "
+                         "seed noise, a sensitivity table and the design's power")
+    ap.add_argument("--level-e", action="store_true",
+                    help="with --joint: the per-variant-level model also gives each variant its own E")
+    ap.add_argument("--power-sims", type=_nonneg_int, default=20, metavar="N",
+                    help="with --joint: simulated tables per dphi for the power line (default 20; 0 = none)")
+    ap.add_argument("--no-sensitivity", action="store_true",
+                    help="with --joint: skip the sensitivity table (it refits ~8 alternative specifications)")
     ap.add_argument("--drop-outliers", action="store_true",
                     help="also drop the runs far from the fit (log-loss residual above min(0.1, "
                          "max(5 robust sigmas, 0.02))) and refit; by default they are listed and kept")
@@ -73,7 +84,8 @@ def fit_main(argv: list[str]) -> int:
         if args.joint and ("variant" not in df.columns or df["variant"].nunique() < 2):
             raise FitInputError("--joint needs a variant column with at least two variants")
         report, fits = analyse(df, args.huber_delta, args.bootstrap, args.seed, joint=args.joint,
-                               drop_outliers=args.drop_outliers)
+                               drop_outliers=args.drop_outliers, e_level=args.level_e,
+                               power_sims=args.power_sims, sensitivity=not args.no_sensitivity)
         if args.plots:
             from .plots import make_plots
 

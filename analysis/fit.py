@@ -23,7 +23,7 @@ from .isoflop import budget_column, isoflop
 from .law import N_BASE, LawData, multistart_fit, polish, predict_log_loss, search_box, start_grid, to_centred, to_raw
 from .profile import ProfileResult, profile_fit
 from .report import format_fit, format_report, json_safe  # noqa: F401  (re-exported)
-from .table import TEST_TIME_SUFFIX, FitInputError, record_divergence
+from .table import TEST_TIME_SUFFIX, FitInputError, cell_keys, match_keys, record_divergence
 
 PHI_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 # where phi cannot be identified it is pinned here, which makes N_eff = n_once + r * n_rec
@@ -69,6 +69,23 @@ class LawFit:
     seconds: dict[str, float] = field(default_factory=dict)
     delta: float = 1e-3
     joint: bool = False
+    level_names: list[str] = field(default_factory=list)  # variants with their own level offset
+    e_level: bool = False
+
+    @property
+    def n_free(self) -> int:
+        """Parameters fitted (structurally pinned phis excluded)."""
+        return N_BASE + sum(self.identifiable) + len(self.level_names) * (2 if self.e_level else 1)
+
+    def level_offsets(self) -> dict[str, dict[str, float]]:
+        """Per variant with its own level: log A (and log E) relative to the reference variant."""
+        L, lv0 = len(self.level_names), N_BASE + len(self.phi_names)
+        out = {}
+        for i, v in enumerate(self.level_names):
+            out[v] = {"dlogA": float(self.raw[lv0 + i])}
+            if self.e_level:
+                out[v]["dlogE"] = float(self.raw[lv0 + L + i])
+        return out
 
     def pname(self, k: int) -> str:
         """The name of phi k in the diagnostics: 'phi', or 'phi[variant]' in a joint fit."""
@@ -155,31 +172,76 @@ class LawFit:
         out.update(self.diagnostics())
         out.update({"holdout": self.holdout, "diverged": self.diverged, "excluded": self.excluded,
                     "seconds": {key: round(v, 3) for key, v in self.seconds.items()}})
+        if self.level_names:
+            out["level_offsets"] = self.level_offsets()
         if not ident:
             out["phi_message"] = self.why_not(self.pname(k), k)
         return out
 
 
-def _law_data(df: pd.DataFrame, phi_index: np.ndarray, n_phi: int) -> LawData:
-    return LawData.build(df.n_once, df.n_rec, df.r, df.tokens, df.loss, phi_index, n_phi)
+@dataclass
+class Levels:
+    """The per-variant-level model's layout: which variants get an offset of log A (and of log E)."""
+
+    index: np.ndarray | None = None   # (R,) offset of each run, -1 for the reference variant
+    names: list[str] = field(default_factory=list)
+    e_level: bool = False
+
+    @property
+    def n_offsets(self) -> int:
+        return len(self.names) * (2 if self.e_level else 1)
+
+
+def _levels(df: pd.DataFrame, reference: str | None, e_level: bool) -> Levels:
+    if reference is None:
+        return Levels()
+    names = [v for v in pd.unique(df["variant"]) if v != reference]
+    pos = {v: i for i, v in enumerate(names)}
+    return Levels(np.array([pos.get(v, -1) for v in df["variant"]], int), names, e_level)
+
+
+def _law_data(df: pd.DataFrame, phi_index: np.ndarray, n_phi: int, levels: Levels | None = None) -> LawData:
+    lv = levels or Levels()
+    return LawData.build(df.n_once, df.n_rec, df.r, df.tokens, df.loss, phi_index, n_phi,
+                         lv.index, len(lv.names), lv.e_level)
+
+
+def _free_mask(ident: list[bool], levels: Levels, fixed_e: float | None) -> np.ndarray:
+    free = np.array([True] * N_BASE + list(ident) + [True] * levels.n_offsets)
+    if fixed_e is not None:
+        free[2] = False
+    return free
 
 
 def _fit_point(df: pd.DataFrame, phi_index: np.ndarray, names: list[str], ident: list[bool],
                delta: float, extra_starts: np.ndarray | None = None,
-               warm: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+               warm: np.ndarray | None = None, levels: Levels | None = None,
+               fixed_e: float | None = None, grid_stride: int = 1) -> tuple[np.ndarray, float]:
     """Grid-started fit inside the search region; with `warm` (a previous estimate on nearly the
-    same runs) only that point and its phi-grid variants are used as starts."""
+    same runs) only that point and its phi-grid variants are used as starts. fixed_e pins E
+    (every start carries it); grid_stride > 1 keeps every grid_stride-th start of the grid (the
+    sensitivity refits, which also get the reference estimate as a start)."""
     K = len(names)
-    data = _law_data(df, phi_index, K)
-    free = np.array([True] * N_BASE + ident)
+    levels = levels or Levels()
+    data = _law_data(df, phi_index, K, levels)
+    free = _free_mask(ident, levels, fixed_e)
     box = search_box(data, K)
     fixed = np.array([np.nan if i else PINNED_PHI for i in ident])
+    phis = slice(N_BASE, N_BASE + K)
+
+    def pin_e(x: np.ndarray) -> np.ndarray:
+        if fixed_e is not None:
+            x = np.array(x, float)
+            x[..., 2] = np.log(fixed_e)
+        return x
+
     if warm is None:
-        grid = start_grid(K, PHI_GRID, fixed_phi=fixed)
-        return multistart_fit(data, delta, free, grid, extra_starts=extra_starts, box=box)
-    starts = np.repeat(warm[None], len(PHI_GRID) + 1, axis=0)
+        grid = start_grid(K, PHI_GRID, fixed_phi=fixed, n_offsets=levels.n_offsets)[::grid_stride]
+        extra = None if extra_starts is None else pin_e(extra_starts)
+        return multistart_fit(data, delta, free, pin_e(grid), extra_starts=extra, box=box)
+    starts = np.repeat(pin_e(warm)[None], len(PHI_GRID) + 1, axis=0)
     for i, p in enumerate(PHI_GRID):
-        starts[i + 1, N_BASE:][np.array(ident)] = p
+        starts[i + 1, phis][np.array(ident, bool)] = p
     return multistart_fit(data, delta, free, starts, schedule=((200, 4), (1000, 4)), box=box)
 
 
@@ -230,15 +292,26 @@ def holdout_check(df: pd.DataFrame, delta: float) -> dict[str, Any]:
 
 def fit_law(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int = 0,
             joint: bool = False, drop_outliers: bool = False, extra_starts: np.ndarray | None = None,
-            profile: bool = True, holdout: bool = True) -> LawFit:
-    """Fit one law to df. joint=True gives each variant its own phi with shared E, A, alpha, B, beta."""
+            profile: bool = True, holdout: bool = True, level_reference: str | None = None,
+            e_level: bool = False, fixed_e: float | None = None, paired: bool = False,
+            boot_weights: np.ndarray | None = None, grid_stride: int = 1) -> LawFit:
+    """Fit one law to df. joint=True gives each variant its own phi with shared E, A, alpha, B, beta.
+
+    level_reference (joint only): the per-variant-level model, every variant but this one gets
+    its own log A offset (and log E offset with e_level). fixed_e pins E. Bootstrap units: cells
+    (all seeds of a cell drawn together); paired=True draws matched design points across
+    variants jointly (table.match_keys); boot_weights (n_boot, len(df)) gives the draws instead
+    (one draw shared by several fits)."""
     df = df.reset_index(drop=True)
     if "run" not in df.columns:  # tables built in code may skip validate(), which names rows so
         df = df.assign(run=[f"row{i + 1}" for i in range(len(df))])
     why = record_divergence(df)
     excluded = [{"run": str(df["run"].iloc[i]), "loss": float(df["loss"].iloc[i]), "reason": w}
                 for i, w in enumerate(why) if w]
-    df = df[[not w for w in why]].reset_index(drop=True)
+    kept = np.array([not w for w in why], bool)
+    df = df[kept].reset_index(drop=True)
+    if boot_weights is not None:
+        boot_weights = np.asarray(boot_weights, float)[:, kept]
     if joint:
         names = list(pd.unique(df["variant"]))
         phi_index = pd.Categorical(df["variant"], categories=names).codes.astype(int)
@@ -247,7 +320,8 @@ def fit_law(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
         names, phi_index = ["all"], np.zeros(len(df), int)
         idents = [phi_identifiability(df)] if len(df) else [(False, "")]
     ident = [i for i, _ in idents]
-    n_free = N_BASE + sum(ident)
+    levels = _levels(df, level_reference, e_level) if joint else Levels()
+    n_free = N_BASE + sum(ident) + levels.n_offsets - (fixed_e is not None)
     if len(df) <= n_free:
         what = f"variant {df['variant'].iloc[0]!r}" if "variant" in df.columns and not joint and len(df) else "the table"
         dropped = f" after excluding {len(excluded)} diverged run(s)" if excluded else ""
@@ -256,8 +330,13 @@ def fit_law(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
     K = len(names)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    raw, obj = _fit_point(df, phi_index, names, ident, delta, extra_starts)
-    res = np.log(df["loss"].to_numpy()) - predict_log_loss(raw, _law_data(df, phi_index, K))
+    if extra_starts is not None and levels.n_offsets:  # starts of the shared model: offsets at 0
+        extra_starts = np.atleast_2d(extra_starts)
+        if extra_starts.shape[1] == N_BASE + K:
+            extra_starts = np.concatenate([extra_starts, np.zeros((len(extra_starts), levels.n_offsets))], 1)
+    raw, obj = _fit_point(df, phi_index, names, ident, delta, extra_starts, levels=levels,
+                          fixed_e=fixed_e, grid_stride=grid_stride)
+    res = np.log(df["loss"].to_numpy()) - predict_log_loss(raw, _law_data(df, phi_index, K, levels))
     bad = far_from_fit(res)
     diverged = [{"run": str(df["run"].iloc[i]), "loss": float(df["loss"].iloc[i]),
                  "predicted": float(np.exp(np.log(df["loss"].iloc[i]) - res[i])), "log_residual": float(res[i]),
@@ -267,13 +346,16 @@ def fit_law(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
         for d in diverged:
             d["dropped"] = True
         df, phi_index = df[~bad].reset_index(drop=True), phi_index[~bad]
-        raw, obj = _fit_point(df, phi_index, names, ident, delta, warm=raw)
+        if boot_weights is not None:
+            boot_weights = boot_weights[:, ~bad]
+        levels = _levels(df, level_reference, e_level) if joint else Levels()
+        raw, obj = _fit_point(df, phi_index, names, ident, delta, warm=raw, levels=levels, fixed_e=fixed_e)
     seconds["fit"] = time.perf_counter() - t0
-    data = _law_data(df, phi_index, K)
-    free = np.array([True] * N_BASE + ident)
+    data = _law_data(df, phi_index, K, levels)
+    free = _free_mask(ident, levels, fixed_e)
     box = search_box(data, K)
     fit = LawFit(raw, names, ident, obj, df, diverged=diverged, excluded=excluded, message=message,
-                 delta=delta, joint=joint)
+                 delta=delta, joint=joint, level_names=levels.names, e_level=levels.e_level)
     if profile:
         t1 = time.perf_counter()
         pnames = [fit.pname(k) for k in range(K)]
@@ -294,8 +376,12 @@ def fit_law(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
         seconds["holdout"] = time.perf_counter() - t1
     if n_boot > 0:
         t1 = time.perf_counter()
-        strata = phi_index if joint else None
-        fit.boot = bootstrap(data, delta, free, raw, n_boot, seed, strata=strata, box=box)
+        if boot_weights is not None or paired:
+            units, strata = match_keys(df), None
+        else:  # cells within each variant: a variant keeps its cell count in every resample
+            units, strata = cell_keys(df), (phi_index if joint else None)
+        fit.boot = bootstrap(data, delta, free, raw, n_boot, seed, strata=strata, box=box,
+                             units=units, weights=boot_weights)
         seconds["bootstrap"] = time.perf_counter() - t1
     fit.seconds = seconds
     return fit
@@ -306,11 +392,16 @@ def _baseline(variants: list[str]) -> str:
 
 
 def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int = 0,
-            joint: bool = False, drop_outliers: bool = False) -> tuple[dict[str, Any], dict[str, LawFit]]:
+            joint: bool = False, drop_outliers: bool = False, e_level: bool = False,
+            power_sims: int = 20, sensitivity: bool = True) -> tuple[dict[str, Any], dict[str, LawFit]]:
     """The whole `megaloop fit` report. Without a variant column (or with one variant) the top
     level is the fit of all runs; with several variants the top level is the baseline's fit
     (variant 'baseline', else the first) and `variants` holds every variant's fit plus its phi
-    difference to the baseline with a bootstrap interval."""
+    difference to the baseline with a paired bootstrap interval (one draw of matched design
+    points shared by all the variants' fits). With joint, `joint` holds the two joint models,
+    their comparison, seed noise, the sensitivity table and the power line (joint.py)."""
+    from .joint import NO_SEEDS_LINE, joint_report, paired_weights, seed_noise
+
     fits: dict[str, LawFit] = {}
     variants = list(pd.unique(df["variant"])) if "variant" in df.columns else []
     if len(variants) <= 1:
@@ -318,15 +409,22 @@ def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
         report = fits["all"].to_dict()
     else:
         base = _baseline(variants)
+        if joint:
+            from .joint import check_shared_budgets
+
+            check_shared_budgets(df[~df["variant"].astype(str).str.endswith(TEST_TIME_SUFFIX)], base)
         per: dict[str, Any] = {}
+        w_all = paired_weights(df, n_boot, seed) if n_boot > 0 else None
         for v in variants:
-            fits[v] = fit_law(df[df["variant"] == v], delta, n_boot, seed, drop_outliers=drop_outliers)
+            m = (df["variant"] == v).to_numpy()
+            fits[v] = fit_law(df[m], delta, n_boot, seed, drop_outliers=drop_outliers,
+                              boot_weights=None if w_all is None else w_all[:, m])
             per[v] = fits[v].to_dict()
         for v in variants:
             fb, fv = fits[base], fits[v]
             ok = fb.phi_identified() and fv.phi_identified()
             per[v]["dphi"] = float(fv.raw[N_BASE] - fb.raw[N_BASE]) if ok else None
-            # independent data, independent resamples: the difference of draws is a draw of dphi
+            # one paired draw for all variants: the difference of draws is a draw of dphi
             per[v]["dphi_ci"] = (percentile_ci(fv.boot[:, N_BASE] - fb.boot[:, N_BASE])
                                  if ok and fv.boot is not None and fb.boot is not None else None)
         report = dict(per[base])
@@ -338,33 +436,12 @@ def analyse(df: pd.DataFrame, delta: float = 1e-3, n_boot: int = 1000, seed: int
             # holds once (under their own variant): pooled into the shared parameters they would
             # count those runs several times, so the joint fit leaves them out.
             pooled = [v for v in variants if not str(v).endswith(TEST_TIME_SUFFIX)]
-            report["joint"] = _joint_report(df[df["variant"].isin(pooled)], fits, pooled, base, delta, n_boot,
-                                            seed, drop_outliers)
+            report["joint"] = joint_report(df[df["variant"].isin(pooled)], fits, pooled, base, delta, n_boot,
+                                           seed, drop_outliers, e_level=e_level, power_sims=power_sims,
+                                           with_sensitivity=sensitivity)
             if len(pooled) < len(variants):
                 report["joint"]["left_out"] = [v for v in variants if v not in pooled]
+    noise = seed_noise(df)
+    report["noise"] = noise if noise else {"line": NO_SEEDS_LINE}
     report["isoflop"] = isoflop(df, seed=seed)
     return report, fits
-
-
-def _joint_report(df, fits, variants, base, delta, n_boot, seed, drop_outliers) -> dict[str, Any]:
-    starts = np.array([np.concatenate([fits[base].raw[:N_BASE], [fits[v].raw[N_BASE] for v in variants]])])
-    jf = fit_law(df, delta, n_boot, seed, joint=True, drop_outliers=drop_outliers, extra_starts=starts)
-    fits["joint"] = jf
-    j = jf.to_dict(0)
-    for key in ("phi", "phi_ci", "phi_message", "phi_estimate"):
-        j.pop(key, None)
-    j["phi"] = {v: jf.phi(k) for k, v in enumerate(jf.phi_names)}
-    j["phi_estimate"] = {v: float(jf.raw[N_BASE + k]) for k, v in enumerate(jf.phi_names)}
-    s = jf.samples()
-    j["phi_ci"] = {v: (percentile_ci(s[f"phi:{v}"]) if s and jf.phi_identified(k) else None)
-                   for k, v in enumerate(jf.phi_names)}
-    kb = jf.phi_names.index(base)
-    j["dphi"], j["dphi_ci"] = {}, {}
-    for k, v in enumerate(jf.phi_names):
-        ok = jf.phi_identified(k) and jf.phi_identified(kb)
-        j["dphi"][v] = float(jf.raw[N_BASE + k] - jf.raw[N_BASE + kb]) if ok else None
-        j["dphi_ci"][v] = percentile_ci(s[f"phi:{v}"] - s[f"phi:{base}"]) if ok and s else None
-    msgs = {v: jf.why_not(jf.pname(k), k) for k, v in enumerate(jf.phi_names) if not jf.phi_identified(k)}
-    if msgs:
-        j["phi_message"] = "; ".join(f"{v}: {m}" for v, m in msgs.items())
-    return j

@@ -19,6 +19,11 @@ Parametrisation choices (why):
   mask, which is how the profile likelihood pins a different parameter in every row.
 * Several phis can be present (one per variant, for the joint fit); every run maps to one of
   them through `phi_index`. A boolean `free` mask pins parameters that the data cannot identify.
+* Per-variant levels (the per-variant-level joint model): after the phis come L offsets of log A
+  (da_1..da_L) and, with `e_level`, L offsets of log E (de_1..de_L), one per non-reference
+  variant; a run uses offset `level_index` (-1: the reference variant, no offset). Offsets do not
+  change under the centring, so to_centred / to_raw leave them alone. Layout of a vector:
+  a, b, e, alpha, beta, phi_1..phi_K, da_1..da_L, [de_1..de_L].
 """
 from __future__ import annotations
 
@@ -52,6 +57,9 @@ class LawData:
     log_l: np.ndarray
     phi_index: np.ndarray  # (R,) int: which phi each run uses
     n_phi: int
+    level_index: np.ndarray | None = None  # (R,) int: which level offset (-1: none)
+    n_level: int = 0
+    e_level: bool = False   # offsets of log E too (after those of log A)
     c_n: float = field(init=False)
     c_d: float = field(init=False)
 
@@ -61,7 +69,20 @@ class LawData:
         # one-hot (R, K) so the per-phi gradient is a single matmul
         self.onehot = np.zeros((len(self.n_once), max(self.n_phi, 1)))
         self.onehot[np.arange(len(self.n_once)), self.phi_index] = 1.0
+        # (R, L) one-hot of the level offsets; the reference variant's rows are all zero
+        self.level_onehot = np.zeros((len(self.n_once), self.n_level))
+        if self.n_level:
+            rows = np.flatnonzero(self.level_index >= 0)
+            self.level_onehot[rows, self.level_index[rows]] = 1.0
         self._derived()
+
+    @property
+    def n_params(self) -> int:
+        """Length of a parameter vector for this data's model."""
+        return N_BASE + self.n_phi + self.n_level * (2 if self.e_level else 1)
+
+    def _clone(self, arrays) -> "LawData":
+        return LawData(*arrays, self.phi_index, self.n_phi, self.level_index, self.n_level, self.e_level)
 
     def _derived(self) -> None:
         # sizes scaled by exp(-c_n) so log(N_eff) comes out centred without an extra pass
@@ -74,16 +95,19 @@ class LawData:
     @classmethod
     def build(cls, n_once: Sequence[float], n_rec: Sequence[float], r: Sequence[float],
               tokens: Sequence[float], loss: Sequence[float],
-              phi_index: Sequence[int] | None = None, n_phi: int = 1) -> "LawData":
+              phi_index: Sequence[int] | None = None, n_phi: int = 1,
+              level_index: Sequence[int] | None = None, n_level: int = 0, e_level: bool = False) -> "LawData":
         n_once_a = np.asarray(n_once, float)
         idx = np.zeros(len(n_once_a), int) if phi_index is None else np.asarray(phi_index, int)
+        lvl = None if level_index is None else np.asarray(level_index, int)
         return cls(n_once_a, np.asarray(n_rec, float), np.log(np.asarray(r, float)),
-                   np.log(np.asarray(tokens, float)), np.log(np.asarray(loss, float)), idx, n_phi)
+                   np.log(np.asarray(tokens, float)), np.log(np.asarray(loss, float)), idx, n_phi,
+                   lvl, n_level if lvl is not None else 0, e_level and lvl is not None)
 
     def with_centre(self, c_n: float | None = None, c_d: float | None = None) -> "LawData":
         """A copy centred elsewhere (c_n = 0 makes coordinate 0 the raw a, c_d = 0 coordinate 1
         the raw b: what the profiles of A and B pin)."""
-        out = LawData(self.n_once, self.n_rec, self.log_r, self.log_d, self.log_l, self.phi_index, self.n_phi)
+        out = self._clone((self.n_once, self.n_rec, self.log_r, self.log_d, self.log_l))
         out.c_n = self.c_n if c_n is None else float(c_n)
         out.c_d = self.c_d if c_d is None else float(c_d)
         out._derived()
@@ -91,14 +115,14 @@ class LawData:
 
     def astype(self, dtype) -> "LawData":
         """A copy in another float type (float32 makes the wide screening stage ~2x cheaper)."""
-        out = LawData(*(np.asarray(v, dtype) for v in (self.n_once, self.n_rec, self.log_r,
-                                                        self.log_d, self.log_l)),
-                      self.phi_index, self.n_phi)
+        out = self._clone(tuple(np.asarray(v, dtype) for v in (self.n_once, self.n_rec, self.log_r,
+                                                               self.log_d, self.log_l)))
         out.c_n, out.c_d = self.c_n, self.c_d  # keep the float64 table's centring
         out._derived()
         for k in ("n_once_s", "n_rec_s", "rec_log_r", "log_d_c"):
             setattr(out, k, getattr(out, k).astype(dtype))
         out.onehot = self.onehot.astype(dtype)
+        out.level_onehot = self.level_onehot.astype(dtype)
         return out
 
 
@@ -137,8 +161,8 @@ def objective(x: np.ndarray, data: LawData, delta: float,
               weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Summed Huber objective and its gradient for a batch of centred parameter vectors.
 
-    x: (S, 5 + K) with natural phis; weights: None, (R,) or (S, R) run multiplicities
-    (bootstrap resamples are integer weights). Returns f (S,), grad (S, 5 + K).
+    x: (S, data.n_params) with natural phis; weights: None, (R,) or (S, R) run multiplicities
+    (bootstrap resamples are integer weights). Returns f (S,), grad (S, data.n_params).
     Written to minimise full passes over (S, R) arrays: it is the whole cost of a fit.
     """
     x = np.atleast_2d(x)
@@ -151,6 +175,12 @@ def objective(x: np.ndarray, data: LawData, delta: float,
     else:
         n_eff = np.broadcast_to(data.n_once_s + data.n_rec_s, (len(x), len(data.log_l)))
     log_n = np.log(n_eff)                                  # already centred by the scaling
+    L = data.n_level
+    lv0 = N_BASE + data.n_phi
+    if L:  # per-variant levels: each run's log A (and log E) shifted by its variant's offset
+        a_c = a_c + x[:, lv0:lv0 + L] @ data.level_onehot.T
+        if data.e_level:
+            e = e + x[:, lv0 + L:lv0 + 2 * L] @ data.level_onehot.T
     t1 = a_c - alpha * log_n
     t2 = b_c - beta * data.log_d_c
     m = np.maximum(t1, t2)
@@ -174,38 +204,57 @@ def objective(x: np.ndarray, data: LawData, delta: float,
     g = np.empty(x.shape, dtype=q.dtype)
     g[:, 0] = q1.sum(1)
     g[:, 1] = q2.sum(1)
-    g[:, 2] = np.einsum("sr,sr->s", q, e3)
+    q3 = q * e3
+    g[:, 2] = q3.sum(1)
     g[:, 3] = -np.einsum("sr,sr->s", q1, log_n)
     g[:, 4] = -(q2 @ data.log_d_c)
+    if L:
+        g[:, lv0:lv0 + L] = q1 @ data.level_onehot
+        if data.e_level:
+            g[:, lv0 + L:lv0 + 2 * L] = q3 @ data.level_onehot
     if data.n_phi:
         # d log N_eff / d phi = r**phi * log r * N_rec / N_eff
         rp *= data.rec_log_r
         rp /= n_eff
         rp *= q1
-        g[:, N_BASE:] = -alpha * (rp @ data.onehot)
+        g[:, N_BASE:lv0] = -alpha * (rp @ data.onehot)
     return f, g
 
 
 def predict_log_loss(raw: np.ndarray, data: LawData) -> np.ndarray:
     """log of the predicted loss for reported (raw) parameters, one vector."""
     a, b, e, alpha, beta = raw[:N_BASE]
-    phis = np.asarray(raw[N_BASE:], float)
+    lv0 = N_BASE + data.n_phi
+    phis = np.asarray(raw[N_BASE:lv0], float)
     phi_runs = phis[data.phi_index] if data.n_phi else 0.0
     log_n = np.log(data.n_once + np.exp(phi_runs * data.log_r) * data.n_rec)
+    if data.n_level:
+        L = data.n_level
+        a = a + data.level_onehot @ np.asarray(raw[lv0:lv0 + L], float)
+        if data.e_level:
+            e = e + data.level_onehot @ np.asarray(raw[lv0 + L:lv0 + 2 * L], float)
     return np.logaddexp(np.logaddexp(a - alpha * log_n, b - beta * data.log_d), e)
 
 
 # ---------------------------------------------------------------------------------------------
 # batched L-BFGS (all starts advance in lock-step, each with its own history and step length)
 
-def _bounds_rows(S: int, P: int, free, lo, hi, dtype):
+def _default_bounds(P: int, n_phi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Only the phis bounded, to [0, PHI_MAX]; level offsets (after the phis) are free."""
+    lo, hi = np.full(P, -np.inf), np.full(P, np.inf)
+    lo[N_BASE:N_BASE + n_phi], hi[N_BASE:N_BASE + n_phi] = 0.0, PHI_MAX
+    return lo, hi
+
+
+def _bounds_rows(S: int, P: int, free, lo, hi, dtype, n_phi: int | None = None):
     """Per-row masks: free (S, P), bounds (S, P) and which coordinates go through the sigmoid.
     Defaults keep the historical behaviour: only free phis are bounded, to [0, PHI_MAX]."""
     free = np.broadcast_to(np.ones(P, bool) if free is None else np.asarray(free, bool), (S, P))
+    d_lo, d_hi = _default_bounds(P, P - N_BASE if n_phi is None else n_phi)
     if lo is None:
-        lo = np.r_[np.full(N_BASE, -np.inf), np.zeros(P - N_BASE)]
+        lo = d_lo
     if hi is None:
-        hi = np.r_[np.full(N_BASE, np.inf), np.full(P - N_BASE, PHI_MAX)]
+        hi = d_hi
     lo = np.broadcast_to(np.asarray(lo, float), (S, P))
     hi = np.broadcast_to(np.asarray(hi, float), (S, P))
     tr = free & np.isfinite(lo) & np.isfinite(hi)
@@ -254,7 +303,7 @@ def batched_lbfgs(x0: np.ndarray, data: LawData, delta: float, weights: np.ndarr
 def _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, hi, shift):
     dtype = data.log_l.dtype
     S, P = x0.shape
-    free, tr, lo, hi = _bounds_rows(S, P, free, lo, hi, dtype)
+    free, tr, lo, hi = _bounds_rows(S, P, free, lo, hi, dtype, data.n_phi)
     fm = free.astype(dtype)
     delta = dtype.type(delta)
     z = x0.astype(dtype).copy()
@@ -343,7 +392,8 @@ def _batched_lbfgs(x0, data, delta, weights, free, max_iter, m, ftol, gtol, lo, 
 
 
 def search_box(data: LawData, n_phi: int) -> tuple[np.ndarray, np.ndarray]:
-    """(lo, hi) of the search region in centred coordinates (a_c, b_c, e, alpha, beta, phi...).
+    """(lo, hi) of the search region in centred coordinates (a_c, b_c, e, alpha, beta, phi...,
+    level offsets...). An offset may move a term across the whole term region, either way.
 
     exp(a_c) = A N_c^-alpha and exp(b_c) = B D_c^-beta are the size and data terms at the table's
     geometric-mean size and token count, so all three log-terms share one region, set by the
@@ -352,6 +402,10 @@ def search_box(data: LawData, n_phi: int) -> tuple[np.ndarray, np.ndarray]:
     t_lo, t_hi = np.log(TERM_FLOOR * loss.min()), np.log(TERM_CEIL * loss.max())
     lo = np.array([t_lo, t_lo, t_lo, 0.0, 0.0] + [0.0] * n_phi)
     hi = np.array([t_hi, t_hi, t_hi, EXPONENT_MAX, EXPONENT_MAX] + [PHI_MAX] * n_phi)
+    n_off = data.n_params - N_BASE - data.n_phi
+    if n_off:
+        w = t_hi - t_lo
+        lo, hi = np.r_[lo, np.full(n_off, -w)], np.r_[hi, np.full(n_off, w)]
     return lo, hi
 
 
@@ -373,7 +427,7 @@ def polish(x0: np.ndarray, data: LawData, delta: float, free: np.ndarray,
         return float(f[0]), g[0, fi]
 
     if box is None:
-        bounds = [(0.0, PHI_MAX) if i >= N_BASE else (None, None) for i in fi]
+        bounds = [(0.0, PHI_MAX) if N_BASE <= i < N_BASE + data.n_phi else (None, None) for i in fi]
     else:
         bounds = [(float(box[0][i]), float(box[1][i])) for i in fi]
     r = minimize(fun, x0[fi], jac=True, method="L-BFGS-B", bounds=bounds,
@@ -387,10 +441,10 @@ def polish(x0: np.ndarray, data: LawData, delta: float, free: np.ndarray,
 # the starting grid
 
 def start_grid(n_phi: int, phi_values: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 1.0),
-               fixed_phi: np.ndarray | None = None) -> np.ndarray:
+               fixed_phi: np.ndarray | None = None, n_offsets: int = 0) -> np.ndarray:
     """Hoffmann-style grid in raw parameters (a, b, e, alpha, beta, phi...): a, b in 0..25 step 5,
     e in -1..1 step .5, alpha, beta in 0..2 step .5, times the phi values (all phis of a joint fit
-    start equal). Returns (G, 5 + n_phi)."""
+    start equal); n_offsets level offsets start at 0. Returns (G, 5 + n_phi + n_offsets)."""
     a = np.arange(0, 26, 5.0)
     e = np.arange(-1, 1.01, 0.5)
     al = np.arange(0, 2.01, 0.5)
@@ -402,6 +456,8 @@ def start_grid(n_phi: int, phi_values: Sequence[float] = (0.0, 0.25, 0.5, 0.75, 
         pin = ~np.isnan(fixed_phi)
         grid[:, N_BASE:][:, pin] = fixed_phi[pin]
         grid = np.unique(grid, axis=0)
+    if n_offsets:
+        grid = np.concatenate([grid, np.zeros((len(grid), n_offsets))], axis=1)
     return grid
 
 

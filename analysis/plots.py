@@ -107,7 +107,7 @@ def plot_isoflop(iso: dict[str, Any], df, out: Path) -> list[str]:
 def plot_phi_bootstrap(fits: dict[str, LawFit], out: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     any_drawn = False
-    allv = np.concatenate([f.boot[:, N_BASE:][:, np.array(f.identifiable)].ravel()
+    allv = np.concatenate([f.boot[:, N_BASE:N_BASE + len(f.phi_names)][:, np.array(f.identifiable)].ravel()
                            for f in fits.values() if f.boot is not None] or [np.zeros(1)])
     bins = np.linspace(allv.min(), allv.max() + 1e-9, 50)  # shared bins: variants comparable
     for name, f in fits.items():

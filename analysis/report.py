@@ -117,12 +117,71 @@ def format_report(rep: dict[str, Any]) -> str:
             out.append(_format_joint(rep["joint"], rep["baseline"]))
     else:
         out.append(format_fit(rep, "scaling law  L = E + A (N_once + r^phi N_rec)^-alpha + B D^-beta:"))
+    if rep.get("noise") and "joint" not in rep:  # the joint section prints it
+        out.append(format_noise(rep["noise"]))
     out.append(format_isoflop(rep["isoflop"]))
     return "\n".join(out)
 
 
+def format_noise(n: dict[str, Any]) -> str:
+    if "line" in n:
+        return f"seed noise: {n['line']}"
+    out = [f"seed noise (pooled per-run SD inside cells with several seeds; {n['intervals']}):"]
+    for r in n["by_budget"]:
+        out.append(f"  budget {r['budget']:.3g}: SD(log loss) {r['sd_log']:.4f}, SD(loss) {r['sd_loss']:.4f}  "
+                   f"(df {r['df']}, {r['n_cells']} cells)")
+    out.append(f"  all budgets: SD(log loss) {n['sd_log']:.4f}, SD(loss) {n['sd_loss']:.4f}  (df {n['df']})")
+    return "\n".join(out)
+
+
+def format_comparison(c: dict[str, Any], baseline: str) -> str:
+    out = ["model comparison (shared level vs per-variant level):"]
+    for name, m in c["models"].items():
+        dp = ", ".join(f"{v} {_fmt_ci(m['dphi'][v], m['dphi_ci'][v], '+.3f') if m['dphi'][v] is not None else 'not identified'}"
+                       for v in m.get("dphi", {}) if v != baseline)
+        out.append(f"  {name}: {m['description']}; objective {m['objective']:.6g}, {m['n_params']} parameters"
+                   + (f"; dphi {dp}" if dp else "") + (f"  ({m['note']})" if m.get("note") else ""))
+    out.append(f"  {c['test']}")
+    out.append(f"  statistic {c['statistic']:.2f} on {c['df']} df, p = {c['p']:.3g}: preferred {c['preferred']}; "
+               f"dphi is reported under {c['dphi_reported_under']}")
+    return "\n".join(out)
+
+
+def format_sensitivity(s: dict[str, Any], baseline: str) -> str:
+    rows = s["rows"]
+    probes = list(dict.fromkeys(v for r in rows for v in (r.get("dphi") or {})))
+    out = [f"sensitivity (preferred model; {s['refits']}; adapter {s['adapter_convention']}):",
+           "  " + f"{'row':<26}{'runs':>5}  {'phi[' + baseline + ']':>14}" + "".join(f"  {'dphi[' + v + ']':>18}" for v in probes)]
+    for r in rows:
+        if "skipped" in r:
+            out.append(f"  {r['row']:<26}{r['n_runs']:>5}  skipped: {r['skipped']}")
+            continue
+        cells = "".join(f"  {('n/a' if r['dphi'].get(v) is None else format(r['dphi'][v], '+.3f')):>18}" for v in probes)
+        phi = "n/a" if r.get("phi") is None else format(r["phi"], ".3f")
+        out.append(f"  {r['row']:<26}{r['n_runs']:>5}  {phi:>14}{cells}")
+    for c in s["conclusions"]:
+        out.append(f"  {c['line']}")
+    return "\n".join(out)
+
+
+def format_power(p: dict[str, Any]) -> str:
+    if "skipped" in p:
+        return f"power: {p['skipped']}"
+    out = [f"power ({p['n_sims']} simulated tables per dphi in {p['dphi_grid']}; noise: {p['noise']}; "
+           f"{p['criterion']}):"]
+    for v, d in p["variants"].items():
+        rates = ", ".join(f"{x:.2f}" for x in d["detection_rate"])
+        out.append(f"  {v}: {d['line']} (detection rates {rates}; null SD of dphi {d['null_sd']:.3f})")
+    return "\n".join(out)
+
+
 def _format_joint(j: dict[str, Any], baseline: str) -> str:
-    out = ["joint fit (shared E, A, alpha, B, beta; one phi per variant):"]
+    levels = j.get("model") == "per_variant_level"
+    what = ("level per variant (A" + (", E" if any("dlogE" in o for o in (j.get("level_offsets") or {}).values())
+                                      else "") + " per variant), the preferred model" if levels
+            else "shared E, A, alpha, B, beta, the preferred model" if "model" in j
+            else "shared E, A, alpha, B, beta")
+    out = [f"joint fit ({what}; one phi per variant):"]
     if j.get("left_out"):
         out.append(f"  left out (test-time rows repeat runs already in the fit): {', '.join(j['left_out'])}")
     for v in j["phi"]:
@@ -133,6 +192,18 @@ def _format_joint(j: dict[str, Any], baseline: str) -> str:
         out += [line, phi_line(j, key)]
     for name, fmt in PARAMS:
         out.append(_param_line(j, name, name, j[name], j[name + "_ci"], fmt))
+    for v, o in (j.get("level_offsets") or {}).items():
+        out.append(f"  level of {v} vs {baseline}: log A {o['dlogA']:+.4f}" + (f", log E {o['dlogE']:+.4f}" if "dlogE" in o else ""))
     out.append(f"  n_runs={j['n_runs']}  objective={j['objective']:.6g}  R^2={j['r2']:.4f}  "
                f"RMSE(log loss)={j['rmse_log']:.4g}")
+    if j.get("bootstrap_units"):
+        out.append(f"  bootstrap units: {j['bootstrap_units']}")
+    if j.get("model_comparison"):
+        out.append(format_comparison(j["model_comparison"], baseline))
+    if j.get("noise"):
+        out.append(format_noise(j["noise"]))
+    if j.get("sensitivity"):
+        out.append(format_sensitivity(j["sensitivity"], baseline))
+    if j.get("power"):
+        out.append(format_power(j["power"]))
     return "\n".join(out)

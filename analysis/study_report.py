@@ -145,6 +145,59 @@ def _variant_fits(fit: dict) -> dict:
     return out
 
 
+def _referee_sections(j: dict) -> list[str]:
+    """Model comparison, seed noise, sensitivity and power of a joint fit (fit.json `joint`)."""
+    L: list[str] = []
+    c = j.get("model_comparison")
+    if c:
+        L += ["", "### Model comparison", "", f"{c['test']}.", "",
+              "| model | parameters | objective | dphi per probe (paired bootstrap) |", "|---|---|---|---|"]
+        for name, m in c["models"].items():
+            dp = "; ".join(f"{v} {_ci(m['dphi'][v], m['dphi_ci'][v], '{:+.3f}')}" for v in m.get("dphi", {})
+                           if v != "baseline")
+            L.append(f"| {name}{' (' + m['note'] + ')' if m.get('note') else ''}: {m['description']} | "
+                     f"{m['n_params']} | {m['objective']:.6g} | {dp} |")
+        L += ["", f"Statistic {c['statistic']:.2f} on {c['df']} df, p = {c['p']:.3g}: dphi is reported under "
+                  f"the {c['dphi_reported_under'].replace('_', '-')} model."]
+    n = j.get("noise")
+    if n:
+        L += ["", "### Seed noise", ""]
+        if "line" in n:
+            L.append(n["line"][0].upper() + n["line"][1:] + ".")
+        else:
+            L += [f"Pooled per-run SD inside cells with several seeds ({n['intervals']}).", "",
+                  "| budget | SD(log loss) | SD(loss) | df | cells |", "|---|---|---|---|---|"]
+            for r in n["by_budget"]:
+                L.append(f"| {r['budget']:.3g} | {r['sd_log']:.4f} | {r['sd_loss']:.4f} | {r['df']} | {r['n_cells']} |")
+            L.append(f"| all | {n['sd_log']:.4f} | {n['sd_loss']:.4f} | {n['df']} | |")
+    sens = j.get("sensitivity")
+    if sens:
+        probes = list(dict.fromkeys(v for r in sens["rows"] for v in (r.get("dphi") or {})))
+        L += ["", "### Sensitivity", "", f"The preferred model refitted under each specification ({sens['refits']}; "
+              f"adapter {sens['adapter_convention']}).", "",
+              "| specification | runs | phi[baseline] | " + " | ".join(f"dphi[{v}]" for v in probes) + " |",
+              "|---|---|---|" + "---|" * len(probes)]
+        for r in sens["rows"]:
+            if "skipped" in r:
+                L.append(f"| {r['row']} | {r['n_runs']} | skipped: {r['skipped']} |" + " |" * len(probes))
+                continue
+            cells = " | ".join("n/a" if r["dphi"].get(v) is None else f"{r['dphi'][v]:+.3f}" for v in probes)
+            L.append(f"| {r['row']} | {r['n_runs']} | {'n/a' if r.get('phi') is None else format(r['phi'], '.3f')} | {cells} |")
+        L += [""] + [f"- {c['line']}" for c in sens["conclusions"]]
+    pw = j.get("power")
+    if pw:
+        L += ["", "### Power", ""]
+        if "skipped" in pw:
+            L.append(pw["skipped"])
+        else:
+            L += [f"{pw['n_sims']} simulated tables per dphi in {pw['dphi_grid']} (noise: {pw['noise']}; refit: "
+                  f"{pw['refit']}); {pw['criterion']}.", ""]
+            for v, d in pw["variants"].items():
+                rates = ", ".join(f"{x:.2f}" for x in d["detection_rate"])
+                L.append(f"- {v}: {d['line']} (detection rates {rates})")
+    return L
+
+
 def markdown(fit: dict, table: pd.DataFrame, curves: pd.DataFrame, rec: Optional[pd.DataFrame],
              wall: Optional[str]) -> str:
     L = ["# CPU study: results", ""]
@@ -173,15 +226,21 @@ def markdown(fit: dict, table: pd.DataFrame, curves: pd.DataFrame, rec: Optional
                  f"{', '.join(f.get('at_bound') or []) or '-'} | {ident_s or '-'} |")
     joint = fit.get("joint")
     if joint:
-        L += ["", "Joint fit (E, A, alpha, B, beta shared; one phi per variant):", ""]
+        model = joint.get("model")
+        what = ("A per variant (the preferred model, see the comparison below); E, alpha, B, beta shared"
+                if model == "per_variant_level" else "E, A, alpha, B, beta shared")
+        L += ["", f"Joint fit ({what}; one phi per variant):", ""]
         prof = joint.get("profile_ci") or {}
         for name, phi in (joint.get("phi") or {}).items():
             p_ci = prof.get(f"phi[{name}]") or prof.get(name)
-            L.append(f"- {name}: phi {_ci(phi, (joint.get('phi_ci') or {}).get(name))} (bootstrap)"
-                     + (f", {_ci(phi, p_ci)} (profile)" if p_ci else "")
+            why = (joint.get("not_identified_because") or {}).get(f"phi[{name}]")
+            L.append(f"- {name}: " + (f"phi not identified: {why}" if why and phi is None else
+                                      f"phi {_ci(phi, (joint.get('phi_ci') or {}).get(name))} (bootstrap)")
+                     + (f", {_ci(phi, p_ci)} (profile)" if p_ci and phi is not None else "")
                      + (f", dphi {_ci(joint['dphi'][name], joint['dphi_ci'][name])}" if name != "baseline" else ""))
         L.append(f"- shared: E {par(joint, 'E')}, alpha {par(joint, 'alpha')}, beta {par(joint, 'beta')}, "
                  f"R^2 {joint.get('r2', float('nan')):.4f}, {joint.get('n_runs')} runs")
+        L += _referee_sections(joint)
     hold = fit.get("holdout")
     if hold:
         L += ["", f"Hold-out (refit without the largest budget {float(hold.get('budget')):.3g}, predict its "

@@ -15,7 +15,10 @@ except Exception:  # pragma: no cover - analysis used standalone
         pass
 
 REQUIRED = ("n_once", "n_rec", "r", "tokens", "loss")
-OPTIONAL_NUMERIC = ("flops",)
+OPTIONAL_NUMERIC = ("flops", "n_adapter")
+# A cell is one design point: runs that differ only in their seed. Rows with equal cell keys and
+# different seeds are replicates of one cell (DESIGN.md, contracts of 2026-12-07).
+CELL_COLUMNS = ("variant", "n_once", "n_rec", "r")
 # what a run's own record says about its health; an empty cell means "not recorded"
 RECORD_COLUMNS = ("vocab_size", "skipped_steps")
 # The variant suffix of a sampled-depth run's rows at every evaluated r ("test-time" rows: each
@@ -62,7 +65,9 @@ def validate(df: pd.DataFrame, source: str = "table") -> pd.DataFrame:
                 problems.append(f"{_row_label(df, i)}: n_rec must be >= 0, got {v:g}")
             elif col == "r" and v < 1:
                 problems.append(f"{_row_label(df, i)}: r must be >= 1, got {v:g}")
-            elif col not in ("n_rec", "r") and v <= 0:
+            elif col == "n_adapter" and not 0 <= v <= df["n_rec"].iloc[i]:
+                problems.append(f"{_row_label(df, i)}: n_adapter must be in [0, n_rec], got {v:g}")
+            elif col not in ("n_rec", "r", "n_adapter") and v <= 0:
                 problems.append(f"{_row_label(df, i)}: {col} must be positive, got {v:g}")
         df[col] = num.astype(float)
     for col in (c for c in RECORD_COLUMNS if c in df.columns):
@@ -93,10 +98,59 @@ def validate(df: pd.DataFrame, source: str = "table") -> pd.DataFrame:
         for i in np.flatnonzero(bad):
             problems.append(f"{_row_label(df, i)}: variant is empty")
         df["variant"] = df["variant"].astype(str)
+    if "seed" in df.columns:
+        for i in np.flatnonzero(df["seed"].isna().to_numpy()):
+            problems.append(f"{_row_label(df, i)}: seed is empty")
+        df["seed"] = df["seed"].map(lambda v: str(int(v)) if isinstance(v, float) and v.is_integer() else str(v))
+    if not problems:
+        problems += _repeated_cells(df)
     if problems:
         head = f"{source}: {len(problems)} problem(s) in the table:\n  "
         raise FitInputError(head + "\n  ".join(problems))
     return df.reset_index(drop=True)
+
+
+def budget_of(df: pd.DataFrame) -> pd.Series:
+    """A run's compute budget, to 3 significant digits: the flops column (the sweep's target),
+    else 6 (n_once + r n_rec) tokens. Runs of one budget share an iso-FLOP group and a cell."""
+    if "flops" in df.columns:
+        c = df["flops"].astype(float)
+    else:
+        c = 6.0 * (df["n_once"] + df["r"] * df["n_rec"]) * df["tokens"]
+    return c.map(lambda v: float(f"{v:.3g}"))
+
+
+def cell_keys(df: pd.DataFrame) -> np.ndarray:
+    """(R,) int: the cell (variant, n_once, n_rec, r, budget) of every run; seeds of one cell share it."""
+    cols = [df[c] if c in df.columns else pd.Series("", index=df.index) for c in CELL_COLUMNS]
+    key = pd.MultiIndex.from_arrays([c.astype(str) for c in cols] + [budget_of(df).astype(str)])
+    return pd.factorize(key)[0]
+
+
+def match_keys(df: pd.DataFrame) -> np.ndarray:
+    """(R,) int: the design point (n_once, r, budget) across variants. n_once (prelude, coda and
+    norms) is the same for every variant at one width, while n_rec differs by the probe's own
+    parameters (hyperconnect lanes), so it is the width's fingerprint; a paired bootstrap draws
+    the cells of all variants at one design point together."""
+    key = pd.MultiIndex.from_arrays([df["n_once"].astype(str), df["r"].astype(str), budget_of(df).astype(str)])
+    return pd.factorize(key)[0]
+
+
+def _repeated_cells(df: pd.DataFrame) -> list[str]:
+    """Repeated design points that would silently merge: without a seed column, two runs of one
+    cell (same variant, n_once, n_rec, r, tokens); with one, a cell with a seed twice."""
+    cols = [c for c in CELL_COLUMNS if c in df.columns] + ["tokens"] + (["seed"] if "seed" in df.columns else [])
+    dup = df.duplicated(subset=cols, keep=False).to_numpy()
+    out = []
+    for _, g in df[dup].groupby(cols, sort=False):
+        rows = ", ".join(f"{i + 1} ({df['run'].iloc[i]!r})" for i in g.index)
+        if "seed" in df.columns:
+            out.append(f"rows {rows}: the same cell with the same seed {g['seed'].iloc[0]!r} twice")
+        else:
+            out.append(f"rows {rows}: the same cell ({', '.join(cols)}) repeated and no seed column; "
+                       "if these are runs with different seeds, add a `seed` column (megaloop sweep "
+                       "collect writes it) so they are fitted as one cell, not merged silently")
+    return out
 
 
 def record_divergence(df: pd.DataFrame) -> list[str]:
@@ -134,7 +188,7 @@ def _read_summary(path: Path) -> dict:
     if not isinstance(s, dict):
         raise FitInputError(f"{path}: summary.json is not a JSON object")
     row = {k: s.get(k) for k in ("run", "n_once", "n_rec", "r", "tokens", "flops", "variant",
-                                 "vocab_size", "skipped_steps") if s.get(k) is not None}
+                                 "vocab_size", "skipped_steps", "seed", "n_adapter") if s.get(k) is not None}
     if "vocab_size" not in row and (vocab := _vocab_from_config(path.parent)) is not None:
         row["vocab_size"] = vocab
     row["loss"] = s.get("val_loss", s.get("loss"))

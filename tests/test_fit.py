@@ -161,7 +161,7 @@ def test_variants_and_joint_fit_recover_phi_differences():
     variant (truth 0.46 / 0.38 / 0.65, noise 0.25 %) and the differences to the baseline with
     bootstrap intervals; the joint fit, which pools the shared parameters, within 0.04."""
     df = _variant_table()
-    rep, fits = analyse(df, n_boot=40, seed=0, joint=True)
+    rep, fits = analyse(df, n_boot=40, seed=0, joint=True, power_sims=0, sensitivity=False)
     assert rep["baseline"] == "baseline" and set(rep["variants"]) == {"baseline", "truncbptt", "hyperconnect"}
     assert rep["phi"] == rep["variants"]["baseline"]["phi"]
     truth = {"baseline": 0.46, "truncbptt": 0.38, "hyperconnect": 0.65}
@@ -183,8 +183,9 @@ def test_joint_fit_leaves_out_test_time_rows():
     while the per-variant fits still report the *_tt variant."""
     df = _variant_table()
     tt = df[df.variant == "truncbptt"].assign(variant="truncbptt_tt", run=lambda t: t.run + "@r1")
-    rep, _ = analyse(pd.concat([df, tt], ignore_index=True), n_boot=0, seed=0, joint=True)
-    ref, _ = analyse(df, n_boot=0, seed=0, joint=True)
+    rep, _ = analyse(pd.concat([df, tt], ignore_index=True), n_boot=0, seed=0, joint=True, power_sims=0,
+                     sensitivity=False)
+    ref, _ = analyse(df, n_boot=0, seed=0, joint=True, power_sims=0, sensitivity=False)
     assert "truncbptt_tt" in rep["variants"]
     assert rep["joint"]["left_out"] == ["truncbptt_tt"] and "left_out" not in ref["joint"]
     assert rep["joint"]["n_runs"] == ref["joint"]["n_runs"] == len(df)

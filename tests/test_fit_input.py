@@ -133,7 +133,7 @@ def test_run_dirs_carry_their_health_record(tmp_path):
     for i, (skipped, cfg) in enumerate([(0, True), (3, False)]):
         d = tmp_path / f"run{i}"
         d.mkdir()
-        (d / "summary.json").write_text(json.dumps(dict(run=f"run{i}", n_once=1e6, n_rec=0, r=1, tokens=1e9,
+        (d / "summary.json").write_text(json.dumps(dict(run=f"run{i}", n_once=1e6, n_rec=0, r=1, tokens=1e9 * (i + 1),
                                                         val_loss=3.0, skipped_steps=skipped)))
         if cfg:
             (d / "config.yaml").write_text("model:\n  vocab_size: 512\n")

@@ -34,7 +34,8 @@ STUDY_NB = NB.parent / "cpu_study.ipynb"
 
 def test_cpu_study_notebook_reproduces_the_committed_results():
     """cpu_study.ipynb executes on results/cpu_study: its phi table carries the committed fit's
-    numbers (baseline phi and the joint dphi of both probes) and it shows the five figures."""
+    numbers (baseline phi and the truncbptt dphi under the reported joint model), it prints the
+    model comparison's statistic and the sensitivity conclusions, and it shows the five figures."""
     import json
 
     fit = json.loads((NB.parents[2] / "results" / "cpu_study" / "fit.json").read_text())
@@ -45,5 +46,8 @@ def test_cpu_study_notebook_reproduces_the_committed_results():
     text = "\n".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in outs)
     assert "68 runs" in text
     assert f"{fit['phi']:.6f}"[:6] in text
-    assert f"{fit['joint']['dphi']['hyperconnect']:.6f}"[:6] in text
+    assert f"{fit['joint']['dphi']['truncbptt']:.6f}"[:6] in text
+    c = fit["joint"]["model_comparison"]
+    assert f"robust LR statistic {c['statistic']:.2f} on {c['df']} df" in text
+    assert all(x["line"] in text for x in fit["joint"]["sensitivity"]["conclusions"])
     assert sum("image/png" in o.get("data", {}) for o in outs) == 5
