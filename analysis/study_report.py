@@ -3,7 +3,10 @@
     python -m megaloop.analysis.study_report SWEEP_DIR --out results/cpu_study [--bootstrap 1000]
 
 writes into OUT:
-  fit_table.csv     one row per finished run (megaloop sweep collect), with tokens per parameter
+  fit_table.csv     the rows the law is fitted to: one per finished run (megaloop sweep collect), with
+                    --fold variants relabelled and --control variants left out (analysis/controls.py)
+  fit_table_all.csv every collected row, when --fold or --control changed the law's table
+  controls.json     paired control contrasts and depth-control equivalents (with --control / --depth)
   test_time.csv     validation loss of every run at every evaluated r_test
   fit.json          `megaloop fit --json --joint` on fit_table.csv (per variant, with intervals)
   fit.txt           the same fit as text
@@ -199,7 +202,7 @@ def _referee_sections(j: dict) -> list[str]:
 
 
 def markdown(fit: dict, table: pd.DataFrame, curves: pd.DataFrame, rec: Optional[pd.DataFrame],
-             wall: Optional[str]) -> str:
+             wall: Optional[str], controls: Optional[dict] = None) -> str:
     L = ["# CPU study: results", ""]
     if wall:
         L += [f"Wall time: {wall}.", ""]
@@ -241,6 +244,12 @@ def markdown(fit: dict, table: pd.DataFrame, curves: pd.DataFrame, rec: Optional
         L.append(f"- shared: E {par(joint, 'E')}, alpha {par(joint, 'alpha')}, beta {par(joint, 'beta')}, "
                  f"R^2 {joint.get('r2', float('nan')):.4f}, {joint.get('n_runs')} runs")
         L += _referee_sections(joint)
+    if controls:
+        from . import controls as C
+        if controls.get("fold"):
+            L += ["", "Folded into the law: " + ", ".join(f"{a} as {b}" for a, b in controls["fold"].items())
+                  + " (fixed-width depth controls enter as r = 1 rows of the baseline)."]
+        L += C.markdown(controls.get("contrasts") or [], controls.get("depth"))
     hold = fit.get("holdout")
     if hold:
         L += ["", f"Hold-out (refit without the largest budget {float(hold.get('budget')):.3g}, predict its "
@@ -277,8 +286,25 @@ def markdown(fit: dict, table: pd.DataFrame, curves: pd.DataFrame, rec: Optional
     return "\n".join(L)
 
 
+def _controls(out: str, fold: dict, contrast: dict, depth: dict) -> Optional[dict]:
+    """Split the collected table into the law's rows and the controls (analysis/controls.py)."""
+    from . import controls as C
+
+    if not (fold or contrast or depth):
+        return None
+    all_rows = pd.read_csv(os.path.join(out, "fit_table.csv"))
+    all_rows.to_csv(os.path.join(out, "fit_table_all.csv"), index=False)
+    C.law_table(all_rows, fold, contrast).to_csv(os.path.join(out, "fit_table.csv"), index=False)
+    result = {"fold": fold, "contrasts": C.paired_contrasts(all_rows, contrast),
+              "depth": C.depth_equivalents(all_rows, depth) if depth else None}
+    with open(os.path.join(out, "controls.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return result
+
+
 def build(sweep_dir: str, out: str, n_boot: int = 1000, wall: Optional[str] = None,
-          with_recurrence: bool = True) -> dict:
+          with_recurrence: bool = True, fold: Optional[dict] = None, contrast: Optional[dict] = None,
+          depth: Optional[dict] = None) -> dict:
     from megaloop.sweep.collect import collect
 
     os.makedirs(os.path.join(out, "plots"), exist_ok=True)
@@ -287,6 +313,7 @@ def build(sweep_dir: str, out: str, n_boot: int = 1000, wall: Optional[str] = No
         src = os.path.join(sweep_dir, name)
         if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(out, name))
+    controls = _controls(out, fold or {}, contrast or {}, depth or {})
     table = pd.read_csv(os.path.join(out, "fit_table.csv"))
     curves = pd.read_csv(os.path.join(out, "test_time.csv"))
     fit = _fit(os.path.join(out, "fit_table.csv"), out, n_boot)
@@ -302,7 +329,7 @@ def build(sweep_dir: str, out: str, n_boot: int = 1000, wall: Optional[str] = No
             plot_state_change(rec, os.path.join(out, "plots"))
     plot_test_time(curves, os.path.join(out, "plots"))
     with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(markdown(fit, table, curves, rec, wall))
+        f.write(markdown(fit, table, curves, rec, wall, controls))
     return {"runs": len(table), "counts": c.counts(), "out": out}
 
 
@@ -313,18 +340,32 @@ def main(argv=None) -> int:
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--wall", default=None, help="the study's wall time, as text for the report")
     ap.add_argument("--no-recurrence", action="store_true", help="skip the pass-by-pass diagnostics")
+    ap.add_argument("--fold", action="append", default=[], metavar="VARIANT=INTO",
+                    help="fit VARIANT's rows as INTO's (fixed-width depth controls into the baseline)")
+    ap.add_argument("--control", action="append", default=[], metavar="VARIANT=REF",
+                    help="leave VARIANT out of the law; report its paired loss difference to REF")
+    ap.add_argument("--depth", action="append", default=[], metavar="VARIANT=K",
+                    help="VARIANT is the r = 1 depth control with K unique recurrent blocks")
     ap.add_argument("--markdown-only", action="store_true",
                     help="rewrite OUT/report.md from the files already in OUT (no collect, fit or models)")
     a = ap.parse_args(argv)
+    from .controls import parse_pairs
+    try:
+        fold, contrast = parse_pairs(a.fold, "--fold"), parse_pairs(a.control, "--control")
+        depth = {k: int(v) for k, v in parse_pairs(a.depth, "--depth").items()}
+    except ValueError as e:
+        ap.error(str(e))
     if a.markdown_only:
         rec = os.path.join(a.out, "recurrence.csv")
         with open(os.path.join(a.out, "report.md"), "w") as f:
             f.write(markdown(json.load(open(os.path.join(a.out, "fit.json"))),
                              pd.read_csv(os.path.join(a.out, "fit_table.csv")),
                              pd.read_csv(os.path.join(a.out, "test_time.csv")),
-                             pd.read_csv(rec) if os.path.isfile(rec) else None, a.wall))
+                             pd.read_csv(rec) if os.path.isfile(rec) else None, a.wall,
+                             json.load(open(ctl)) if os.path.isfile(ctl := os.path.join(a.out, "controls.json"))
+                             else None))
         return 0
-    print(json.dumps(build(a.sweep_dir, a.out, a.bootstrap, a.wall, not a.no_recurrence)))
+    print(json.dumps(build(a.sweep_dir, a.out, a.bootstrap, a.wall, not a.no_recurrence, fold, contrast, depth)))
     return 0
 
 

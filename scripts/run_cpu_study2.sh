@@ -32,7 +32,9 @@ end=$(date +%s)
 scripts/study2_sync.sh "$SWEEP_DIR" "$OUT"
 echo "cpu study 2: this sitting trained for $((end - start)) s (sweep run --jobs $JOBS); rc $rc"
 if [ "${REPORT:-1}" = 1 ]; then
+  # depth controls enter the law as baseline rows at r = 1; the adapter-free r = 1 model is a paired control
   "$PY" -m megaloop.analysis.study_report "$SWEEP_DIR" --out "$OUT" --bootstrap "${BOOTSTRAP:-1000}" \
+    --fold depth1=baseline --fold depth2=baseline --depth depth1=1 --depth depth2=2 --control plain=baseline \
     --wall "$("$PY" scripts/study2_walltime.py "$OUT")"
 fi
 exit "$rc"
