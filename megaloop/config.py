@@ -128,6 +128,8 @@ class OptimConfig:
     ns_steps: int = 5                        # Newton-Schulz (muon) or Polar Express (muonh, at most 5) iterations
     warmup_steps: int = 0
     final_lr_frac: float = 0.1
+    schedule: str = "linear"                 # linear | wsd (warmup-stable-decay: megaloop/optim.py lr_factor)
+    decay_frac: float = 0.2                  # wsd: the share of the steps that decay (the last ones)
     grad_clip: Optional[float] = 1.0         # None or 0 = no clipping
 
 
@@ -451,6 +453,10 @@ def validate(cfg: Config) -> None:
     _need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _need(0.0 <= o.final_lr_frac <= 1.0, f"optim.final_lr_frac must be in [0, 1], got {o.final_lr_frac}")
     _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _need(o.schedule in ("linear", "wsd"), f"optim.schedule must be linear or wsd, got {o.schedule!r}")
+    _need(isinstance(o.decay_frac, (int, float)) and not isinstance(o.decay_frac, bool) and 0.0 < o.decay_frac <= 1.0,
+          f"optim.decay_frac must be in (0, 1] (the share of the steps that decay under optim.schedule=wsd), "
+          f"got {o.decay_frac!r}")
     _need(o.grad_clip is None or o.grad_clip >= 0, f"optim.grad_clip must be >= 0 or null, got {o.grad_clip}")
     _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
 

@@ -248,7 +248,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         bar = _progress(cfg, budget.steps, step, is_main)
         pending = None  # a checkpoint still being written in the background (train.async_save)
         while step < budget.steps:
-            factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac)
+            factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac,
+                               cfg.optim.schedule, cfg.optim.decay_frac)
             factor *= guard.lr_scale(step)
             batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
             window.append(depth.draw(step + 1))
