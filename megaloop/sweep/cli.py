@@ -5,12 +5,14 @@
     megaloop sweep slurm runs/demo_sweep --partition gpu && bash runs/demo_sweep/submit.sh
     megaloop sweep collect runs/demo_sweep             # -> runs/demo_sweep/fit_table.csv
     megaloop fit runs/demo_sweep --plots runs/demo_sweep/plots
+    megaloop sweep suggest runs/demo_sweep --candidates configs/sweeps/demo.yaml --flops 1e13 --out next.yaml
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from collections import Counter
 
 from ..errors import UserError
@@ -136,12 +138,61 @@ def _collect(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"plan": _plan, "run": _run, "slurm": _slurm, "collect": _collect}
+def _suggest(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="megaloop sweep suggest",
+        description="Propose the candidate runs that shrink the target's 95 %% interval most per FLOP (greedy "
+                    "c-optimal design under the fitted law; docs/sweeps.md). Without a table ('-'): a seed design.")
+    ap.add_argument("inputs", nargs="+", help="the fit table (CSV) or run / sweep directories so far; '-' for none yet")
+    ap.add_argument("--candidates", required=True, help="sweep YAML whose runs are the candidates, e.g. "
+                                                        "configs/sweeps/iso_depth.yaml")
+    ap.add_argument("--flops", required=True, help="FLOPs to spend on the suggested runs, e.g. 2e19")
+    ap.add_argument("--target", default="phi", help="phi (default) or dphi:VARIANT")
+    ap.add_argument("--noise", default=None,
+                    help="per-run SD of the log loss (default: from the table's seeds, else its fit residuals)")
+    ap.add_argument("--json", action="store_true", help="print the suggested runs as a JSON list")
+    ap.add_argument("--out", default=None, help="write a sweep file of the suggested runs, for "
+                                                "`megaloop sweep plan OUT --out SWEEP_DIR --append`")
+    args = ap.parse_args(argv)
+    flops = _positive(args.flops, "--flops")
+    noise = None if args.noise is None else _positive(args.noise, "--noise")
+    from .suggest import Target, format_suggestion, load_candidates, suggest, write_spec
+    target = Target.parse(args.target)
+    spec, runs = load_candidates(args.candidates)
+    df = None
+    if args.inputs != ["-"]:
+        from ..analysis.table import load_table
+        df = load_table(args.inputs)
+    s = suggest(df, spec, runs, flops, target, noise)
+    if args.out:
+        write_spec(args.candidates, s["runs"], args.out)
+    if args.json:
+        print(json.dumps(s["runs"], indent=1))
+        print(format_suggestion(s).split("\n")[0], file=sys.stderr)
+    else:
+        print(format_suggestion(s))
+    if args.out:
+        print(f"wrote {args.out}; next: megaloop sweep plan {args.out} --out SWEEP_DIR --append",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _positive(text: str, flag: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise UserError(f"{flag} expects a number, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise UserError(f"{flag} must be a positive number, got {text!r}")
+    return v
+
+
+SUBCOMMANDS = {"plan": _plan, "run": _run, "slurm": _slurm, "collect": _collect, "suggest": _suggest}
 
 
 def sweep_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: megaloop sweep {plan,run,slurm,collect} ...\n\n" + USAGE)
+        print("usage: megaloop sweep {plan,run,slurm,collect,suggest} ...\n\n" + USAGE)
         return 0 if argv else 2
     if argv[0] not in SUBCOMMANDS:
         raise UserError(f"unknown sweep command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}")
