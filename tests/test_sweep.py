@@ -245,7 +245,7 @@ def _write_corpus(path, n_docs=80, seed=0):
 
 def test_collect_reports_every_status(tmp_path, capsys):
     """Contract: collect puts finished runs in DIR/fit_table.csv (n_once, n_rec, r, tokens, loss, run,
-    variant, flops, tokens_per_param, vocab_size, skipped_steps), their val_loss_by_r in
+    variant, flops, seed, n_adapter, tokens_per_param, vocab_size, skipped_steps), their val_loss_by_r in
     DIR/test_time.csv (one row per r_test), and reports the rest: diverged (non-finite loss, loss worse than uniform guessing,
     or a FAILED note saying so), failed, incomplete (checkpoints, no summary) and missing. No finished
     run at all is a clear error."""
@@ -273,9 +273,9 @@ def test_collect_reports_every_status(tmp_path, capsys):
     assert "unigram entropy" in c.runs[6].reason
     with open(tmp_path / "fit_table.csv") as f:
         lines = f.read().splitlines()
-    assert lines[0] == "n_once,n_rec,r,tokens,loss,run,variant,flops,tokens_per_param,vocab_size,skipped_steps"
+    assert lines[0] == "n_once,n_rec,r,tokens,loss,run,variant,flops,seed,n_adapter,tokens_per_param,vocab_size,skipped_steps"
     # flops: the budget, for iso-FLOP groups; 100 tokens / 3 parameters; vocab 320 from the config
-    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0,33.333,320,0"
+    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0,1337,0,33.333,320,0"
     with open(tmp_path / "test_time.csv") as f:
         curves = f.read().splitlines()
     assert curves[0] == "run,variant,r,r_test,loss,n_once,n_rec,tokens,flops"

@@ -3,7 +3,11 @@
 DIR/fit_table.csv holds the DESIGN.md columns n_once, n_rec, r, tokens, loss (validation loss in
 nats, at the trained r) plus run, variant, flops, tokens_per_param (tokens / (n_once + n_rec), the
 unique non-embedding parameters), vocab_size and skipped_steps (non-finite steps the run skipped),
-one row per finished, healthy run, in manifest order. DIR/test_time.csv has one row per finished
+one row per finished, healthy run, in manifest order. `seed` is the run's train.seed (runs of one
+cell that differ only in seed are that cell's repeats: the fit groups them); `n_adapter` is the
+injection adapter's share of n_rec (what moves between N_rec and N_once in the fit's counting
+sensitivity). A variant planned with `r1_from: OTHER` gets OTHER's r = 1 rows again under its own
+name (same run, same loss): its r = 1 level. DIR/test_time.csv has one row per finished
 run and evaluated recurrence count r_test (summary.json's val_loss_by_r; see grid.test_time_recur). `tokens` is what the run trained on; `flops` is its budget (the sweep's target FLOPs), not
 tokens x FLOPs-per-token, which falls short of the budget by up to one step and would split one
 iso-FLOP group into several. Every other run is reported by status, so a researcher sees what the fit is missing:
@@ -40,8 +44,8 @@ from ..errors import UserError
 from .plan import read_manifest
 from ..run_lock import holder
 
-TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "flops", "tokens_per_param",
-                 "vocab_size", "skipped_steps")
+TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "flops", "seed", "n_adapter",
+                 "tokens_per_param", "vocab_size", "skipped_steps")
 # One row per finished run and evaluated r_test (summary.json's val_loss_by_r): test-time curves.
 TEST_TIME_COLUMNS = ("run", "variant", "r", "r_test", "loss", "n_once", "n_rec", "tokens", "flops")
 STATUSES = ("finished", "diverged", "failed", "running", "incomplete", "missing")
@@ -111,7 +115,8 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
         table_row = {"n_once": s.get("n_once", row["n_once"]), "n_rec": s.get("n_rec", row["n_rec"]),
                      "r": s.get("r", row["r"]), "tokens": s.get("tokens", row["tokens"]), "loss": loss,
                      "run": name, "variant": row.get("variant", "baseline"),
-                     "flops": row["target_flops"],
+                     "flops": row["target_flops"], "seed": _run_seed(run_dir, row),
+                     "n_adapter": _adapter_params(run_dir),
                      "tokens_per_param": round(tokens / max(1.0, n_once + n_rec), 3),
                      "vocab_size": round(math.exp(uniform)) if uniform is not None else "",
                      "skipped_steps": int(s.get("skipped_steps") or 0),
@@ -133,6 +138,38 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
     if os.path.isdir(os.path.join(run_dir, "checkpoints")):
         return RunStatus(name, "incomplete", "has checkpoints, no summary: `megaloop sweep run` resumes it")
     return RunStatus(name, "missing", "not started")
+
+
+def _run_config(run_dir: str):
+    from ..config import load_config
+    return load_config(os.path.join(run_dir, "config.yaml"))
+
+
+def _run_seed(run_dir: str, row: dict):
+    if row.get("seed") not in (None, ""):
+        return int(row["seed"])
+    try:
+        return _run_config(run_dir).train.seed
+    except (OSError, UserError):  # no readable config (a run dir copied without it): seed unknown
+        return ""
+
+
+def _adapter_params(run_dir: str):
+    from ..accounting import injection_params
+    try:
+        cfg = _run_config(run_dir).model
+    except (OSError, UserError):
+        return ""
+    return injection_params(cfg) if cfg.input_injection == "linear" else 0
+
+
+def _with_r1_controls(rows: list[dict], controls: dict) -> list[dict]:
+    """Each variant planned with `r1_from: SRC` gets SRC's r = 1 rows under its own name."""
+    out = list(rows)
+    for variant, src in controls.items():
+        out += [dict(row, variant=variant) for row in rows
+                if row["variant"] == src and int(row["r"]) == 1]
+    return out
 
 
 def _sampled_rows(run_dir: str, s: dict, row: dict, uniform: Optional[float], notes: list):
@@ -166,6 +203,7 @@ def collect(sweep_dir: str, out: Optional[str] = None) -> Collection:
                         runs=[run_status(sweep_dir, row) for row in manifest["runs"]])
     finished = result.by_status("finished")
     rows = [row for r in finished for row in ([r.row] if r.row else []) + r.extra_rows]
+    rows = _with_r1_controls(rows, manifest.get("r1_controls") or {})
     if not rows:
         c = result.counts()
         raise UserError(f"{sweep_dir}: none of its {len(result.runs)} runs has finished yet "

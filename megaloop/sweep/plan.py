@@ -29,7 +29,7 @@ from .spec import SweepSpec, merge
 MANIFEST_FORMAT = 1
 MANIFEST_COLUMNS = ("run", "variant", "r", "size", "d_model", "n_head", "n_recur_block", "bptt_k",
                     "input_injection", "n_once", "n_rec", "flops_per_token", "tokens", "target_flops",
-                    "tokens_per_step", "steps", "gpus", "config")
+                    "tokens_per_step", "steps", "gpus", "seed", "config")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # What makes two run configs the same experiment: the keys a launch may change (run_dir, threads,
 # progress, device, logging, ...) are left out, so replanning a started run is not refused for them.
@@ -43,6 +43,7 @@ class PlannedRun:
     variant: str
     r: int
     size: int
+    seed: int                  # train.seed: initialisation and data order
     d_model: int
     n_head: int
     n_recur_block: int
@@ -86,15 +87,17 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
         for r in g.r:
             if variant.r is not None and r not in variant.r:
                 continue
+            if r == 1 and variant.r1_from is not None:
+                continue  # its r = 1 cells are another variant's runs (sweep collect lists them)
             if g.total_recur_depth % r:
                 raise ConfigError(f"grid.total_recur_depth={g.total_recur_depth} is not divisible by r={r}: "
                                   f"every r needs a whole number of recurrent blocks (16 / r)")
             for budget in g.budgets:
                 if variant.budgets is not None and budget.flops not in variant.budgets:
                     continue
-                for size in budget.sizes:
-                    run = _plan_one(spec, variant, base, r, budget.flops, size, out_dir)
-                    where = f"variant {variant.name}, r={r}, size {size}, budget {budget.flops:g}"
+                for size, seed in ((z, sd) for z in budget.sizes for sd in spec.seeds_for(budget)):
+                    run = _plan_one(spec, variant, base, r, budget.flops, size, out_dir, seed)
+                    where = f"variant {variant.name}, r={r}, size {size}, budget {budget.flops:g}, seed {run.seed}"
                     if run.run in origin:
                         raise ConfigError(
                             f"duplicate run name {run.run!r}: made by {origin[run.run]} and by {where}. "
@@ -104,10 +107,17 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
                     runs.append(run)
     if not runs:
         raise ConfigError(f"{spec.source}: the sweep has no runs (check the variants' r and budgets)")
+    if spec.seeds is not None or all(b.seeds for b in g.budgets):
+        # Seed-major order (`sweep run` follows the manifest): a sweep stopped part-way leaves whole
+        # replicates of the design, first seed first, each from the cheapest budget up.
+        budget_index = {b.flops: i for i, b in enumerate(g.budgets)}
+        seed_rank = {(b.flops, s): k for b in g.budgets for k, s in enumerate(spec.seeds_for(b))}
+        runs.sort(key=lambda run: (seed_rank[(run.target_flops, run.seed)], budget_index[run.target_flops]))
     return runs
 
 
-def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: int, out_dir: str) -> PlannedRun:
+def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: int, out_dir: str,
+              seed: Optional[int] = None) -> PlannedRun:
     g = spec.grid
     d = width(size, g.width_multiple, g.round_to)
     if d % g.head_dim:
@@ -116,11 +126,12 @@ def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: 
             f"is not divisible by grid.head_dim={g.head_dim}. Make grid.round_to a multiple of the head dim")
     injection = g.input_injection_r1 if (r == 1 and g.input_injection_r1) else g.input_injection
     model = dict(d_model=d, n_head=d // g.head_dim, n_kv_head=d // g.head_dim, head_dim=None,
-                 n_prelude=g.n_prelude, n_recur_block=g.total_recur_depth // r, n_coda=g.n_coda,
+                 n_prelude=g.n_prelude, n_recur_block=variant.recur_blocks or g.total_recur_depth // r,
+                 n_coda=g.n_coda,
                  num_recur=r, bptt_k=variant.k_for(r), input_injection=injection)
     model.update(variant.model_for(r))
     fields = dict(variant=variant.name, r=r, size=size, d_model=d, flops=flops, flops_tag=flops_tag(flops),
-                  k=model["bptt_k"] if model["bptt_k"] is not None else "full", sweep=spec.name)
+                  k=model["bptt_k"] if model["bptt_k"] is not None else "full", sweep=spec.name, seed=seed)
     try:
         name = spec.name_format.format(**fields)
     except (KeyError, IndexError, ValueError) as e:
@@ -130,6 +141,8 @@ def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: 
         raise ConfigError(f"run name {name!r} (from name_format) may only hold letters, digits, '.', '_', '+', '-'")
     run_dir = os.path.abspath(os.path.join(out_dir, "runs", name))
     train = {"target_flops": flops, "run_dir": run_dir}
+    if seed is not None:
+        train["seed"] = seed
     if g.test_time_recur:
         train["eval_recur"] = list(range(1, g.test_time_recur * r + 1))
     raw = merge(base, {"model": model, "train": train})
@@ -153,7 +166,7 @@ def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: 
             f"less than one step ({tps:,} tokens = micro_batch_size x grad_accum x seq_len x {dp} data-parallel "
             f"ranks). Raise the budget, drop size {size} from it, or shrink the batch")
     return PlannedRun(
-        run=name, variant=variant.name, r=r, size=size, d_model=d, n_head=cfg.model.n_head,
+        run=name, variant=variant.name, r=r, size=size, seed=cfg.train.seed, d_model=d, n_head=cfg.model.n_head,
         n_recur_block=cfg.model.n_recur_block, bptt_k=cfg.model.bptt_k, input_injection=cfg.model.input_injection,
         n_once=counts.n_once, n_rec=counts.n_rec, flops_per_token=counts.flops_per_token, tokens=tokens,
         target_flops=flops, tokens_per_step=tps, steps=tokens // tps, gpus=spec.resources.gpus,
@@ -224,6 +237,7 @@ def _started(run_dir: str) -> bool:
 def write_plan(spec: SweepSpec, runs: list[PlannedRun], out_dir: str, append: bool = False) -> dict:
     """Write configs and manifest. All conflicts are found before the first write."""
     old_rows: list[dict] = []
+    old: dict = {}
     sources, name = [spec.source], spec.name
     if os.path.isfile(manifest_path(out_dir)):
         old = read_manifest(out_dir)
@@ -253,8 +267,12 @@ def write_plan(spec: SweepSpec, runs: list[PlannedRun], out_dir: str, append: bo
     for run in runs:
         os.makedirs(os.path.join(out_dir, "runs", run.run), exist_ok=True)
         save_config(run.cfg, os.path.join(out_dir, run.config))
+    r1_controls = dict(old.get("r1_controls", {})) if old_rows else {}
+    r1_controls.update({v.name: v.r1_from for v in spec.variants if v.r1_from is not None})
     manifest = {"format": MANIFEST_FORMAT, "name": name, "sources": sources, "workdir": os.getcwd(),
                 "runs": rows}
+    if r1_controls:   # variant -> the variant whose r = 1 runs are its r = 1 cells (sweep collect)
+        manifest["r1_controls"] = r1_controls
     _write_atomic(manifest_path(out_dir), json.dumps(manifest, indent=1) + "\n")
     _write_atomic(os.path.join(out_dir, "manifest.csv"), manifest_csv(rows))
     sweep_yaml = os.path.join(out_dir, "sweep.yaml" if not append or not old_rows else f"sweep.{spec.name}.yaml")

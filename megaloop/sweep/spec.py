@@ -14,13 +14,19 @@
       round_to: 128
       input_injection: linear
       input_injection_r1: passthrough   # r = 1 is a plain transformer: no adapter
-      budgets: [{flops: 4.64e17, sizes: [6, 8, 10, 12]}, ...]
+      budgets: [{flops: 4.64e17, sizes: [6, 8, 10, 12], seeds: [1, 2, 3]}, ...]  # seeds: optional,
+                               # this budget's seeds (default: the top-level `seeds`)
       test_time_recur: 2       # optional: evaluate every run at r_test = 1 .. 2 r (test-time curves)
     variants:                  # each variant is the grid again with a few changes
       baseline: {}
       truncbptt: {bptt_k: ceil_half, r: [2, 4, 8], budgets: 4}   # budgets: first N, or flops values
       hyperconnect: {input_injection: hyperconnect, num_lanes: 2, overrides: {optim: {...}}}
       randdepth: {recur_sampling: {kind: poisson_lognormal, mean: match_r, sigma: 0.5}}  # E[r] = r
+      linear: {input_injection: linear}          # r = 1 with the adapter too: a probe's r = 1 control
+      truncbptt2: {bptt_k: ceil_half, r: [2, 4], r1_from: linear}  # its r = 1 cells are linear's runs
+      depth1: {r: [1], recur_blocks: 1}          # fixed-width depth control: 1 + 1 + 1 unique blocks
+    seeds: [1337, 1338]        # optional: every run once per seed (train.seed: initialisation and
+                               # data order); the run name gains _seed{seed} unless name_format has it
     name_format: "{variant}_r{r}_s{size}_c{flops_tag}"
     resources: {gpus: 8}       # GPUs per run: fixes the data-parallel size, so the tokens per step
 
@@ -42,7 +48,7 @@ GRID_MODEL_KEYS = ("d_model", "n_head", "n_kv_head", "head_dim", "n_prelude", "n
                    "num_recur")
 # Train keys the sweep decides per run.
 GRID_TRAIN_KEYS = ("steps", "tokens", "target_flops", "run_dir")
-TOP_KEYS = ("extends", "name", "description", "base", "grid", "variants", "name_format", "resources")
+TOP_KEYS = ("extends", "name", "description", "base", "grid", "variants", "name_format", "resources", "seeds")
 DEFAULT_NAME_FORMAT = "{variant}_r{r}_s{size}_c{flops_tag}"
 
 
@@ -50,6 +56,7 @@ DEFAULT_NAME_FORMAT = "{variant}_r{r}_s{size}_c{flops_tag}"
 class BudgetSpec:
     flops: float
     sizes: tuple[int, ...]
+    seeds: Optional[tuple[int, ...]] = None   # None: the sweep's `seeds` (or base train.seed alone)
 
 
 @dataclass
@@ -86,6 +93,13 @@ class VariantSpec:
     bptt_k: BpttRule = None
     model: dict = field(default_factory=dict)      # other model keys (input_injection, num_lanes, ...)
     overrides: dict = field(default_factory=dict)  # a partial config (any section) for this variant
+    # Fixed-width depth control (r = [1] only): this many unique recurrent blocks instead of the
+    # grid's total_recur_depth, so a loop's worth can be read in blocks at the same width.
+    recur_blocks: Optional[int] = None
+    # This variant's r = 1 cells are another variant's r = 1 runs (a probe whose r = 1 model is
+    # that variant's, e.g. truncated backprop at r = 1 is the linear-adapter model): not planned
+    # again, but `sweep collect` lists them under this variant too, so its fit has an r = 1 level.
+    r1_from: Optional[str] = None
 
     def k_for(self, r: int) -> Optional[int]:
         if isinstance(self.bptt_k, str):
@@ -119,6 +133,11 @@ class SweepSpec:
     name_format: str = DEFAULT_NAME_FORMAT
     resources: Resources = field(default_factory=Resources)
     raw: dict = field(default_factory=dict)   # the merged YAML, kept next to the plan for provenance
+    seeds: Optional[tuple[int, ...]] = None   # None: one run per cell at base train.seed
+
+    def seeds_for(self, budget: BudgetSpec) -> tuple[Optional[int], ...]:
+        """The seeds of one budget's cells (None: base train.seed, no seed in the run name)."""
+        return budget.seeds or self.seeds or (None,)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -177,6 +196,15 @@ def _int_list(value: Any, where: str) -> list[int]:
     return [_num(v, f"{where}[{i}]", int) for i, v in enumerate(value)]
 
 
+def _seed_list(value: Any, where: str) -> tuple[int, ...]:
+    seeds = _int_list(value, where)
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: a seed is listed twice ({seeds}); each seed makes one run per cell")
+    if min(seeds) < 0:
+        raise ConfigError(f"{where}: seeds must be >= 0, got {seeds}")
+    return tuple(seeds)
+
+
 def _mapping(value: Any, where: str) -> dict:
     if value is None:
         return {}
@@ -210,15 +238,17 @@ def _parse_grid(g: dict) -> GridSpec:
     if not isinstance(budgets, list) or not budgets:
         raise ConfigError("grid.budgets: expected a list like [{flops: 1e18, sizes: [6, 8, 10]}, ...]")
     for i, b in enumerate(budgets):
-        if not isinstance(b, dict) or set(b) != {"flops", "sizes"}:
-            raise ConfigError(f"grid.budgets[{i}]: expected {{flops: F, sizes: [s, ...]}}, got {b!r}")
+        if not isinstance(b, dict) or not {"flops", "sizes"} <= set(b) <= {"flops", "sizes", "seeds"}:
+            raise ConfigError(f"grid.budgets[{i}]: expected {{flops: F, sizes: [s, ...]}} and optionally "
+                              f"seeds: [..], got {b!r}")
         flops = _num(b["flops"], f"grid.budgets[{i}].flops")
         if flops <= 0:
             raise ConfigError(f"grid.budgets[{i}].flops must be positive, got {b['flops']!r}")
         sizes = _int_list(b["sizes"], f"grid.budgets[{i}].sizes")
         if min(sizes) < 1:
             raise ConfigError(f"grid.budgets[{i}].sizes must be >= 1, got {sizes}")
-        out.budgets.append(BudgetSpec(flops, tuple(sizes)))
+        seeds = _seed_list(b["seeds"], f"grid.budgets[{i}].seeds") if "seeds" in b else None
+        out.budgets.append(BudgetSpec(flops, tuple(sizes), seeds))
     return out
 
 
@@ -258,6 +288,18 @@ def _parse_variant(name: str, v: Any, grid: GridSpec) -> VariantSpec:
             if out.bptt_k < 1:
                 raise ConfigError(f"{where}.bptt_k must be >= 1, null or one of {', '.join(BPTT_RULES)}")
     out.overrides = _mapping(v.pop("overrides", None), f"{where}.overrides")
+    if "recur_blocks" in v:
+        out.recur_blocks = _num(v.pop("recur_blocks"), f"{where}.recur_blocks", int)
+        if out.r != [1]:
+            raise ConfigError(f"{where}.recur_blocks: a depth control is an r = 1 model; give it r: [1]")
+        if not 1 <= out.recur_blocks < grid.total_recur_depth:
+            raise ConfigError(f"{where}.recur_blocks={out.recur_blocks}: a depth control has fewer unique "
+                              f"recurrent blocks than the grid (1 .. {grid.total_recur_depth - 1})")
+    if "r1_from" in v:
+        out.r1_from = str(v.pop("r1_from"))
+        if out.r is not None and 1 in out.r:
+            raise ConfigError(f"{where}.r1_from: the variant takes its r = 1 cells from "
+                              f"{out.r1_from!r}, so its own r must not include 1 (got {out.r})")
     model_keys = {f.name for f in fields(ModelConfig)}
     for k, val in v.items():
         if k in GRID_MODEL_KEYS:
@@ -295,8 +337,21 @@ def parse_sweep(data: dict, source: str = "<dict>") -> SweepSpec:
     grid = _parse_grid(_mapping(data.get("grid"), "grid"))
     variants_raw = _mapping(data.get("variants"), "variants") or {"baseline": {}}
     variants = [_parse_variant(str(n), v, grid) for n, v in variants_raw.items()]
+    by_name = {v.name: v for v in variants}
     for v in variants:
         _check_base(v.overrides, f"variants.{v.name}.overrides")
+        if v.r1_from is not None:
+            src = by_name.get(v.r1_from)
+            if src is None or v.r1_from == v.name:
+                raise ConfigError(f"variants.{v.name}.r1_from: {v.r1_from!r} is not another variant of this "
+                                  f"sweep ({', '.join(by_name)})")
+            if (src.r is not None and 1 not in src.r) or (src.r is None and 1 not in grid.r):
+                raise ConfigError(f"variants.{v.name}.r1_from: variant {v.r1_from!r} has no r = 1 runs")
+            all_flops = [b.flops for b in grid.budgets]
+            missing = sorted(set(v.budgets or all_flops) - set(src.budgets or all_flops))
+            if missing:
+                raise ConfigError(f"variants.{v.name}.r1_from: variant {v.r1_from!r} does not run at budget "
+                                  f"{missing[0]:g}, where {v.name} runs")
     res = _mapping(data.get("resources"), "resources")
     unknown = sorted(set(res) - {"gpus"})
     if unknown:
@@ -304,10 +359,17 @@ def parse_sweep(data: dict, source: str = "<dict>") -> SweepSpec:
     resources = Resources(gpus=_num(res.get("gpus", 1), "resources.gpus", int))
     if resources.gpus < 1:
         raise ConfigError(f"resources.gpus must be >= 1, got {resources.gpus}")
+    seeds = _seed_list(data["seeds"], "seeds") if data.get("seeds") is not None else None
+    unseeded = [f"{b.flops:g}" for b in grid.budgets if b.seeds is None]
+    if seeds is None and unseeded and len(unseeded) < len(grid.budgets):
+        raise ConfigError(f"grid.budgets: some budgets list seeds and budget {unseeded[0]} does not; give it "
+                          f"seeds: [..] too, or set the top-level seeds: [..] for the budgets without their own")
+    name_format = str(data.get("name_format") or DEFAULT_NAME_FORMAT)
+    if (seeds is not None or not unseeded) and "{seed}" not in name_format:
+        name_format += "_seed{seed}"   # one run per seed: the names must tell them apart
     name = str(data.get("name") or os.path.splitext(os.path.basename(source))[0])
     return SweepSpec(name=name, source=source, base=base, grid=grid, variants=variants,
-                     name_format=str(data.get("name_format") or DEFAULT_NAME_FORMAT), resources=resources,
-                     raw=data)
+                     name_format=name_format, resources=resources, raw=data, seeds=seeds)
 
 
 def load_sweep(path: str) -> SweepSpec:
