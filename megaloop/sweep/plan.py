@@ -105,6 +105,8 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
                             f"{{variant}}, {{r}}, {{size}} and {{flops_tag}}")
                     origin[run.run] = where
                     runs.append(run)
+    if spec.select is not None:
+        runs = select_runs(spec, runs)
     if not runs:
         raise ConfigError(f"{spec.source}: the sweep has no runs (check the variants' r and budgets)")
     if spec.seeds is not None or all(b.seeds for b in g.budgets):
@@ -114,6 +116,28 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
         seed_rank = {(b.flops, s): k for b in g.budgets for k, s in enumerate(spec.seeds_for(b))}
         runs.sort(key=lambda run: (seed_rank[(run.target_flops, run.seed)], budget_index[run.target_flops]))
     return runs
+
+
+def select_runs(spec: SweepSpec, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs `select:` names, in the grid's order; a name that matches no grid run is an error."""
+    def key(variant, r, size, flops):
+        return (variant, int(r), int(size), float(f"{float(flops):.6g}"))
+    wanted = {}
+    for i, sel in enumerate(spec.select):
+        wanted.setdefault(key(sel["variant"], sel["r"], sel["size"], sel["flops"]), []).append((i, sel.get("seed")))
+    keep, matched = [], set()
+    for run in runs:
+        for i, seed in wanted.get(key(run.variant, run.r, run.size, run.target_flops), []):
+            if seed is None or seed == run.seed:
+                keep.append(run)
+                matched.add(i)
+                break
+    missing = [i for i in range(len(spec.select)) if i not in matched]
+    if missing:
+        sel = spec.select[missing[0]]
+        raise ConfigError(f"{spec.source}: select[{missing[0]}] = {sel} is not a run of the grid (check its variant, "
+                          f"r, size and flops against grid: and variants:)")
+    return keep
 
 
 def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: int, out_dir: str,

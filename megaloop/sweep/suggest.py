@@ -58,7 +58,7 @@ def baseline_of(variants: list[str]) -> str:
 def candidate_frame(runs: list[PlannedRun]) -> pd.DataFrame:
     rows = []
     for r in runs:
-        rows.append({"run": r.run, "variant": r.variant, "r": r.r, "size": r.size, "budget": r.target_flops,
+        rows.append({"run": r.run, "variant": r.variant, "r": r.r, "size": r.size, "seed": r.seed, "budget": r.target_flops,
                      "n_once": r.n_once, "n_rec": r.n_rec, "tokens": r.tokens, "flops": r.target_flops,
                      "d_model": r.d_model, "n_head": r.n_head, "n_recur_block": r.n_recur_block,
                      "bptt_k": r.bptt_k, "input_injection": r.input_injection, "steps": r.steps})
@@ -66,11 +66,14 @@ def candidate_frame(runs: list[PlannedRun]) -> pd.DataFrame:
 
 
 def in_table(cand: pd.DataFrame, df: pd.DataFrame) -> np.ndarray:
-    """Which candidates the table already holds (same variant, r, n_once, n_rec, tokens)."""
+    """Which candidates the table already holds (same variant, r, n_once, n_rec, tokens, and seed
+    where the table has a seed column)."""
     out = np.zeros(len(cand), bool)
     variants = df["variant"].astype(str).to_numpy() if "variant" in df.columns else np.full(len(df), None)
     for i, c in enumerate(cand.itertuples()):
         same = ((variants == c.variant) | (variants == None)) & (df["r"].to_numpy() == c.r)  # noqa: E711
+        if "seed" in df.columns:
+            same &= df["seed"].to_numpy(float) == float(c.seed)
         for col in ("n_once", "n_rec", "tokens"):
             v = df[col].to_numpy(float)
             same &= np.abs(v - getattr(c, col)) <= MATCH_RTOL * max(abs(getattr(c, col)), 1.0)
@@ -219,8 +222,7 @@ def _seed(cand, spec, flops, target, noise, delta, info) -> dict:
 
 
 def _groups(pool: pd.DataFrame) -> list:
-    seed = pool["seed"] if "seed" in pool.columns else [None] * len(pool)
-    return list(zip(pool["variant"], pool["size"], pool["r"], seed))
+    return list(zip(pool["variant"], pool["size"], pool["r"], pool["seed"]))
 
 
 def _decay_frac(spec: SweepSpec) -> float:
@@ -230,7 +232,7 @@ def _decay_frac(spec: SweepSpec) -> float:
 
 def _row(c, spec: SweepSpec, cost: float, width_after: float) -> dict:
     variant = next(v for v in spec.variants if v.name == c["variant"])
-    return {"run": c["run"], "variant": c["variant"], "r": int(c["r"]), "size": int(c["size"]),
+    return {"run": c["run"], "variant": c["variant"], "r": int(c["r"]), "size": int(c["size"]), "seed": int(c["seed"]),
             "budget": float(c["budget"]), "n_once": int(c["n_once"]), "n_rec": int(c["n_rec"]),
             "tokens": int(c["tokens"]), "flops": float(c["flops"]), "cost": cost,
             "model": {"d_model": int(c["d_model"]), "n_head": int(c["n_head"]),
@@ -244,7 +246,8 @@ def write_spec(candidates_path: str, picks: list[dict], out: str) -> str:
     """The candidate sweep file with a `select:` list of the suggested runs, written next to nothing
     else: `megaloop sweep plan OUT --out SWEEP_DIR --append` plans exactly those runs."""
     data = read_sweep_yaml(candidates_path)
-    data["select"] = [{"variant": p["variant"], "r": p["r"], "size": p["size"], "flops": p["budget"]} for p in picks]
+    data["select"] = [{"variant": p["variant"], "r": p["r"], "size": p["size"], "flops": p["budget"], "seed": p["seed"]}
+                      for p in picks]
     text = ("# written by megaloop sweep suggest from " + candidates_path + "\n"
             + yaml.safe_dump(data, sort_keys=False))
     tmp = f"{out}.tmp{os.getpid()}"
