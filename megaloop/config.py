@@ -147,6 +147,7 @@ class TrainConfig:
     eval_tokens: int = 65536                 # validation tokens per evaluation
     eval_recur: list = field(default_factory=list)  # extra r values evaluated at the end
     save_every: int = 0                      # 0 = only at the end
+    save_at: list = field(default_factory=list)  # steps whose checkpoints are kept in RUN_DIR/branch_points (budget branching)
     keep_checkpoints: int = 2
     async_save: bool = False                 # write checkpoints in the background (published when complete)
     device: str = "auto"                     # auto | cpu | cuda
@@ -478,6 +479,11 @@ def validate(cfg: Config) -> None:
     except (TypeError, ValueError):
         raise ConfigError(f"train.eval_recur must be a list of integers, got {t.eval_recur!r}") from None
     _need(all(r >= 1 for r in t.eval_recur), f"train.eval_recur values must be >= 1, got {t.eval_recur}")
+    try:
+        t.save_at = sorted({int(x) for x in t.save_at})
+    except (TypeError, ValueError):
+        raise ConfigError(f"train.save_at must be a list of step numbers, got {t.save_at!r}") from None
+    _need(all(x >= 1 for x in t.save_at), f"train.save_at steps must be >= 1, got {t.save_at}")
     _need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _validate_divergence(t)
 

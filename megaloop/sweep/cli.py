@@ -45,6 +45,11 @@ def _plan(argv: list[str]) -> int:
         for r in runs:
             print(f"  {r.run:<36} {r.d_model:>7} {r.n_once:>12,} {r.n_rec:>12,} {r.flops_per_token:>12.4g} "
                   f"{r.tokens:>14,} {r.steps:>7,}")
+    if any(r.branch_from for r in runs) or getattr(spec, "branching", False):
+        from .branch import spent_report
+        rep = spent_report(manifest["runs"])
+        print(f"  budget branching: {rep['branches']} of {rep['runs']} runs branch from a trunk; FLOPs spent "
+              f"{rep['flops_spent']:.3g} against {rep['flops_unbranched']:.3g} unbranched (ratio {rep['ratio']:.3f})")
     print(f"  {os.path.join(args.out, 'manifest.csv')}; next: megaloop sweep run {args.out} "
           f"(or: megaloop sweep slurm {args.out})")
     return 0

@@ -29,7 +29,8 @@ from .spec import SweepSpec, merge
 MANIFEST_FORMAT = 1
 MANIFEST_COLUMNS = ("run", "variant", "r", "size", "d_model", "n_head", "n_recur_block", "bptt_k",
                     "input_injection", "n_once", "n_rec", "flops_per_token", "tokens", "target_flops",
-                    "tokens_per_step", "steps", "gpus", "seed", "config")
+                    "tokens_per_step", "steps", "gpus", "seed", "config",
+                    "branch_from", "branch_step", "save_at_steps", "spent_flops")  # the last four: branching
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # What makes two run configs the same experiment: the keys a launch may change (run_dir, threads,
 # progress, device, logging, ...) are left out, so replanning a started run is not refused for them.
@@ -59,6 +60,12 @@ class PlannedRun:
     gpus: int
     config: str                # runs/NAME/config.yaml, relative to the sweep directory
     cfg: Config = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    # budget branching (megaloop/sweep/branch.py): the trunk this run decays from and the step it
+    # leaves it at; a trunk's kept branch points ("s1;s2"); the FLOPs the run itself spends
+    branch_from: Optional[str] = None
+    branch_step: Optional[int] = None
+    save_at_steps: str = ""
+    spent_flops: Optional[float] = None
 
     def row(self) -> dict:
         d = asdict(self)
@@ -109,6 +116,10 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
         runs = select_runs(spec, runs)
     if not runs:
         raise ConfigError(f"{spec.source}: the sweep has no runs (check the variants' r and budgets)")
+    if getattr(spec, "branching", False):
+        from .branch import assign
+        old = read_manifest(out_dir)["runs"] if os.path.isfile(manifest_path(out_dir)) else []
+        assign(spec, runs, old)
     if spec.seeds is not None or all(b.seeds for b in g.budgets):
         # Seed-major order (`sweep run` follows the manifest): a sweep stopped part-way leaves whole
         # replicates of the design, first seed first, each from the cheapest budget up.
