@@ -45,7 +45,7 @@ PHIS = (0.2, 0.46, 0.8)
 BATCH = 4
 DECAY_FRAC = 0.2
 MIN_RUNS = 8
-REFIT_PHIS = (0.1, 0.5, 1.0)
+REFIT_PHIS = (0.1, 0.3, 0.6, 1.0)
 
 
 def draw_truth(k: int, rng: np.random.Generator) -> np.ndarray:
@@ -77,12 +77,14 @@ class Sim:
 
     def refit(self, idx: list[int], start: np.ndarray) -> np.ndarray:
         """The project's Huber objective on the chosen runs, minimised inside its search region by the
-        batched L-BFGS of analysis/law.py from the previous estimate and a few phis (a cheap refit: the
-        full 4,500-start grid of `megaloop fit` would make the simulation hours long)."""
+        batched L-BFGS of analysis/law.py from the previous estimate and from the reference law at a
+        few phis (a cheap refit: the full 4,500-start grid of `megaloop fit` would make the
+        simulation hours long)."""
         c = self.cand.iloc[idx]
         data = LawData.build(c.n_once, c.n_rec, c.r, c.tokens, np.exp(self.y[idx]))
         lo, hi = search_box(data, 1)
-        starts = np.repeat(start[None], 1 + len(REFIT_PHIS), axis=0)
+        ref = design.reference_raw()
+        starts = np.concatenate([start[None], np.repeat(ref[None], len(REFIT_PHIS), axis=0)])
         starts[1:, N_BASE] = REFIT_PHIS
         x, f = batched_lbfgs(np.clip(to_centred(starts, data), lo, hi), data, DELTA, max_iter=200, lo=lo, hi=hi)
         self.fits += 1
@@ -130,6 +132,40 @@ def evaluate(sim: Sim, batches_fn, target: float, cost_mode: str = "plain") -> d
             "phi_hat": phi, "covered": bool(abs(phi - sim.truth[N_BASE]) <= width / 2) if math.isfinite(width) else None}
 
 
+def first_reaching(sim: Sim, order: list[int], target: float) -> dict:
+    """A fixed order (random, cheapest first): the first prefix of whole batches whose refit width is
+    <= target, found by bisection over the prefixes (the width falls as runs are added, up to refit
+    noise), each prefix refitted from the reference law (so the search needs ~5 refits, not 29)."""
+    n_batches = math.ceil(len(order) / BATCH)
+
+    def at(k):
+        idx = list(order[:k * BATCH])
+        if len(idx) < MIN_RUNS or len(set(sim.r[idx])) < 2:
+            return math.inf, design.reference_raw(), idx
+        est = sim.refit(idx, design.reference_raw())
+        return sim.width(est, idx), est, idx
+
+    w, est, idx = at(n_batches)
+    if not w <= target:
+        best = (n_batches, w, est, idx)
+        reached = False
+    else:
+        lo, hi, best = 0, n_batches, (n_batches, w, est, idx)  # hi reaches; lo does not (0 runs)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            wm, em, im = at(mid)
+            if wm <= target:
+                hi, best = mid, (mid, wm, em, im)
+            else:
+                lo = mid
+        reached = True
+    k, w, est, idx = best
+    phi = float(est[N_BASE])
+    return {"reached": reached, "flops": float(sim.flops[idx].sum()), "runs": len(idx),
+            "width": w if math.isfinite(w) else None, "phi_hat": phi,
+            "covered": bool(abs(phi - sim.truth[N_BASE]) <= w / 2) if math.isfinite(w) else None}
+
+
 def fixed_order(order, batch: int = BATCH):
     def gen(sim):
         for i in range(0, len(order), batch):
@@ -167,7 +203,11 @@ def main() -> int:
     ap.add_argument("--regimes", default="low,measured")
     ap.add_argument("--candidates", default=os.path.join(ROOT, "configs", "sweeps", "iso_depth.yaml"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="combine the JSON files of several runs (e.g. one per regime) into --out")
     args = ap.parse_args()
+    if args.merge:
+        return merge(args.merge, args.out)
     t0 = time.perf_counter()
     _, runs = load_candidates(args.candidates)
     cand = candidate_frame(runs)
@@ -179,7 +219,7 @@ def main() -> int:
     for k in range(args.truths):
         truth = draw_truth(k, rng)
         for regime in args.regimes.split(","):
-            sigma = 0.003 if regime == "low" else float(rng.uniform(0.005, 0.015))
+            sigma = 0.003 if regime == "low" else float(np.random.default_rng([args.seed, k, 99]).uniform(0.005, 0.015))
             sim = Sim(cand, truth, sigma, np.random.default_rng([args.seed, k, 0 if regime == "low" else 1]))
             all_idx = list(range(len(cand)))
             full_width_truth = sim.width(truth, all_idx)
@@ -201,7 +241,10 @@ def main() -> int:
                     continue
                 row["results"][tname] = {"target_width": tw}
                 for s in strategies:
-                    res = evaluate(sim, gens[s], tw, "branched" if s == "suggest_branching" else "plain")
+                    if s in ("random", "cheapest_first"):
+                        res = first_reaching(sim, perm if s == "random" else cheapest, tw)
+                    else:
+                        res = evaluate(sim, gens[s], tw, "branched" if s == "suggest_branching" else "plain")
                     res["flops_frac"] = res["flops"] / total
                     row["results"][tname][s] = res
             rows.append(row)
@@ -224,6 +267,20 @@ def main() -> int:
         with open(args.out, "w") as f:
             f.write(text + "\n")
     print(json.dumps(summary, indent=1))
+    return 0
+
+
+def merge(paths: list[str], out_path: str) -> int:
+    parts = [json.load(open(p)) for p in paths]
+    out = dict(parts[0])
+    out["rows"] = [r for p in parts for r in p["rows"]]
+    out["command"] = [p["command"] for p in parts]
+    out["seconds"] = sum(p["seconds"] for p in parts)
+    strategies = ["full_grid", "random", "cheapest_first", "suggest", "suggest_branching"]
+    out["summary"] = summarise(out["rows"], strategies)
+    with open(out_path, "w") as f:
+        f.write(json.dumps(out, indent=1, default=float) + "\n")
+    print(json.dumps(out["summary"], indent=1))
     return 0
 
 

@@ -4,6 +4,7 @@ branches survive kills like other runs; the plan reports the FLOPs spent against
 unbranched."""
 import json
 import os
+import subprocess
 
 import pytest
 import torch
@@ -106,3 +107,45 @@ def test_branch_waits_for_its_trunk(tmp_path):
     rep = run_sweep(branched, only=rows[0]["run"], log=lambda *a: None)
     assert rep.waiting == [rows[0]["run"]] and not rep.finished and not rep.failed
     assert not os.path.exists(os.path.join(branched, "runs", rows[0]["run"], "checkpoints"))
+
+
+def test_slurm_branch_waits_for_its_trunk_job(tmp_path):
+    """Under SLURM a branch is submitted after its trunk with --dependency=afterok:JOB_TASK (the job
+    the trunk was just submitted in, or the one squeue lists it under), gets a time limit for its
+    decay only, and its task seeds the run directory before training; with the trunk finished it
+    needs no dependency."""
+    from megaloop.sweep.slurm import SlurmOptions, write_slurm
+    out = str(tmp_path / "b")
+    assert main(["sweep", "plan", _spec(tmp_path, True), "--out", out]) == 0
+    rows = read_manifest(out)["runs"]
+    trunk = next(i for i, r in enumerate(rows) if not r["branch_from"])
+    branch = next(i for i, r in enumerate(rows) if r["branch_from"])
+    write_slurm(out, SlurmOptions(gpus_per_node=0))
+    tasks = [ln.split("\t") for ln in open(os.path.join(out, "tasks.tsv")).read().splitlines()]
+    assert tasks[branch][4] == str(trunk) and tasks[trunk][4] == "-"
+    sbatch_text = open(os.path.join(out, "sweep.sbatch")).read()
+    assert "sweep branch" in sbatch_text
+    for name in ("sweep.sbatch", "submit.sh"):
+        assert subprocess.run(["bash", "-n", os.path.join(out, name)]).returncode == 0
+    fake = tmp_path / "sbatch"
+    fake.write_text('#!/bin/bash\necho "args: $*"\necho "Submitted batch job 4242"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, SBATCH=str(fake), SQUEUE="none")
+    res = subprocess.run(["bash", os.path.join(out, "submit.sh")], env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("args:")]
+    assert f"--array={trunk} " in lines[0] and "--dependency" not in lines[0]
+    assert f"--array={branch} " in lines[1] and f"--dependency=afterok:4242_{trunk}" in lines[1]
+    assert "submitted 2 run(s) of 2" in res.stdout
+    # the trunk queued by an earlier submission: the branch waits for that job
+    squeue = tmp_path / "squeue"
+    squeue.write_text(f'#!/bin/bash\necho "{trunk} {out}/sweep.sbatch 777"\n')
+    squeue.chmod(0o755)
+    res = subprocess.run(["bash", os.path.join(out, "submit.sh")], env=dict(env, SQUEUE=str(squeue)),
+                         capture_output=True, text=True)
+    assert f"--dependency=afterok:777_{trunk}" in res.stdout and "submitted 1 run(s) of 2" in res.stdout
+    # the trunk finished: no dependency
+    os.makedirs(os.path.join(out, "runs", rows[trunk]["run"]), exist_ok=True)
+    open(os.path.join(out, "runs", rows[trunk]["run"], "summary.json"), "w").write("{}")
+    res = subprocess.run(["bash", os.path.join(out, "submit.sh")], env=env, capture_output=True, text=True)
+    assert "--dependency" not in res.stdout and f"--array={branch} " in res.stdout

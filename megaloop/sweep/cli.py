@@ -192,12 +192,34 @@ def _positive(text: str, flag: str) -> float:
     return v
 
 
-SUBCOMMANDS = {"plan": _plan, "run": _run, "slurm": _slurm, "collect": _collect, "suggest": _suggest}
+def _branch(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop sweep branch",
+                                 description="Seed a budget branch's run directory with its trunk's checkpoint at the "
+                                             "branch's decay start (what a SLURM task of a branch does before training).")
+    ap.add_argument("sweep_dir")
+    ap.add_argument("run", help="the branch's run name")
+    args = ap.parse_args(argv)
+    from .branch import is_branch, seed
+    from .plan import read_manifest
+    rows = {r["run"]: r for r in read_manifest(args.sweep_dir)["runs"]}
+    row = rows.get(args.run)
+    if row is None or not is_branch(row):
+        raise UserError(f"{args.run} is not a branch of the sweep in {args.sweep_dir} (see its manifest.csv, "
+                        f"column branch_from)")
+    state = seed(args.sweep_dir, row)
+    if state == "waiting":
+        raise UserError(f"{args.run} branches from {row['branch_from']} at step {row['branch_step']}, which that run "
+                        f"has not reached yet; train it first (under SLURM the branch's job waits for it: afterok)")
+    print(f"{args.run}: {'seeded from ' + row['branch_from'] + ' at step ' + str(row['branch_step']) if state == 'seeded' else 'already started'}")
+    return 0
+
+
+SUBCOMMANDS = {"plan": _plan, "run": _run, "slurm": _slurm, "collect": _collect, "suggest": _suggest, "branch": _branch}
 
 
 def sweep_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: megaloop sweep {plan,run,slurm,collect,suggest} ...\n\n" + USAGE)
+        print("usage: megaloop sweep {plan,run,slurm,collect,suggest,branch} ...\n\n" + USAGE)
         return 0 if argv else 2
     if argv[0] not in SUBCOMMANDS:
         raise UserError(f"unknown sweep command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}")
