@@ -203,6 +203,7 @@ def main() -> int:
     ap.add_argument("--regimes", default="low,measured")
     ap.add_argument("--candidates", default=os.path.join(ROOT, "configs", "sweeps", "iso_depth.yaml"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--partial", action="store_true", help="rewrite --out after every truth (partial: true)")
     ap.add_argument("--merge", nargs="+", default=None,
                     help="combine the JSON files of several runs (e.g. one per regime) into --out")
     args = ap.parse_args()
@@ -248,14 +249,21 @@ def main() -> int:
                     res["flops_frac"] = res["flops"] / total
                     row["results"][tname][s] = res
             rows.append(row)
+            if args.out and args.partial:  # a long run leaves a usable file behind at every truth
+                write(args, rows, strategies, cand, total, t0, partial=True)
             print(f"truth {k} {regime} sigma={sigma:.4f} phi={truth[N_BASE]:.2f} full width {full_width_truth:.3f}: "
                   + "; ".join(f"{t}: " + ", ".join(f"{s} {row['results'][t][s].get('flops_frac', float('nan')):.3f}"
                                                     f"{'' if row['results'][t][s]['reached'] else '(x)'}"
                                                     for s in strategies)
                               for t in row["results"] if "target_width" in row["results"][t]),
                   file=sys.stderr, flush=True)
+    write(args, rows, strategies, cand, total, t0)
+    return 0
+
+
+def write(args, rows, strategies, cand, total, t0, partial: bool = False) -> None:
     summary = summarise(rows, strategies)
-    out = {"benchmark": "design", "command": " ".join(sys.argv), "candidates": os.path.relpath(args.candidates, ROOT),
+    out = {"benchmark": "design", "partial": partial, "command": " ".join(sys.argv), "candidates": os.path.relpath(args.candidates, ROOT),
            "n_candidates": len(cand), "full_grid_flops": total, "truths": args.truths, "batch": BATCH,
            "decay_frac": DECAY_FRAC, "target_width": args.target, "rel_factor": args.rel,
            "interval": "linearised (Fisher) 95 % at a warm-started Huber refit, known noise x Huber efficiency",
@@ -264,10 +272,11 @@ def main() -> int:
     text = json.dumps(out, indent=1, default=float)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+        with open(args.out + ".tmp", "w") as f:
             f.write(text + "\n")
-    print(json.dumps(summary, indent=1))
-    return 0
+        os.replace(args.out + ".tmp", args.out)
+    if not partial:
+        print(json.dumps(summary, indent=1))
 
 
 def merge(paths: list[str], out_path: str) -> int:
