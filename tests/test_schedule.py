@@ -72,3 +72,26 @@ def test_config_accepts_wsd_and_rejects_bad_values():
     for bad in (0, -0.1, 1.5):
         with pytest.raises(ConfigError, match="optim.decay_frac"):
             load_config(raw={"train": {"steps": 3}, "optim": {"schedule": "wsd", "decay_frac": bad}})
+
+
+def test_training_follows_wsd_and_keeps_branch_points(tiny_corpus, data_cache, tmp_path):
+    """A real training run under optim.schedule=wsd logs lr = peak x lr_factor(step) at every step,
+    and train.save_at keeps a complete checkpoint of each listed step in RUN_DIR/branch_points
+    (never pruned, beside the run's own checkpoints)."""
+    import json
+    import os
+
+    from conftest import tiny_raw
+    from megaloop import checkpoint as ckpt
+    from megaloop.train import train
+
+    raw = tiny_raw(tiny_corpus, data_cache, str(tmp_path / "run"), steps=10, save_at=[4, 7], keep_checkpoints=1)
+    raw["optim"].update(schedule="wsd", decay_frac=0.3)
+    cfg = load_config(raw=raw)
+    train(cfg, log=lambda *a: None)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        lrs = [r["lr"] for r in map(json.loads, f) if "lr" in r]
+    assert lrs == pytest.approx([cfg.optim.lr * lr_factor(s, 10, 2, 0.1, "wsd", 0.3) for s in range(10)])
+    assert ckpt.list_complete(ckpt.branch_points(str(tmp_path / "run"))) == [4, 7]
+    assert ckpt.list_complete(str(tmp_path / "run")) == [10]
+    assert os.path.isfile(os.path.join(ckpt.branch_points(str(tmp_path / "run")), "checkpoints", "step_00000007", "trainer.pt"))
