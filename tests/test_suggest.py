@@ -212,3 +212,27 @@ def test_errors_are_user_errors(iso):
     spec, runs, cand = iso
     with pytest.raises(UserError):
         Target.parse("dphi:")
+
+
+def test_dphi_target_uses_the_joint_fit(tmp_path):
+    """--target dphi:V: the joint fit of the baseline and V; the suggested runs lower the linearised
+    width of phi_V - phi_baseline run by run, and include runs of V (its own phi needs its own runs)."""
+    data = yaml.safe_load(open(ISO))
+    data["grid"]["budgets"] = data["grid"]["budgets"][:3]
+    data["variants"] = {"baseline": {}, "hyperconnect": {"input_injection": "hyperconnect", "num_lanes": 2}}
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump(data))
+    spec, runs = load_candidates(str(path))
+    cand = candidate_frame(runs)
+    b = sorted(cand.budget.unique())
+    parts = []
+    for v, phi in (("baseline", 0.46), ("hyperconnect", 0.65)):
+        parts.append(synthetic(cand, (cand.variant == v) & cand.budget.isin(b[:2]) & cand["size"].isin([6, 10, 12, 14]),
+                               phi=phi, seed=len(parts)).assign(variant=v))
+    df = pd.concat(parts, ignore_index=True)
+    s = suggest(df, spec, runs, 5e18, Target.parse("dphi:hyperconnect"))
+    assert s["target"] == "dphi:hyperconnect" and s["runs"]
+    widths = [s["width_now"]] + [r["width_after"] for r in s["runs"]]
+    assert all(a > b for a, b in zip(widths, widths[1:]))
+    assert any(r["variant"] == "hyperconnect" for r in s["runs"])
+    assert abs(s["estimate"] - 0.19) < 0.3

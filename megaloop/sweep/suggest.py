@@ -81,7 +81,7 @@ def in_table(cand: pd.DataFrame, df: pd.DataFrame) -> np.ndarray:
     return out
 
 
-def noise_from_table(df: pd.DataFrame, raw: np.ndarray, law_df: pd.DataFrame, n_params: int) -> tuple[float, str]:
+def noise_from_table(df: pd.DataFrame, law_df: pd.DataFrame, n_params: int) -> tuple[float, str]:
     """The per-run SD of the log loss: pooled within-cell SD where the table repeats a cell under
     several seeds, else the fit's residual SD with its degrees of freedom (which also holds misfit,
     so it errs on the large side)."""
@@ -162,7 +162,7 @@ def suggest(df: Optional[pd.DataFrame], spec: SweepSpec, runs: list[PlannedRun],
     fit = fit_law(used, delta, n_boot=0, profile=False, holdout=False, joint=len(names) > 1)
     raw = fit.raw
     phi_names = fit.phi_names if len(names) > 1 else [base]
-    sigma, source = (noise, "--noise") if noise is not None else noise_from_table(used, raw, fit.df, len(raw))
+    sigma, source = (noise, "--noise") if noise is not None else noise_from_table(used, fit.df, len(raw))
     sigma2 = sigma ** 2 * design.huber_variance_factor(sigma, delta)
     k = {v: phi_names.index(v) for v in names} if len(names) > 1 else {base: 0}
     c = design.contrast(len(phi_names), k[names[-1]], k[base] if target.kind == "dphi" else None)
