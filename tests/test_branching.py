@@ -149,3 +149,23 @@ def test_slurm_branch_waits_for_its_trunk_job(tmp_path):
     open(os.path.join(out, "runs", rows[trunk]["run"], "summary.json"), "w").write("{}")
     res = subprocess.run(["bash", os.path.join(out, "submit.sh")], env=env, capture_output=True, text=True)
     assert "--dependency" not in res.stdout and f"--array={branch} " in res.stdout
+
+
+def test_appended_run_below_a_trunk_branches_from_it(tmp_path):
+    """A trunk keeps the branch points of every smaller grid budget of its size, planned or not: a
+    run of a smaller budget appended later (what `sweep suggest --out` writes) branches from it;
+    one above every run of its group is a new trunk."""
+    path = _spec(tmp_path, True)
+    data = yaml.safe_load(open(path))
+    data["grid"]["budgets"].append({"flops": 2.4e9, "sizes": [2]})
+    out = str(tmp_path / "b")
+    for budgets in ([1.2e9], [6e8], [2.4e9]):
+        data["select"] = [{"variant": "baseline", "r": 2, "size": 2, "flops": f} for f in budgets]
+        p = tmp_path / "sel.yaml"
+        p.write_text(yaml.safe_dump(data))
+        assert main(["sweep", "plan", str(p), "--out", out, "--append"]) == 0
+    rows = {r["target_flops"]: r for r in read_manifest(out)["runs"]}
+    assert rows[1.2e9]["branch_from"] is None and rows[1.2e9]["save_at_steps"]
+    assert rows[6e8]["branch_from"] == rows[1.2e9]["run"]
+    assert str(rows[6e8]["branch_step"]) in rows[1.2e9]["save_at_steps"].split(";")
+    assert rows[2.4e9]["branch_from"] is None and rows[2.4e9]["spent_flops"] == 2.4e9
