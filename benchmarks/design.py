@@ -269,7 +269,7 @@ def write(args, rows, strategies, cand, total, t0, partial: bool = False) -> Non
            "interval": "linearised (Fisher) 95 % at a warm-started Huber refit, known noise x Huber efficiency",
            "summary": summary, "rows": rows, "seconds": time.perf_counter() - t0,
            "host": {"python": platform.python_version(), "machine": platform.machine()}}
-    text = json.dumps(out, indent=1, default=float)
+    text = json.dumps(out, indent=1, default=float, allow_nan=False)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out + ".tmp", "w") as f:
@@ -288,14 +288,15 @@ def merge(paths: list[str], out_path: str) -> int:
     strategies = ["full_grid", "random", "cheapest_first", "suggest", "suggest_branching"]
     out["summary"] = summarise(out["rows"], strategies)
     with open(out_path, "w") as f:
-        f.write(json.dumps(out, indent=1, default=float) + "\n")
+        f.write(json.dumps(out, indent=1, default=float, allow_nan=False) + "\n")
     print(json.dumps(out["summary"], indent=1))
     return 0
 
 
 def summarise(rows: list[dict], strategies: list[str]) -> dict:
-    """Per regime and target: median FLOPs fraction (over the truths where the target applies;
-    unreached counts as > 1), how many reached it, and coverage at stopping."""
+    """Per regime and target: median FLOPs fraction of the full grid (over the truths where the
+    target applies; an unreached target counts as infinite, null in the JSON), how many reached
+    it, and the coverage of the true phi by the interval at stopping."""
     out = {}
     for regime in sorted({r["regime"] for r in rows}):
         for t in ("abs", "rel"):
@@ -317,8 +318,12 @@ def summarise(rows: list[dict], strategies: list[str]) -> dict:
                 res = [r["results"][t][s] for r in rs]
                 fr = [x["flops_frac"] if x["reached"] else math.inf for x in res]
                 cov = [x["covered"] for x in res if x["reached"] and x["covered"] is not None]
-                out[key][s] = {"median_flops_frac": float(np.median(fr)),
-                               "quartiles": [float(np.percentile(fr, 25)), float(np.percentile(fr, 75))],
+
+                def finite(v):  # unreached counts as infinite; JSON gets null there
+                    return float(v) if np.isfinite(v) else None
+                with np.errstate(invalid="ignore"):
+                    q = [finite(np.percentile(fr, 25)), finite(np.percentile(fr, 75))]
+                out[key][s] = {"median_flops_frac": finite(np.median(fr)), "quartiles": q,
                                "reached": sum(x["reached"] for x in res),
                                "coverage": (sum(cov) / len(cov)) if cov else None, "n_covered_of": len(cov)}
     return out
