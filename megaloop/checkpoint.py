@@ -132,6 +132,12 @@ def ckpt_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def branch_points(run_dir: str) -> str:
+    """Where a trunk keeps the checkpoints its branches start from (train.save_at): laid out as a
+    run directory of its own (BRANCH_POINTS/checkpoints/step_N), none of them ever pruned."""
+    return os.path.join(run_dir, "branch_points")
+
+
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 

@@ -20,7 +20,7 @@ commands:
   params      parameters and FLOPs:          megaloop params CONFIG.yaml [--flops 1e18] [--json]
   tokenizer   train a sentencepiece model:   megaloop tokenizer --input FILES --out PREFIX --vocab-size N
   preprocess  text -> token dataset:         megaloop preprocess --input FILES --tokenizer M --out-dir DIR
-  sweep       plan / run / collect a grid:   megaloop sweep {plan,run,slurm,collect} ...
+  sweep       plan / run / collect a grid:   megaloop sweep {plan,run,slurm,collect,suggest} ...
   fit         fit the scaling law:           megaloop fit TABLE.csv|RUN_DIRS... [--json]
   capacity    recurrence-equivalent size:    megaloop capacity --phi 0.46 --n-once X --n-rec Y --r 4
   export      safetensors or Hugging Face:   megaloop export RUN_DIR --out DIR [--format safetensors|hf]

@@ -128,6 +128,8 @@ class OptimConfig:
     ns_steps: int = 5                        # Newton-Schulz (muon) or Polar Express (muonh, at most 5) iterations
     warmup_steps: int = 0
     final_lr_frac: float = 0.1
+    schedule: str = "linear"                 # linear | wsd (warmup-stable-decay: megaloop/optim.py lr_factor)
+    decay_frac: float = 0.2                  # wsd: the share of the steps that decay (the last ones)
     grad_clip: Optional[float] = 1.0         # None or 0 = no clipping
 
 
@@ -145,6 +147,7 @@ class TrainConfig:
     eval_tokens: int = 65536                 # validation tokens per evaluation
     eval_recur: list = field(default_factory=list)  # extra r values evaluated at the end
     save_every: int = 0                      # 0 = only at the end
+    save_at: list = field(default_factory=list)  # steps whose checkpoints are kept in RUN_DIR/branch_points (budget branching)
     keep_checkpoints: int = 2
     async_save: bool = False                 # write checkpoints in the background (published when complete)
     device: str = "auto"                     # auto | cpu | cuda
@@ -451,6 +454,10 @@ def validate(cfg: Config) -> None:
     _need(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _need(0.0 <= o.final_lr_frac <= 1.0, f"optim.final_lr_frac must be in [0, 1], got {o.final_lr_frac}")
     _need(o.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {o.warmup_steps}")
+    _need(o.schedule in ("linear", "wsd"), f"optim.schedule must be linear or wsd, got {o.schedule!r}")
+    _need(isinstance(o.decay_frac, (int, float)) and not isinstance(o.decay_frac, bool) and 0.0 < o.decay_frac <= 1.0,
+          f"optim.decay_frac must be in (0, 1] (the share of the steps that decay under optim.schedule=wsd), "
+          f"got {o.decay_frac!r}")
     _need(o.grad_clip is None or o.grad_clip >= 0, f"optim.grad_clip must be >= 0 or null, got {o.grad_clip}")
     _need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas must be two numbers in [0, 1), got {o.betas}")
 
@@ -472,6 +479,11 @@ def validate(cfg: Config) -> None:
     except (TypeError, ValueError):
         raise ConfigError(f"train.eval_recur must be a list of integers, got {t.eval_recur!r}") from None
     _need(all(r >= 1 for r in t.eval_recur), f"train.eval_recur values must be >= 1, got {t.eval_recur}")
+    try:
+        t.save_at = sorted({int(x) for x in t.save_at})
+    except (TypeError, ValueError):
+        raise ConfigError(f"train.save_at must be a list of step numbers, got {t.save_at!r}") from None
+    _need(all(x >= 1 for x in t.save_at), f"train.save_at steps must be >= 1, got {t.save_at}")
     _need(t.max_bad_steps >= 1, f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     _validate_divergence(t)
 

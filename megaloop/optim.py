@@ -259,10 +259,33 @@ def build_optimizer(model, cfg: OptimConfig) -> MuonAdamW:
     return MuonAdamW(param_groups(model, cfg))
 
 
-def lr_factor(step: int, total_steps: int, warmup_steps: int, final_lr_frac: float) -> float:
-    """Linear warmup to the peak, then linear decay to final_lr_frac of the peak at the last step."""
+SCHEDULES = ("linear", "wsd")
+
+
+def decay_start(total_steps: int, decay_frac: float) -> int:
+    """The first step of a warmup-stable-decay run's decay: its last round(decay_frac x total_steps)
+    steps decay (at least one). The steps before it are the stable phase, so a checkpoint taken
+    after `decay_start` steps of any longer run on the same data is where this run's decay begins
+    (what budget branching relies on)."""
+    return total_steps - max(1, min(total_steps, int(math.floor(decay_frac * total_steps + 0.5))))
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, final_lr_frac: float,
+              schedule: str = "linear", decay_frac: float = 0.2) -> float:
+    """The peak-lr multiplier at `step` (0-based) of a `total_steps` run.
+
+    linear: linear warmup to the peak, then linear decay to final_lr_frac at the last step.
+    wsd (warmup-stable-decay, Hägele et al. 2024): linear warmup, the peak until decay_start, then
+    linear decay over the last decay_frac of the run, reaching final_lr_frac at the last step. The
+    stable phase does not depend on total_steps, so runs of different lengths share it exactly."""
     if warmup_steps and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "wsd":
+        start = max(warmup_steps, decay_start(total_steps, decay_frac))
+        if step < start:
+            return 1.0
+        progress = min(1.0, (step - start + 1) / max(1, total_steps - start))
+        return 1.0 - (1.0 - final_lr_frac) * progress
     span = max(1, total_steps - warmup_steps - 1)
     progress = min(1.0, (step - warmup_steps) / span)
     return 1.0 - (1.0 - final_lr_frac) * progress

@@ -248,7 +248,8 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         bar = _progress(cfg, budget.steps, step, is_main)
         pending = None  # a checkpoint still being written in the background (train.async_save)
         while step < budget.steps:
-            factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac)
+            factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac,
+                               cfg.optim.schedule, cfg.optim.decay_frac)
             factor *= guard.lr_scale(step)
             batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
             window.append(depth.draw(step + 1))
@@ -293,6 +294,9 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             if cfg.train.save_every and step % cfg.train.save_every == 0 and step < budget.steps:
                 pending = _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step, pending,
                                 background=cfg.train.async_save)
+            if step in cfg.train.save_at and step < budget.steps:  # a branch point: kept, never pruned
+                pending = _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step, pending,
+                                root=ckpt.branch_points(cfg.train.run_dir))
             if bar is not None:
                 bar.update(1)
             faults.maybe_kill("step", step)
@@ -345,10 +349,12 @@ def trainer_state(step: int, loader, guard: DivergenceGuard, tokens_per_step: in
 
 
 def _save(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int,
-          pending: Optional[ckpt.PendingSave] = None, background: bool = False) -> Optional[ckpt.PendingSave]:
+          pending: Optional[ckpt.PendingSave] = None, background: bool = False,
+          root: Optional[str] = None) -> Optional[ckpt.PendingSave]:
     """Checkpoint `step`. background (train.async_save): return once the state is copied, with
     the PendingSave that publishes it when its writes are done. A save still in flight is
-    finished first: one at a time."""
+    finished first: one at a time. root: another folder than the run directory, whose
+    checkpoints are all kept (the branch points of train.save_at)."""
     _finish(pending)
 
     def write(path: str):
@@ -359,8 +365,9 @@ def _save(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, step: int
             ckpt.torch_save_synced(trainer_state(step, loader, guard, tokens_per_step), os.path.join(path, "trainer.pt"))
         return handle
     how = ckpt.save_async if background else ckpt.save
-    out = how(cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},
-              keep=cfg.train.keep_checkpoints, is_writer=engine.is_main, barrier=engine.barrier)
+    out = how(root or cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},
+              keep=cfg.train.keep_checkpoints if root is None else 1 << 30, is_writer=engine.is_main,
+              barrier=engine.barrier)
     return out if background else None
 
 

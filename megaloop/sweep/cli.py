@@ -5,12 +5,14 @@
     megaloop sweep slurm runs/demo_sweep --partition gpu && bash runs/demo_sweep/submit.sh
     megaloop sweep collect runs/demo_sweep             # -> runs/demo_sweep/fit_table.csv
     megaloop fit runs/demo_sweep --plots runs/demo_sweep/plots
+    megaloop sweep suggest runs/demo_sweep --candidates configs/sweeps/demo.yaml --flops 1e13 --out next.yaml
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from collections import Counter
 
 from ..errors import UserError
@@ -43,6 +45,11 @@ def _plan(argv: list[str]) -> int:
         for r in runs:
             print(f"  {r.run:<36} {r.d_model:>7} {r.n_once:>12,} {r.n_rec:>12,} {r.flops_per_token:>12.4g} "
                   f"{r.tokens:>14,} {r.steps:>7,}")
+    if any(r.branch_from for r in runs) or getattr(spec, "branching", False):
+        from .branch import spent_report
+        rep = spent_report(manifest["runs"])
+        print(f"  budget branching: {rep['branches']} of {rep['runs']} runs branch from a trunk; FLOPs spent "
+              f"{rep['flops_spent']:.3g} against {rep['flops_unbranched']:.3g} unbranched (ratio {rep['ratio']:.3f})")
     print(f"  {os.path.join(args.out, 'manifest.csv')}; next: megaloop sweep run {args.out} "
           f"(or: megaloop sweep slurm {args.out})")
     return 0
@@ -136,12 +143,83 @@ def _collect(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"plan": _plan, "run": _run, "slurm": _slurm, "collect": _collect}
+def _suggest(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(
+        prog="megaloop sweep suggest",
+        description="Propose the candidate runs that shrink the target's 95 %% interval most per FLOP (greedy "
+                    "c-optimal design under the fitted law; docs/sweeps.md). Without a table ('-'): a seed design.")
+    ap.add_argument("inputs", nargs="+", help="the fit table (CSV) or run / sweep directories so far; '-' for none yet")
+    ap.add_argument("--candidates", required=True, help="sweep YAML whose runs are the candidates, e.g. "
+                                                        "configs/sweeps/iso_depth.yaml")
+    ap.add_argument("--flops", required=True, help="FLOPs to spend on the suggested runs, e.g. 2e19")
+    ap.add_argument("--target", default="phi", help="phi (default) or dphi:VARIANT")
+    ap.add_argument("--noise", default=None,
+                    help="per-run SD of the log loss (default: from the table's seeds, else its fit residuals)")
+    ap.add_argument("--json", action="store_true", help="print the suggested runs as a JSON list")
+    ap.add_argument("--out", default=None, help="write a sweep file of the suggested runs, for "
+                                                "`megaloop sweep plan OUT --out SWEEP_DIR --append`")
+    args = ap.parse_args(argv)
+    flops = _positive(args.flops, "--flops")
+    noise = None if args.noise is None else _positive(args.noise, "--noise")
+    from .suggest import Target, format_suggestion, load_candidates, suggest, write_spec
+    target = Target.parse(args.target)
+    spec, runs = load_candidates(args.candidates)
+    df = None
+    if args.inputs != ["-"]:
+        from ..analysis.table import load_table
+        df = load_table(args.inputs)
+    s = suggest(df, spec, runs, flops, target, noise)
+    if args.out:
+        write_spec(args.candidates, s["runs"], args.out)
+    if args.json:
+        print(json.dumps(s["runs"], indent=1))
+        print(format_suggestion(s).split("\n")[0], file=sys.stderr)
+    else:
+        print(format_suggestion(s))
+    if args.out:
+        print(f"wrote {args.out}; next: megaloop sweep plan {args.out} --out SWEEP_DIR --append",
+              file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _positive(text: str, flag: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise UserError(f"{flag} expects a number, got {text!r}") from None
+    if not (v > 0 and v < float("inf")):
+        raise UserError(f"{flag} must be a positive number, got {text!r}")
+    return v
+
+
+def _branch(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="megaloop sweep branch",
+                                 description="Seed a budget branch's run directory with its trunk's checkpoint at the "
+                                             "branch's decay start (what a SLURM task of a branch does before training).")
+    ap.add_argument("sweep_dir")
+    ap.add_argument("run", help="the branch's run name")
+    args = ap.parse_args(argv)
+    from .branch import is_branch, seed
+    from .plan import read_manifest
+    rows = {r["run"]: r for r in read_manifest(args.sweep_dir)["runs"]}
+    row = rows.get(args.run)
+    if row is None or not is_branch(row):
+        raise UserError(f"{args.run} is not a branch of the sweep in {args.sweep_dir} (see its manifest.csv, "
+                        f"column branch_from)")
+    state = seed(args.sweep_dir, row)
+    if state == "waiting":
+        raise UserError(f"{args.run} branches from {row['branch_from']} at step {row['branch_step']}, which that run "
+                        f"has not reached yet; train it first (under SLURM the branch's job waits for it: afterok)")
+    print(f"{args.run}: {'seeded from ' + row['branch_from'] + ' at step ' + str(row['branch_step']) if state == 'seeded' else 'already started'}")
+    return 0
+
+
+SUBCOMMANDS = {"plan": _plan, "run": _run, "slurm": _slurm, "collect": _collect, "suggest": _suggest, "branch": _branch}
 
 
 def sweep_main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print("usage: megaloop sweep {plan,run,slurm,collect} ...\n\n" + USAGE)
+        print("usage: megaloop sweep {plan,run,slurm,collect,suggest,branch} ...\n\n" + USAGE)
         return 0 if argv else 2
     if argv[0] not in SUBCOMMANDS:
         raise UserError(f"unknown sweep command {argv[0]!r}: use one of {', '.join(SUBCOMMANDS)}")

@@ -29,7 +29,8 @@ from .spec import SweepSpec, merge
 MANIFEST_FORMAT = 1
 MANIFEST_COLUMNS = ("run", "variant", "r", "size", "d_model", "n_head", "n_recur_block", "bptt_k",
                     "input_injection", "n_once", "n_rec", "flops_per_token", "tokens", "target_flops",
-                    "tokens_per_step", "steps", "gpus", "seed", "config")
+                    "tokens_per_step", "steps", "gpus", "seed", "config",
+                    "branch_from", "branch_step", "save_at_steps", "spent_flops")  # the last four: branching
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 # What makes two run configs the same experiment: the keys a launch may change (run_dir, threads,
 # progress, device, logging, ...) are left out, so replanning a started run is not refused for them.
@@ -59,6 +60,12 @@ class PlannedRun:
     gpus: int
     config: str                # runs/NAME/config.yaml, relative to the sweep directory
     cfg: Config = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    # budget branching (megaloop/sweep/branch.py): the trunk this run decays from and the step it
+    # leaves it at; a trunk's kept branch points ("s1;s2"); the FLOPs the run itself spends
+    branch_from: Optional[str] = None
+    branch_step: Optional[int] = None
+    save_at_steps: str = ""
+    spent_flops: Optional[float] = None
 
     def row(self) -> dict:
         d = asdict(self)
@@ -105,8 +112,14 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
                             f"{{variant}}, {{r}}, {{size}} and {{flops_tag}}")
                     origin[run.run] = where
                     runs.append(run)
+    if spec.select is not None:
+        runs = select_runs(spec, runs)
     if not runs:
         raise ConfigError(f"{spec.source}: the sweep has no runs (check the variants' r and budgets)")
+    if getattr(spec, "branching", False):
+        from .branch import assign
+        old = read_manifest(out_dir)["runs"] if os.path.isfile(manifest_path(out_dir)) else []
+        assign(spec, runs, old)
     if spec.seeds is not None or all(b.seeds for b in g.budgets):
         # Seed-major order (`sweep run` follows the manifest): a sweep stopped part-way leaves whole
         # replicates of the design, first seed first, each from the cheapest budget up.
@@ -114,6 +127,28 @@ def expand(spec: SweepSpec, out_dir: str) -> list[PlannedRun]:
         seed_rank = {(b.flops, s): k for b in g.budgets for k, s in enumerate(spec.seeds_for(b))}
         runs.sort(key=lambda run: (seed_rank[(run.target_flops, run.seed)], budget_index[run.target_flops]))
     return runs
+
+
+def select_runs(spec: SweepSpec, runs: list[PlannedRun]) -> list[PlannedRun]:
+    """The runs `select:` names, in the grid's order; a name that matches no grid run is an error."""
+    def key(variant, r, size, flops):
+        return (variant, int(r), int(size), float(f"{float(flops):.6g}"))
+    wanted = {}
+    for i, sel in enumerate(spec.select):
+        wanted.setdefault(key(sel["variant"], sel["r"], sel["size"], sel["flops"]), []).append((i, sel.get("seed")))
+    keep, matched = [], set()
+    for run in runs:
+        for i, seed in wanted.get(key(run.variant, run.r, run.size, run.target_flops), []):
+            if seed is None or seed == run.seed:
+                keep.append(run)
+                matched.add(i)
+                break
+    missing = [i for i in range(len(spec.select)) if i not in matched]
+    if missing:
+        sel = spec.select[missing[0]]
+        raise ConfigError(f"{spec.source}: select[{missing[0]}] = {sel} is not a run of the grid (check its variant, "
+                          f"r, size and flops against grid: and variants:)")
+    return keep
 
 
 def _plan_one(spec: SweepSpec, variant, base: dict, r: int, flops: float, size: int, out_dir: str,

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..run_lock import RunDirBusy, holder
+from .branch import is_branch, seed as seed_branch
 from .plan import read_manifest
 
 @dataclass
@@ -33,6 +34,7 @@ class RunReport:
     skipped: list[str] = field(default_factory=list)     # already had a summary.json
     busy: list[str] = field(default_factory=list)        # locked by another live sweep process
     failed: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)     # branches whose trunk has not reached them
     wall_s: float = 0.0
 
 
@@ -113,9 +115,12 @@ def run_sweep(sweep_dir: str, only: Optional[str] = None, max_runs: Optional[int
     active: list[_Active] = []
     log(f"sweep {manifest.get('name', '')}: {len(rows)} run(s) selected of {len(manifest['runs'])} in {sweep_dir}"
         + (f", {jobs} at a time" if jobs > 1 else ""))
-    pending = list(enumerate(rows, 1))
+    # trunks and plain runs first: a branch starts from its trunk's checkpoint (megaloop/sweep/branch.py)
+    pending = [(i, r) for i, r in enumerate(rows, 1) if not is_branch(r)] + \
+              [(i, r) for i, r in enumerate(rows, 1) if is_branch(r)]
     try:
         while pending or active:
+            deferred: list = []  # branches whose trunk is still training here
             # start runs while there is a free slot
             while pending and len(active) < jobs and (max_runs is None or launched < max_runs):
                 i, row = pending.pop(0)
@@ -125,6 +130,19 @@ def run_sweep(sweep_dir: str, only: Optional[str] = None, max_runs: Optional[int
                 if os.path.isfile(os.path.join(run_dir, "summary.json")):
                     report.skipped.append(name)
                     continue
+                if is_branch(row) and not dry_run:
+                    state = seed_branch(sweep_dir, row)
+                    if state == "waiting":
+                        trunk = row["branch_from"]
+                        if any(j.name == trunk for j in active) or any(r["run"] == trunk for _, r in pending + deferred):
+                            deferred.append((i, row))
+                            continue
+                        log(f"{tag}: waits for its trunk {trunk} to reach step {row['branch_step']} (train the trunk "
+                            f"first: it is not finished and not in this call's selection)")
+                        report.waiting.append(name)
+                        continue
+                    if state == "seeded":
+                        log(f"{tag}: branches from {row['branch_from']} at step {row['branch_step']}")
                 cmd = train_command(sweep_dir, row, overrides)
                 if dry_run:
                     log(f"{tag}: {' '.join(cmd)}")
@@ -151,6 +169,7 @@ def run_sweep(sweep_dir: str, only: Optional[str] = None, max_runs: Optional[int
                     out.close()
                     raise
                 active.append(_Active(name, run_dir, tag, proc, out, time.perf_counter()))
+            pending = deferred + pending
             if not active:
                 if not pending or (max_runs is not None and launched >= max_runs):
                     break

@@ -134,14 +134,20 @@ def render(sweep_dir: str, opts: SlurmOptions) -> dict[str, str]:
     rows = manifest["runs"]
     sweep_abs = os.path.abspath(sweep_dir)
     workdir = manifest.get("workdir") or os.getcwd()
-    tasks, by_time = [], {}
+    tasks, by_time, branches = [], {}, []
     gpu_counts = set()
+    index = {row["run"]: i for i, row in enumerate(rows)}
     for i, row in enumerate(rows):
         gpus = opts.gpus_per_node if opts.gpus_per_node is not None else int(row.get("gpus", 1))
         gpu_counts.add(gpus)
-        minutes = run_minutes(float(row["target_flops"]), gpus, opts)
-        tasks.append(f"{i}\t{row['run']}\t{gpus}\t{hhmmss(minutes)}")
-        by_time.setdefault(minutes, []).append(i)
+        # a branch (megaloop/sweep/branch.py) trains its decay only, after its trunk's job
+        trunk = index.get(row.get("branch_from") or "")
+        minutes = run_minutes(float(row.get("spent_flops") or row["target_flops"]), gpus, opts)
+        tasks.append(f"{i}\t{row['run']}\t{gpus}\t{hhmmss(minutes)}\t{'-' if trunk is None else trunk}")
+        if trunk is None:
+            by_time.setdefault(minutes, []).append(i)
+        else:
+            branches.append((i, trunk, minutes))
     if len(gpu_counts) > 1:
         raise ConfigError(f"the manifest mixes GPUs per run ({sorted(gpu_counts)}); one array needs one node "
                           f"shape: pass --gpus-per-node N")
@@ -176,7 +182,7 @@ if [ -z "$row" ]; then
   echo "megaloop sweep: no run with index $TASK_ID in $SWEEP_DIR/tasks.tsv" >&2
   exit 1
 fi
-IFS=$'\\t' read -r _ NAME GPUS TIME_LIMIT <<< "$row"
+IFS=$'\\t' read -r _ NAME GPUS TIME_LIMIT TRUNK <<< "$row"
 RUN_DIR="$SWEEP_DIR/runs/$NAME"
 CONFIG="$RUN_DIR/config.yaml"
 if [ -f "$RUN_DIR/summary.json" ]; then
@@ -202,6 +208,10 @@ if [ -z "${{OMP_NUM_THREADS:-}}" ]; then  # threads per process follow the alloc
   export OMP_NUM_THREADS=$(( OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1 ))
 fi
 [ -n "${{MEGALOOP_DRY_RUN:-}}" ] || rm -f "$RUN_DIR/FAILED"
+if [ "${{TRUNK:--}}" != "-" ] && [ -z "${{MEGALOOP_DRY_RUN:-}}" ]; then
+  # a budget branch: start from its trunk's checkpoint at its decay start (megaloop/sweep/branch.py)
+  python -m megaloop.cli sweep branch "$SWEEP_DIR" "$NAME"
+fi
 TRAIN_ARGS=("$CONFIG" --resume --set "train.run_dir=$RUN_DIR" --set train.progress=false)
 if [ -x "$MEGALOOP_ROOT/launch/torchrun.sh" ]; then
   LAUNCH=("$MEGALOOP_ROOT/launch/torchrun.sh" --nproc "$NPROC" "${{TRAIN_ARGS[@]}}")
@@ -227,6 +237,7 @@ if [ "$rc" -ne 0 ]; then
 fi
 """
     groups = "\n".join(f"submit {hhmmss(m)} {id_ranges(ids).replace(',', ' ')}" for m, ids in sorted(by_time.items()))
+    groups += "".join(f"\nsubmit_branch {hhmmss(m)} {i} {t}" for i, t, m in branches)
     submit = f"""#!/bin/bash
 # Submit the runs of sweep {manifest.get('name', '')} that are neither finished nor in the queue, one
 # array per time limit. Safe to rerun any time: runs with a summary.json are left out, and so are
@@ -242,15 +253,19 @@ pending=0 finished=0 in_queue=0
 
 # " 3 5 7 ": the array indices of this sweep's tasks that are pending, running or completing
 queued=" "
+queued_jobs=" "
+declare -A jobof=()  # task index -> the array job this call submitted it in
 if [ "$SQUEUE" = none ]; then
   echo "megaloop sweep: SQUEUE=none: queued and running tasks are not checked"
 elif command -v "$SQUEUE" >/dev/null 2>&1; then
-  if ! out=$("$SQUEUE" --noheader --array --user="$(id -un)" --name={q(name)} --format='%K %o' 2>&1); then
+  if ! out=$("$SQUEUE" --noheader --array --user="$(id -un)" --name={q(name)} --format='%K %o %F' 2>&1); then
     echo "megaloop sweep: $SQUEUE failed, so queued runs cannot be told from unfinished ones: $(tail -n 1 <<< "$out")" >&2
     echo "megaloop sweep: fix SLURM and rerun, or rerun with SQUEUE=none to submit every unfinished run" >&2
     exit 1
   fi
   queued=" $(awk -v script="$SWEEP_DIR/sweep.sbatch" '$2 == script {{printf "%s ", $1}}' <<< "$out")"
+  # " 3:1234 ": task index -> its array job, for the branches that wait for a queued trunk
+  queued_jobs=" $(awk -v script="$SWEEP_DIR/sweep.sbatch" '$2 == script && $3 != "" {{printf "%s:%s ", $1, $3}}' <<< "$out")"
 elif [ "$SBATCH" = sbatch ]; then
   echo "megaloop sweep: $SQUEUE not found: run this on a SLURM login node (or set SQUEUE=none)" >&2
   exit 1
@@ -278,7 +293,31 @@ submit() {{  # TIME_LIMIT TASK_ID...
   # ids -> SLURM ranges: 0 1 2 5 -> 0-2,5
   list=$(printf '%s\\n' "${{ids[@]}}" | awk 'NR == 1 {{ s = p = $1; next }} $1 == p + 1 {{ p = $1; next }}
     {{ printf "%s%s,", s, (s == p ? "" : "-" p); s = p = $1 }} END {{ printf "%s%s", s, (s == p ? "" : "-" p) }}')
-  "$SBATCH" --array="$list{throttle}" --time="$limit" "$SWEEP_DIR/sweep.sbatch"
+  out=$("$SBATCH" --array="$list{throttle}" --time="$limit" "$SWEEP_DIR/sweep.sbatch")
+  echo "$out"
+  jid=$(sed -n 's/^Submitted batch job \\([0-9][0-9]*\\).*/\\1/p' <<< "$out")
+  for id in "${{ids[@]}}"; do jobof[$id]=${{jid:-?}}; done
+}}
+
+submit_branch() {{  # TIME_LIMIT TASK_ID TRUNK_TASK_ID: a budget branch runs after its trunk (afterok)
+  local limit=$1 id=$2 trunk=$3 name tname job dep=()
+  name=$(awk -F'\\t' -v id="$id" '$1 == id {{print $2}}' "$SWEEP_DIR/tasks.tsv")
+  tname=$(awk -F'\\t' -v id="$trunk" '$1 == id {{print $2}}' "$SWEEP_DIR/tasks.tsv")
+  if [ -f "$SWEEP_DIR/runs/$name/summary.json" ]; then finished=$((finished + 1)); return 0; fi
+  if [[ "$queued" == *" $id "* ]]; then in_queue=$((in_queue + 1)); return 0; fi
+  if [ ! -f "$SWEEP_DIR/runs/$tname/summary.json" ]; then
+    job=${{jobof[$trunk]:-}}
+    if [ -z "$job" ] && [[ "$queued_jobs" == *" $trunk:"* ]]; then
+      job=${{queued_jobs#* $trunk:}}; job=${{job%% *}}
+    fi
+    if [ -z "$job" ]; then
+      echo "megaloop sweep: $name branches from $tname, which is neither finished nor queued; submit again once it is"
+      return 0
+    fi
+    dep=(--dependency="afterok:${{job}}_$trunk")
+  fi
+  pending=$((pending + 1))
+  "$SBATCH" --array="$id" --time="$limit" "${{dep[@]}}" "$SWEEP_DIR/sweep.sbatch"
 }}
 
 {groups}

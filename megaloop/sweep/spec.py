@@ -48,7 +48,9 @@ GRID_MODEL_KEYS = ("d_model", "n_head", "n_kv_head", "head_dim", "n_prelude", "n
                    "num_recur")
 # Train keys the sweep decides per run.
 GRID_TRAIN_KEYS = ("steps", "tokens", "target_flops", "run_dir")
-TOP_KEYS = ("extends", "name", "description", "base", "grid", "variants", "name_format", "resources", "seeds")
+TOP_KEYS = ("extends", "name", "description", "base", "grid", "variants", "name_format", "resources", "seeds",
+            "select", "branching")
+SELECT_KEYS = ("variant", "r", "size", "flops", "seed")
 DEFAULT_NAME_FORMAT = "{variant}_r{r}_s{size}_c{flops_tag}"
 
 
@@ -134,6 +136,11 @@ class SweepSpec:
     resources: Resources = field(default_factory=Resources)
     raw: dict = field(default_factory=dict)   # the merged YAML, kept next to the plan for provenance
     seeds: Optional[tuple[int, ...]] = None   # None: one run per cell at base train.seed
+    # only these runs of the grid (what `megaloop sweep suggest --out` writes); None: all of them
+    select: Optional[list[dict]] = None
+    # budget branching (warmup-stable-decay): one trunk per (variant, size, r, seed), the smaller
+    # budgets decay from its checkpoints (megaloop/sweep/branch.py)
+    branching: bool = False
 
     def seeds_for(self, budget: BudgetSpec) -> tuple[Optional[int], ...]:
         """The seeds of one budget's cells (None: base train.seed, no seed in the run name)."""
@@ -368,8 +375,35 @@ def parse_sweep(data: dict, source: str = "<dict>") -> SweepSpec:
     if (seeds is not None or not unseeded) and "{seed}" not in name_format:
         name_format += "_seed{seed}"   # one run per seed: the names must tell them apart
     name = str(data.get("name") or os.path.splitext(os.path.basename(source))[0])
+    branching = data.get("branching", False)
+    if not isinstance(branching, bool):
+        raise ConfigError(f"{source}: branching must be true or false, got {branching!r}")
+    if branching and _mapping(base.get("optim"), "base.optim").get("schedule") != "wsd":
+        raise ConfigError(f"{source}: branching: true needs base.optim.schedule: wsd (a branch decays from "
+                          f"the trunk's stable phase; a linear schedule has none)")
     return SweepSpec(name=name, source=source, base=base, grid=grid, variants=variants,
-                     name_format=name_format, resources=resources, raw=data, seeds=seeds)
+                     name_format=name_format, resources=resources, raw=data, seeds=seeds,
+                     select=_parse_select(data.get("select"), source), branching=branching)
+
+
+def _parse_select(value: Any, source: str) -> Optional[list[dict]]:
+    """`select: [{variant, r, size, flops[, seed]}, ...]`: plan only these runs of the grid."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{source}: select: expected a non-empty list of {{variant, r, size, flops}}")
+    out = []
+    for i, item in enumerate(value):
+        where = f"select[{i}]"
+        if not isinstance(item, dict) or not {"variant", "r", "size", "flops"} <= set(item) <= set(SELECT_KEYS):
+            raise ConfigError(f"{source}: {where}: expected {{variant, r, size, flops}} and optionally seed, "
+                              f"got {item!r}")
+        sel = {"variant": str(item["variant"]), "r": _num(item["r"], f"{where}.r", int),
+               "size": _num(item["size"], f"{where}.size", int), "flops": _num(item["flops"], f"{where}.flops")}
+        if item.get("seed") is not None:
+            sel["seed"] = _num(item["seed"], f"{where}.seed", int)
+        out.append(sel)
+    return out
 
 
 def load_sweep(path: str) -> SweepSpec:
