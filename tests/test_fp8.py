@@ -199,3 +199,19 @@ def test_cli_reports_an_fp8_refusal_in_one_line(tmp_path):
                        capture_output=True, text=True, timeout=120)
     lines = [ln for ln in p.stderr.strip().splitlines() if ln.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "72, not a multiple of 16" in lines[0], p.stderr
+
+
+def test_tp_layers_built_from_a_converted_linear_multiply_in_float8():
+    """A column- or row-parallel layer built from a converted linear (here on one rank: the whole
+    weight) gives the converted linear's output and gradients bitwise, not the plain product's;
+    from a plain linear it stays plain (no float8 config)."""
+    from megaloop.fp8 import config_of
+    from megaloop.parallel.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    conv, plain, x, go = _linear_pair(seed=2)
+    want = _run(conv, x, go)
+    for layer in (ColumnParallelLinear, RowParallelLinear):
+        tp = layer(conv.weight, None, config_of(conv))
+        got = _run(tp, x, go)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), layer.__name__
+        assert layer(plain.weight, None, config_of(plain)).float8 is None
+    assert not torch.equal(_run(plain, x.float(), go.float())[0], want[0])
