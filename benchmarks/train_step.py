@@ -436,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "timing": "median of interleaved rounds after one warm-up step",
     }
     log("measuring matmul peaks")
-    peaks = {p: peak_flops(device, p) for p in ("fp32", "bf16")}
+    peaks = {p: peak_flops(device, p) for p in ("fp32", "bf16", "fp8")}  # fp8: the bf16 peak (megaloop.mfu)
     result["peak_flops"] = peaks
     in_run: list[float] = []
     if device.type == "cpu" and "peak" in sections:

@@ -79,8 +79,9 @@ def _linear_pair(in_f=256, out_f=512, tokens=96, seed=0):
     go = (torch.randn(tokens, out_f, generator=g) * 1e-3).bfloat16()
     plain = nn.Linear(in_f, out_f, bias=False)
     plain.weight.data.copy_(w)
-    from megaloop.fp8 import float8_config
-    from torchao.float8 import convert_to_float8_training
+    from megaloop.fp8 import _quiet_import, float8_config
+    with _quiet_import():
+        from torchao.float8 import convert_to_float8_training
     conv = convert_to_float8_training(nn.Sequential(nn.Linear(in_f, out_f, bias=False)),
                                       config=float8_config(CPU))[0]
     conv.weight.data.copy_(w)
