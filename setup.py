@@ -37,7 +37,8 @@ setup(
         "logging": ["tensorboard", "wandb"],
         "hf": ["transformers>=5.0"],
         "eval": ["lm-eval>=0.4.13"],
-        "dev": ["pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel", "tensorboard", "wandb", "transformers>=5.0", "lm-eval>=0.4.13"],
+        "fp8": ["torchao==0.18.0"],  # parallel.precision: fp8 (megaloop/fp8.py); CPU tests use its emulation
+        "dev": ["torchao==0.18.0", "pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel", "tensorboard", "wandb", "transformers>=5.0", "lm-eval>=0.4.13"],
     },
     package_data={"megaloop.inference.tasks": ["*/*.yaml", "*/*.jsonl", "*/*.py", "*/*.md"]},
     entry_points={"console_scripts": ["megaloop=megaloop.cli:main"]},

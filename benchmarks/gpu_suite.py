@@ -1,7 +1,8 @@
-"""Everything megaloop can only measure on a GPU: one command, one JSON, under 8 minutes on one H200.
+"""Everything megaloop can only measure on a GPU: one command, one JSON, inside one 10-minute device call.
 
     python benchmarks/gpu_suite.py                       # -> benchmarks/results/gpu_suite_<gpu>.json
     python benchmarks/gpu_suite.py --out suite.json --budget 420 --skip generate
+    python benchmarks/gpu_suite.py --dry-run             # the plan and its time budget; no GPU needed
 
 Parts, in this order, each in its own process with its own time box (a part that fails or runs
 out of time is recorded with its error and the rest go on; the deadline of the whole suite is
@@ -15,12 +16,21 @@ out of time is recorded with its error and the rest go on; the deadline of the w
                 s = 20: 10 heads of 128; prelude 2 + a group of 4 looped r = 4 times + coda 2;
                 seq 2048, batch 8, vocab 32768), bf16, AdamW: tokens/s and loop-aware MFU with the
                 kernels on and off, eager and compiled, and dynamo's graph breaks; goal: >= 45 % MFU;
+  fp8           benchmarks/train_step.py --sections fp8 at the same d_model 1280 shape: the compiled
+                step in bf16 and in fp8 (parallel.precision: fp8, torchao float8 linears with
+                tensorwise scaling) side by side, tokens/s and MFU (both against the bf16 peak),
+                and the kernel that ran the float8 products (aten::_scaled_mm seen by the profiler,
+                or the emulation);
   flash_attn    flash_attn_func against F.scaled_dot_product_attention (causal, bf16,
                 8 x 2048 x 10 heads x 128): largest difference, forward+backward ms;
                 "not importable" when flash-attn is not installed;
   generate      benchmarks/generate.py (decoding with and without the KV cache) when the file
                 exists, else "not available".
 Without CUDA it stops at once: one line on stderr, exit status 2, nothing written.
+
+Time budget: the time boxes add up to the default --budget (540 s), which leaves 60 s of the
+10-minute device call for starting Python and writing the JSON; --dry-run prints that plan and
+exits 1 if it no longer fits (tests/test_gpu_scripts.py runs it).
 """
 from __future__ import annotations
 
@@ -34,7 +44,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-PARTS = ("kernel_tests", "kernel_bench", "train_step", "flash_attn", "generate")
+PARTS = ("kernel_tests", "kernel_bench", "train_step", "fp8", "flash_attn", "generate")
 KERNEL_TESTS = ["tests/test_kernels_rms_norm.py", "tests/test_kernels_relu_squared.py",
                 "tests/test_kernels_qk_norm_rope.py", "tests/test_kernels_recurrence.py",
                 "tests/test_kernels_softcap_ce.py", "tests/test_kernels_model.py"]
@@ -43,8 +53,12 @@ TRAIN_SHAPE = ["model.d_model=1280", "model.n_head=10", "model.n_kv_head=10", "m
                "model.seq_len=2048", "model.n_prelude=2", "model.n_recur_block=4", "model.n_coda=2",
                "model.num_recur=4", "train.micro_batch_size=8", "parallel.precision=bf16",
                "optim.name=adamw", "optim.lr=0.001"]
-# seconds each part may take at most (the suite's deadline may cut them shorter)
-TIME_BOX = {"kernel_tests": 150, "kernel_bench": 130, "train_step": 200, "flash_attn": 60, "generate": 60}
+# seconds each part may take at most (the suite's deadline may cut them shorter); they add up to
+# the default budget, which fits one 10-minute device call with DEVICE_CALL_S - BUDGET_S to spare
+TIME_BOX = {"kernel_tests": 120, "kernel_bench": 100, "train_step": 160, "fp8": 100, "flash_attn": 30,
+            "generate": 30}
+BUDGET_S = 540
+DEVICE_CALL_S = 600
 GOALS = {"kernel_speedup_over_eager": 1.5, "kernel_speedup_over_compile": 1.0, "train_mfu": 0.45}
 
 
@@ -141,6 +155,21 @@ def train_step(timeout: float, tmp: str, steps: int) -> dict:
     return res
 
 
+def fp8(timeout: float, tmp: str, steps: int) -> dict:
+    cmd = [sys.executable, "benchmarks/train_step.py", "--sections", "fp8", "--steps", str(steps)]
+    for s in TRAIN_SHAPE:
+        cmd += ["--set", s]
+    res = json_part(cmd, timeout, os.path.join(tmp, "fp8.json"))
+    r = res.get("result", {})
+    res["summary"] = {row["name"]: ({"error": row["error"]} if "error" in row else
+                                    {"tokens_per_s": row["tokens_per_s"], "mfu": row.get("mfu"),
+                                     "kernel": row.get("fp8_kernel", "bf16 (no float8)"),
+                                     "fp8_linears": row.get("fp8_linears", 0)})
+                      for row in r.get("fp8", [])}
+    res["fp8_over_bf16"] = r.get("ratios", {}).get("fp8_over_bf16_compiled")
+    return res
+
+
 def flash_attn(timeout: float, tmp: str) -> dict:
     code = r'''
 import json, sys, torch, torch.nn.functional as F
@@ -189,6 +218,26 @@ def generate(timeout: float, tmp: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
+def dry_run(budget: float, skip: set) -> int:
+    """The plan: each part's time box (cut by the deadline where the boxes overrun it), the total
+    against the budget and the budget against one device call. Exit 1 when it does not fit."""
+    at, rows = 0.0, []
+    for part in PARTS:
+        if part in skip:
+            rows.append(f"  {part:<13} skipped")
+            continue
+        box = max(0.0, min(TIME_BOX[part], budget - at))
+        rows.append(f"  {part:<13} {at:5.0f} s .. {at + box:5.0f} s  (time box {TIME_BOX[part]} s"
+                    + (", cut by the budget)" if box < TIME_BOX[part] else ")"))
+        at += box
+    planned = sum(TIME_BOX[p] for p in PARTS if p not in skip)
+    fits = planned <= budget <= DEVICE_CALL_S - 30
+    print("gpu_suite plan (--dry-run):\n" + "\n".join(rows))
+    print(f"planned {planned:.0f} s of time boxes; budget {budget:.0f} s; one device call {DEVICE_CALL_S} s: "
+          + ("fits" if fits else "DOES NOT FIT (time boxes over the budget, or the budget within 30 s of the call)"))
+    return 0 if fits else 1
+
+
 def goals(parts: dict) -> dict:
     """Each goal of the suite: measured value, target, met (None when not measured)."""
     def g(value, target):
@@ -197,7 +246,10 @@ def goals(parts: dict) -> dict:
     kb = parts.get("kernel_bench", {})
     tr = parts.get("train_step", {}).get("summary", {})
     mfu = tr.get("kernels_on_compiled", {}).get("mfu")
+    f8 = parts.get("fp8", {})
     return {
+        "fp8_faster_than_bf16": {"value": f8.get("fp8_over_bf16"), "target": 1.0,
+                                 "met": None if f8.get("fp8_over_bf16") is None else f8["fp8_over_bf16"] > 1.0},
         "kernel_tests_pass": {"value": kt, "met": None if not kt else kt["failures"] + kt["errors"] == 0},
         "kernels_over_eager_min": g(kb.get("min_speedup_over_eager"), GOALS["kernel_speedup_over_eager"]),
         "kernels_over_compile_min": g(kb.get("min_speedup_over_compile"), GOALS["kernel_speedup_over_compile"]),
@@ -208,7 +260,8 @@ def goals(parts: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", help="JSON path (default: benchmarks/results/gpu_suite_<gpu>.json)")
-    ap.add_argument("--budget", type=float, default=450, help="seconds for the whole suite (default 450)")
+    ap.add_argument("--budget", type=float, default=BUDGET_S, help=f"seconds for the whole suite (default {BUDGET_S})")
+    ap.add_argument("--dry-run", action="store_true", help="print the parts, their time boxes and the budget; no GPU")
     ap.add_argument("--skip", default="", help=f"comma-separated parts to leave out, of {','.join(PARTS)}")
     ap.add_argument("--train-steps", type=int, default=6, help="timed rounds of the training step")
     args = ap.parse_args(argv)
@@ -216,6 +269,8 @@ def main(argv=None) -> int:
     if skip - set(PARTS):
         fail(f"unknown part {sorted(skip - set(PARTS))[0]!r} in --skip; choose from {', '.join(PARTS)}")
 
+    if args.dry_run:
+        return dry_run(args.budget, skip)
     import torch
     if not torch.cuda.is_available():
         fail("needs a CUDA GPU, and torch.cuda.is_available() is False here "
@@ -232,7 +287,8 @@ def main(argv=None) -> int:
     result = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton_version,
               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "budget_s": args.budget, "parts": {}}
     runners = {"kernel_tests": kernel_tests, "kernel_bench": kernel_bench,
-               "train_step": lambda t, d: train_step(t, d, args.train_steps), "flash_attn": flash_attn,
+               "train_step": lambda t, d: train_step(t, d, args.train_steps),
+               "fp8": lambda t, d: fp8(t, d, args.train_steps), "flash_attn": flash_attn,
                "generate": generate}
     with tempfile.TemporaryDirectory() as tmp:
         for part in PARTS:

@@ -13,6 +13,9 @@ Sections (all measured in ONE process, so their ratios hold on a noisy, shared m
   config     the given config exactly as it is (--config / --set);
   kernels    the given config with the fused kernels on (auto: Triton on CUDA) and off (torch),
              each eager and compiled, with the graph breaks dynamo recorded while compiling;
+  fp8        the given config compiled in bf16 and in fp8 (parallel.precision, megaloop/fp8.py),
+             side by side; the JSON names the kernel that ran the float8 products (the
+             profiler's aten::_scaled_mm calls in one step, or torchao's CPU emulation);
   gemm       every matrix product of one step at its own shape (benchmarks/gemm_shapes.py): the
              FLOP-weighted rate those shapes reach, i.e. the matmul ceiling of this step, at the
              sidebyside r values; the side-by-side steps are also reported against it;
@@ -55,6 +58,7 @@ from megaloop.config import Config, load_config
 from megaloop.parallel import Engine, autocast_for, local_engine
 from megaloop.kernels import set_backend
 from megaloop.mfu import cpu_model, measure_matmul_flops, native_bf16_matmul, peak_flops
+from megaloop.fp8 import convert_for_fp8, float8_config, kernel_name
 from megaloop.train import build_model, compile_blocks
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -65,7 +69,7 @@ SHAPE = ["model.d_model=256", "model.n_head=2", "model.n_kv_head=2", "model.voca
          "model.seq_len=256", "model.n_prelude=2", "model.n_recur_block=4", "model.n_coda=2",
          "model.num_recur=4", "model.input_injection=linear", "train.micro_batch_size=8", "train.steps=1",
          "optim.name=adamw", "optim.lr=0.001"]
-SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config", "kernels", "sidebyside", "gemm")
+SECTIONS = ("peak", "precision", "checkpoint", "bptt", "config", "kernels", "fp8", "sidebyside", "gemm")
 
 
 def base_config(path: Optional[str], overrides: list[str]) -> Config:
@@ -91,9 +95,11 @@ class Variant:
     batch: Optional[tuple[torch.Tensor, torch.Tensor]] = None
     warmup_s: float = 0.0
     losses: list[float] = field(default_factory=list)
+    fp8_linears: list[str] = field(default_factory=list)
 
     def build(self, device: torch.device) -> None:
         model = build_model(self.cfg)
+        self.fp8_linears = convert_for_fp8(model, self.cfg, device)  # precision fp8 only; before compiling
         if self.compiled:
             compile_blocks(model)
         self.engine = local_engine(self.cfg, model, device)
@@ -222,6 +228,7 @@ def measure_memory(v: Variant, method: str, device: torch.device, alloc: bool = 
     if method == "rss":
         return rss_in_subprocess(v)
     eager = build_model(v.cfg).to(device)  # compiled graphs would hide their saves from the hooks
+    convert_for_fp8(eager, v.cfg, device)
     act = saved_activation_bytes(v.cfg, eager, v.batch, device)
     states = state_bytes(v.engine)
     out = {"method": "saved_tensors_hooks+params+grads+optimizer_state", "activation_bytes": act,
@@ -266,10 +273,10 @@ def child(spec_json: str) -> None:
 
 def run_section(variants: list[Variant], steps: int, device: torch.device, memory: str,
                 matmul_rounds: Optional[list[float]] = None, log=print, alloc: bool = False,
-                keep_going: bool = False) -> list[dict]:
+                keep_going: bool = False, before_release=None) -> list[dict]:
     """keep_going: a variant that fails to build or warm up is reported with its error and left
     out, instead of ending the run (the GPU suite's kernels section: one broken path must not
-    hide the other's figures)."""
+    hide the other's figures). before_release(v): extra fields for a variant's row."""
     failed = []
     for v in list(variants):
         try:
@@ -296,7 +303,7 @@ def run_section(variants: list[Variant], steps: int, device: torch.device, memor
     out = []
     for v in variants:
         mem = measure_memory(v, memory, device, alloc)
-        out.append(report(v, mem))
+        out.append({**report(v, mem), **(before_release(v) if before_release else {})})
         v.release()
     return out + failed
 
@@ -352,6 +359,20 @@ def run_side_by_side(cfg: Config, steps: int, recurs: list[int], device: torch.d
             f"eager {out[f'r{r}']['eager_over_plain_eager']:.3f}x plain eager, "
             f"{out[f'r{r}']['megaloop_compiled_frac_of_in_run_fp32_matmul'] or float('nan'):.3f} of the matmul rate")
     return out
+
+
+def fp8_kernel(v: Variant, device: torch.device) -> dict:
+    """Which kernel ran the float8 products of one more step of `v`: aten::_scaled_mm when the
+    profiler saw it, else torchao's emulation when the config asked for it."""
+    if v.cfg.parallel.precision != "fp8":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        v.step()
+    calls = sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_mm")
+    planned = kernel_name(float8_config(device))
+    ran = "torch._scaled_mm" if calls else (planned if "emulated" in planned else "none seen")
+    return {"fp8_linears": len(v.fp8_linears), "fp8_kernel": ran, "scaled_mm_calls_per_step": calls}
 
 
 def report(v: Variant, mem: dict) -> dict:
@@ -415,7 +436,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "timing": "median of interleaved rounds after one warm-up step",
     }
     log("measuring matmul peaks")
-    peaks = {p: peak_flops(device, p) for p in ("fp32", "bf16")}
+    peaks = {p: peak_flops(device, p) for p in ("fp32", "bf16", "fp8")}  # fp8: the bf16 peak (megaloop.mfu)
     result["peak_flops"] = peaks
     in_run: list[float] = []
     if device.type == "cpu" and "peak" in sections:
@@ -458,6 +479,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     for c in (True, False) for tag, k in (("on", "auto"), ("off", "torch"))]
         result["kernels"] = run_section(variants, args.steps, device, args.memory, track, log, keep_going=True)
         result["kernels_graph_breaks"] = {k: int(v) for k, v in counters["graph_break"].items()}
+    if "fp8" in sections:
+        log("fp8: bf16 and fp8, compiled")
+        variants = [Variant("bf16_compiled", with_sets(cfg, ["parallel.precision=bf16"]), True),
+                    Variant("fp8_compiled", with_sets(cfg, ["parallel.precision=fp8"]), True)]
+        result["fp8"] = run_section(variants, args.steps, device, args.memory, track, log, keep_going=True,
+                                    before_release=lambda v: fp8_kernel(v, device))
     if "sidebyside" in sections:
         result["sidebyside"] = run_side_by_side(cfg, args.steps, [int(r) for r in args.sidebyside_recur.split(",")],
                                                 device, log)
@@ -470,7 +497,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     in_run_median = statistics.median(in_run) if in_run else None
     result["matmul_fp32_in_run"] = {"median": in_run_median, "all": in_run} if in_run else None
-    for sec in ("precision", "checkpoint", "bptt", "bptt_long", "config", "kernels"):
+    for sec in ("precision", "checkpoint", "bptt", "bptt_long", "config", "kernels", "fp8"):
         if sec in result:
             add_mfu(result[sec], peaks, in_run_median)
     result["ratios"] = ratios(result)
@@ -498,6 +525,9 @@ def ratios(result: dict) -> dict:
         out["checkpoint_activation_memory_ratio"] = ratio_of(ck[1], ck[0], "activation_bytes")
         out["checkpoint_peak_memory_ratio"] = ratio_of(ck[1], ck[0], "peak_bytes")
         out["checkpoint_time_ratio"] = ck[1]["step_s_median"] / ck[0]["step_s_median"]
+    f8 = {row["name"]: row for row in result.get("fp8", []) if "error" not in row}
+    if "bf16_compiled" in f8 and "fp8_compiled" in f8:
+        out["fp8_over_bf16_compiled"] = f8["fp8_compiled"]["tokens_per_s"] / f8["bf16_compiled"]["tokens_per_s"]
     kern = {row["name"]: row for row in result.get("kernels", []) if "error" not in row}
     for mode in ("compiled", "eager"):
         on, off = kern.get(f"kernels_on_{mode}"), kern.get(f"kernels_off_{mode}")

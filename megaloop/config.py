@@ -107,7 +107,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     zero_stage: int = 0
-    precision: str = "fp32"                  # fp32 | bf16
+    precision: str = "fp32"                  # fp32 | bf16 | fp8 (torchao float8 linears, megaloop/fp8.py)
     # auto: DeepSpeed for AdamW with ZeRO >= 1 and pp = 1 on several processes, the torch engine
     # otherwise (megaloop/parallel/engines.py choose_engine); zero_stage 0 always runs the torch engine
     engine: str = "auto"                     # auto | torch | deepspeed
@@ -438,12 +438,15 @@ def validate(cfg: Config) -> None:
 
     _need(p.tp >= 1 and p.pp >= 1, f"parallel.tp and parallel.pp must be >= 1, got tp={p.tp} pp={p.pp}")
     _need(p.zero_stage in (0, 1, 2, 3), f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-    _need(p.precision in ("fp32", "bf16"), f"parallel.precision must be fp32 or bf16, got {p.precision!r}")
+    _need(p.precision in ("fp32", "bf16", "fp8"), f"parallel.precision must be fp32, bf16 or fp8, got {p.precision!r}")
     _need(p.engine in ("auto", "torch", "deepspeed"),
           f"parallel.engine must be auto, torch or deepspeed, got {p.engine!r}")
     if p.tp > 1:
         _need(m.n_head % p.tp == 0 and m.kv_heads % p.tp == 0,
               f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and the kv heads={m.kv_heads}")
+    if p.precision == "fp8":
+        from .fp8 import check_fp8_config
+        check_fp8_config(m, p)
 
     _need(o.name in ("muonh", "muon", "adamw"), f"optim.name must be muonh, muon or adamw, got {o.name!r}")
     if o.name == "muonh":

@@ -65,7 +65,7 @@ def gpu_peak(name: str, precision: str, tf32: bool = False) -> Optional[float]:
     """Table peak for a CUDA device name, or None when the device is not in the table."""
     for key, spec in GPU_PEAKS.items():
         if key in name:
-            if precision == "bf16" and spec.bf16 is not None:
+            if precision in ("bf16", "fp8") and spec.bf16 is not None:  # fp8: see peak_flops
                 return spec.bf16
             return spec.tf32 if tf32 else spec.fp32
     return None
@@ -124,7 +124,7 @@ def cpu_peak_flops(precision: str, refresh: bool = False) -> float:
     bf16 without native kernels: the fp32 figure. Such a CPU converts bf16 to fp32 and multiplies
     on the fp32 units (compiled kernels do exactly that), so fp32 is the honest ceiling.
     """
-    bf16 = precision == "bf16" and native_bf16_matmul()
+    bf16 = precision in ("bf16", "fp8") and native_bf16_matmul()  # fp8 is emulated on a CPU
     dtype = torch.bfloat16 if bf16 else torch.float32
     key = f"{cpu_model()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}"
     if not refresh and key in _memo:
@@ -153,7 +153,11 @@ def cpu_peak_flops(precision: str, refresh: bool = False) -> float:
 
 
 def peak_flops(device: torch.device, precision: str, override: Optional[float] = None) -> float:
-    """Peak FLOP/s of `device` at `precision`; 0.0 when unknown (MFU is then not reported)."""
+    """Peak FLOP/s of `device` at `precision`; 0.0 when unknown (MFU is then not reported).
+
+    fp8 is measured against the bf16 peak: only the blocks' linears run in float8 (attention,
+    head and the rest stay bf16), and one yardstick makes an fp8 step's MFU directly comparable
+    with the bf16 step's (their ratio is the speed-up)."""
     if override:
         return float(override)
     if device.type == "cuda":

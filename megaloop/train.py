@@ -25,6 +25,7 @@ from .config import Config, ConfigError, load_config, save_config
 from .depth import DepthSampler, describe
 from .divergence import DivergenceGuard
 from .errors import UserError
+from .fp8 import convert_for_fp8
 from .model import LoopedLM
 from .optim import lr_factor
 from .parallel import Engine, build_engine
@@ -192,6 +193,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
     device = resolve_device(cfg)
     seed_everything(cfg.train.seed)
     model = build_model(cfg)
+    converted = convert_for_fp8(model, cfg, device)  # precision fp8: before the engine shards or compiles
     engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
     is_main = engine.is_main
     sinks: list = []  # optional live views (TensorBoard, wandb); metrics.jsonl stays the record
@@ -235,6 +237,11 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
                 f"embedding={counts.embedding:,} head={counts.head:,} FLOPs/token={counts.flops_per_token:.3e}")
             log(f"budget: {budget.steps} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens "
                 f"({budget.tokens * counts.flops_per_token:.3e} FLOPs) on {device}")
+            if cfg.parallel.precision == "fp8":
+                log(f"fp8: {len(converted)} linears in float8 (tensorwise scaling, "
+                    f"{'emulated' if device.type != 'cuda' else 'torch._scaled_mm'}); head, injection, "
+                    f"embedding and norms in bf16" + ("" if converted else
+                                                      "; no block linear has both sizes >= 128, so none converts"))
         metrics = MetricsLog(os.path.join(cfg.train.run_dir, "metrics.jsonl"), step if latest else -1, is_main)
         if is_main:
             sinks = build_sinks(cfg.logging, cfg.train.run_dir, cfg.to_dict())

@@ -4,6 +4,10 @@ Contracts:
 - benchmarks/gpu_suite.py imports, parses its options and stops at its CUDA check with one line
   that names the problem, exit status 2, no traceback and no JSON written; a bad --skip is one line
   and status 2 as well; its kernel summary divides the other implementation's time by the kernel's;
+- benchmarks/gpu_suite.py --dry-run (no GPU needed) plans every part, the fp8 section included,
+  with time boxes that add up to at most its budget and a budget that leaves at least 30 s of one
+  10-minute device call, exit status 0; a budget the boxes overrun is reported and exits 1; its
+  fp8-over-bf16 goal reads the speed ratio;
 - benchmarks/gpu_study.sh --dry-run plans configs/sweeps/gpu_study.yaml (24 baseline runs, r in
   {1, 2, 4}, budgets 1e15 to 4.6e15 FLOPs), prints every run and a time estimate under the 8
   minutes it is sized for, and leaves nothing behind; without --dry-run and without CUDA it stops
@@ -59,6 +63,21 @@ def test_gpu_suite_kernel_summary():
     goals = _suite().goals({"kernel_bench": s, "train_step": {"summary": {"kernels_on_compiled": {"mfu": 0.5}}}})
     assert goals["kernels_over_eager_min"]["met"] is False and goals["kernels_over_compile_min"]["met"] is True
     assert goals["train_mfu_kernels_on_compiled"]["met"] is True and goals["kernel_tests_pass"]["met"] is None
+
+
+def test_gpu_suite_dry_run_fits_one_device_call():
+    p = _run([sys.executable, "benchmarks/gpu_suite.py", "--dry-run"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    parts = re.findall(r"^  (\w+)\s+(\d+) s \.\.\s+(\d+) s", p.stdout, re.M)
+    assert [name for name, _, _ in parts] == list(_suite().PARTS) and "fp8" in [n for n, _, _ in parts]
+    end = max(int(b) for _, _, b in parts)
+    planned, budget, call = map(int, re.search(r"planned (\d+) s of time boxes; budget (\d+) s; one device call "
+                                               r"(\d+) s: fits", p.stdout).groups())
+    assert end == planned <= budget <= call - 30 and call == 600, p.stdout
+    over = _run([sys.executable, "benchmarks/gpu_suite.py", "--dry-run", "--budget", "400"])
+    assert over.returncode == 1 and "DOES NOT FIT" in over.stdout and "cut by the budget" in over.stdout
+    goals = _suite().goals({"fp8": {"fp8_over_bf16": 1.4}})
+    assert goals["fp8_faster_than_bf16"] == {"value": 1.4, "target": 1.0, "met": True}
 
 
 def test_gpu_study_dry_run():

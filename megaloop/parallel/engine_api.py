@@ -70,7 +70,8 @@ class Engine(Protocol):
 
 
 def autocast_for(cfg: Config, device: torch.device):
-    """bf16 runs the forward and backward under autocast over fp32 master weights."""
-    if cfg.parallel.precision == "bf16":
+    """bf16 runs the forward and backward under autocast over fp32 master weights; so does fp8,
+    around the float8 linears (megaloop/fp8.py), as the reference study runs it."""
+    if cfg.parallel.precision in ("bf16", "fp8"):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return nullcontext()

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import fp8
 from .. import kernels as K
 
 
@@ -162,31 +163,33 @@ def _mark(p: nn.Parameter, dim: int, group, full: int) -> nn.Parameter:
 
 
 class ColumnParallelLinear(nn.Module):
-    """y_local = x W_local^T with W cut along its output rows; the input is replicated."""
+    """y_local = x W_local^T with W cut along its output rows; the input is replicated.
+    float8: the torchao config of a linear converted for fp8 (megaloop/fp8.py), whose shard then
+    multiplies in float8 too."""
 
-    def __init__(self, full_weight: torch.Tensor, group):
+    def __init__(self, full_weight: torch.Tensor, group, float8=None):
         super().__init__()
-        self.group = group
+        self.group, self.float8 = group, float8
         self.weight = _mark(nn.Parameter(_shard(full_weight, 0, _rank(group), _size(group))), 0, group,
                             full_weight.size(0))
         self.in_features, self.out_features = full_weight.size(1), self.weight.size(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp_region(x, self.group), self.weight)
+        return fp8.linear(copy_to_tp_region(x, self.group), self.weight, self.float8)
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum_ranks x_local W_local^T with W cut along its input columns."""
+    """y = sum_ranks x_local W_local^T with W cut along its input columns (float8: as above)."""
 
-    def __init__(self, full_weight: torch.Tensor, group):
+    def __init__(self, full_weight: torch.Tensor, group, float8=None):
         super().__init__()
-        self.group = group
+        self.group, self.float8 = group, float8
         self.weight = _mark(nn.Parameter(_shard(full_weight, 1, _rank(group), _size(group))), 1, group,
                             full_weight.size(1))
         self.in_features, self.out_features = self.weight.size(1), full_weight.size(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp_region(F.linear(x, self.weight), self.group)
+        return reduce_from_tp_region(fp8.linear(x, self.weight, self.float8), self.group)
 
 
 def padded_vocab(vocab: int, tp: int) -> int:
@@ -306,15 +309,16 @@ class VocabParallelHead(nn.Module):
 
 # ----------------------------------------------------------------------------- model surgery
 def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
-    """Swap the linears, embedding and head of a built LoopedLM for TP shards of its weights."""
+    """Swap the linears, embedding and head of a built LoopedLM for TP shards of its weights
+    (a linear converted for fp8 gives a shard that multiplies in float8)."""
     if _size(group) == 1:
         return model
     for block in model.blocks():
         a, m = block.attn, block.mlp
-        a.wq, a.wk, a.wv = (ColumnParallelLinear(lin.weight, group) for lin in (a.wq, a.wk, a.wv))
-        a.wo = RowParallelLinear(a.wo.weight, group)
-        m.fc = ColumnParallelLinear(m.fc.weight, group)
-        m.proj = RowParallelLinear(m.proj.weight, group)
+        a.wq, a.wk, a.wv = (ColumnParallelLinear(lin.weight, group, fp8.config_of(lin)) for lin in (a.wq, a.wk, a.wv))
+        a.wo = RowParallelLinear(a.wo.weight, group, fp8.config_of(a.wo))
+        m.fc = ColumnParallelLinear(m.fc.weight, group, fp8.config_of(m.fc))
+        m.proj = RowParallelLinear(m.proj.weight, group, fp8.config_of(m.proj))
     model.embed = VocabParallelEmbedding(model.embed.weight, group)
     model.head = VocabParallelHead(model.head.weight, model.head.softcap, group)
     return model
