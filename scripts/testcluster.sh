@@ -11,6 +11,7 @@
 #   scripts/testcluster.sh link NAME I down|up   pull / plug host I's cable at the switch
 #   scripts/testcluster.sh kill NAME I      SIGKILL every process running on host I (the host stays)
 #   scripts/testcluster.sh ro NAME I DIR    DIR becomes read-only for host I only
+#   scripts/testcluster.sh rw NAME I DIR    undo `ro`
 #   scripts/testcluster.sh down NAME        kill everything on the hosts, delete the namespaces
 #   scripts/testcluster.sh status NAME      the hosts, their addresses and processes
 #
@@ -23,7 +24,7 @@ SUBNET=127.77.0
 
 die() { echo "testcluster.sh: $*" >&2; exit 1; }
 cannot() { echo "testcluster.sh: $*" >&2; exit 3; }
-usage() { sed -n '9,16p' "$0" >&2; exit 2; }
+usage() { sed -n '9,17p' "$0" >&2; exit 2; }
 
 check_name() {
   [[ "$1" =~ ^[a-z][a-z0-9]{0,7}$ ]] || die "cluster NAME must be 1-8 lower-case letters/digits starting with a letter, got '$1'"
@@ -121,6 +122,11 @@ readonly_dir() {  # bind DIR onto itself, read-only, in host I's mount namespace
   nsenter -t "$pid" --mount -- mount -o remount,bind,ro "$3"
 }
 
+writable_dir() {
+  local pid; pid=$(holder "$1" "$2")
+  nsenter -t "$pid" --mount -- umount "$3"
+}
+
 down() {
   local name="$1" dir="$STATE_ROOT/$1" n i
   n=$(nhosts "$name")
@@ -151,6 +157,7 @@ case "$cmd" in
   link) [[ $# -eq 2 ]] || usage; link "$name" "$1" "$2" ;;
   kill) [[ $# -eq 1 ]] || usage; kill_host "$name" "$1" ;;
   ro) [[ $# -eq 2 ]] || usage; readonly_dir "$name" "$1" "$2" ;;
+  rw) [[ $# -eq 2 ]] || usage; writable_dir "$name" "$1" "$2" ;;
   down) down "$name" ;;
   status) status "$name" ;;
   *) usage ;;

@@ -77,6 +77,10 @@ class Cluster:
         """`folder` becomes read-only for the processes of `host` (and only for them)."""
         self._script("ro", str(host), folder)
 
+    def writable(self, host: int, folder: str) -> None:
+        """Undo read_only."""
+        self._script("rw", str(host), folder)
+
 
 def job_env(extra: Optional[dict] = None) -> dict:
     """The environment of a launcher: this Python's torchrun first on PATH, one thread per rank,
@@ -91,18 +95,19 @@ def job_env(extra: Optional[dict] = None) -> dict:
 
 class Job:
     """`launch/torchrun.sh --nnodes len(hosts) --rdzv-endpoint HOST0:PORT` on each of `hosts`
-    (cluster host numbers; hosts[0] hosts the rendezvous), logs in `log_dir/host<i>.log`."""
+    (cluster host numbers; hosts[0] hosts the rendezvous), logs in `log_dir/host<i>.log`;
+    `host_args` {host: args} gives a host other arguments than `args`."""
 
     def __init__(self, cluster: Cluster, hosts: list[int], nproc: int, args: list[str], log_dir: str,
                  port: int = 29500, env: Optional[dict] = None, host_env: Optional[dict] = None,
-                 launcher: Optional[list[str]] = None):
+                 host_args: Optional[dict] = None):
         self.cluster, self.hosts, self.log_dir = cluster, hosts, log_dir
         os.makedirs(log_dir, exist_ok=True)
         endpoint = f"{cluster.hosts[hosts[0]]}:{port}"
         self.procs, self.logs, self.exited = {}, {}, {}
         for h in hosts:
-            cmd = launcher or [TORCHRUN_SH, "--nproc", str(nproc), "--nnodes", str(len(hosts)),
-                               "--rdzv-endpoint", endpoint, "--rdzv-id", "test", *args]
+            cmd = [TORCHRUN_SH, "--nproc", str(nproc), "--nnodes", str(len(hosts)), "--rdzv-endpoint", endpoint,
+                   "--rdzv-id", "test", *(host_args or {}).get(h, args)]
             log = open(self.log_path(h), "w")
             e = job_env({**(env or {}), **((host_env or {}).get(h, {}))})
             # its own session: the test can end this host's launcher and its ranks as one group
@@ -167,4 +172,6 @@ def write_config(path: str, run_dir: str, data: dict, overrides: list[str]) -> s
 
 
 def error_lines(text: str) -> list[str]:
-    return [ln for ln in text.splitlines() if re.search(r"megaloop: error:|launch/torchrun.sh:", ln)]
+    """megaloop's error lines (the CLI's `megaloop CMD: error:` and the fail-fast watchdog's
+    `megaloop: error:`) and the launcher's."""
+    return [ln for ln in text.splitlines() if re.search(r"^megaloop( \w+)?: error:|^launch/torchrun.sh:", ln)]
