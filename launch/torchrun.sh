@@ -132,6 +132,41 @@ if [[ "$DRY_RUN" == 1 ]]; then
   [[ -z "${OMP_NUM_THREADS:-}" ]] || echo "OMP_NUM_THREADS=$OMP_NUM_THREADS"
   for e in "${exported[@]}"; do echo "$e"; done
   printf '%q ' "${cmd[@]}"; echo
-else
+elif [[ "$NNODES" == 1 ]]; then
   exec "${cmd[@]}"
+else
+  # torchrun's agent talks to the rendezvous host's store; when that host is cut off, the agent can
+  # wait in a store call long after its ranks ended (their watchdog stops them within seconds).
+  # So: once the ranks this node started are all gone, the agent gets AGENT_GRACE_S (10) to exit.
+  "${cmd[@]}" &
+  agent=$!
+  trap 'kill -TERM "$agent" 2>/dev/null' TERM INT HUP
+  children() {  # the agent's live children (a stuck agent leaves its ended ranks as zombies)
+    local c
+    for c in $(cat /proc/"$agent"/task/*/children 2>/dev/null); do
+      [[ "$(awk '{print $3}' /proc/"$c"/stat 2>/dev/null)" =~ ^[RSDT]$ ]] && echo "$c"
+    done
+  }
+  (
+    had=0; gone=0
+    while kill -0 "$agent" 2>/dev/null; do
+      if [[ -n "$(children)" ]]; then had=1; gone=0; elif [[ "$had" == 1 ]]; then gone=$((gone + 1)); fi
+      if (( gone > ${AGENT_GRACE_S:-10} * 2 )); then
+        echo "launch/torchrun.sh: torchrun was still running ${AGENT_GRACE_S:-10} s after the ranks of this node \
+($(hostname)) ended (the rendezvous host $RDZV_HOST unreachable?): stopped it" >&2
+        kill -KILL "$agent" 2>/dev/null
+        exit 0
+      fi
+      sleep 0.5
+    done
+  ) &
+  guard=$!
+  rc=0
+  while :; do
+    wait "$agent" && rc=0 || rc=$?
+    kill -0 "$agent" 2>/dev/null || break  # a trapped signal interrupted the wait: wait again
+  done
+  kill "$guard" 2>/dev/null || true
+  wait "$guard" 2>/dev/null || true
+  exit "$rc"
 fi

@@ -180,11 +180,12 @@ def _wait_for(what, cond, job: Job, timeout: float = 120) -> None:
 # case: (fault injected in the ranks, words the error lines of each host must hold)
 # {h0}/{h1} stand for the host names.
 FAILURES = {
-    "host_killed_mid_step": (None, {0: ["stopped without a message", "on host {h1}"]}),
-    "link_cut_mid_step": (None, {0: ["stopped answering", "on host {h1}"], 1: ["lost the job's rendezvous store", "{h0}"]}),
-    "link_cut_mid_save": ("save_pause:6@2", {0: ["stopped answering", "on host {h1}"],
-                                              1: ["lost the job's rendezvous store", "{h0}"]}),
-    "run_dir_unwritable_at_save": ("pause:5@2", {0: ["rank 2 failed on host {h1}", "Read-only file system"]}),
+    "host_killed_mid_step": (None, {0: ["rank 2 stopped without a message on host {h1}"]}),
+    "link_cut_mid_step": (None, {0: ["rank 2 stopped answering on host {h1}"],
+                                 1: ["lost the job's rendezvous store", "rank 0 on host {h0}"]}),
+    "link_cut_mid_save": ("save_pause:6@2", {0: ["rank 2 stopped answering on host {h1}"],
+                                              1: ["lost the job's rendezvous store", "rank 0 on host {h0}"]}),
+    "run_dir_unwritable_at_save": ("pause:5@2", {0: ["rank 2 on host {h1}: Read-only file system"]}),
 }
 
 

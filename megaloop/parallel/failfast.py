@@ -79,11 +79,16 @@ def _lost_peer(exc: BaseException) -> bool:
                             "NCCL communicator was aborted", "Broken pipe"))
 
 
+def _others(ranks: list[int]) -> str:
+    if len(ranks) < 2:
+        return ""
+    return f" (so did rank{'s' if len(ranks) > 2 else ''} {', '.join(map(str, ranks[1:9]))})"
+
+
 def _summary(rec: dict) -> str:
+    # a lost rank's error names its host itself; a failed rank's host is added here
     on = f" on host {rec['host']}" if rec.get("host") else ""
-    what = f"{rec['error']}{on}" if rec.get("lost") else f"failed{on}: {rec['error']}"
-    if rec.get("error", "").startswith("lost the job's rendezvous store"):
-        what = rec["error"]
+    what = rec["error"] if rec.get("lost") else f"failed{on}: {rec['error']}"
     return (f"rank {rec['rank']} {what}. Every rank stopped; the last complete checkpoint is intact: "
             f"fix the cause and resume with --resume")
 
@@ -105,7 +110,11 @@ class FailFast:
         self._stop = threading.Event()
         self._failing = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="megaloop-failfast", daemon=True)
+        self._last_ok = time.monotonic()
         self._thread.start()
+        # A store call to a host cut off from the network may never return (no reset, no timeout):
+        # this thread ends the process when the watchdog has not reached the store for too long.
+        threading.Thread(target=self._deadline, name="megaloop-failfast-deadline", daemon=True).start()
 
     # ------------------------------------------------------------------ the store
     def _record(self) -> Optional[dict]:
@@ -157,9 +166,10 @@ class FailFast:
                 silent.append(r)
         if not silent or self._failing.is_set():
             return
-        others = f" (so did ranks {', '.join(map(str, silent[1:9]))})" if len(silent) > 1 else ""
+        others = _others(silent)
         rec = dict(rank=silent[0], code=1, lost=True, host=self._hosts_of(silent),
-                   error=f"stopped answering{others} for {HEARTBEAT_S:.0f} s: its host is down or cut off from "
+                   error=f"stopped answering on host {self._hosts_of(silent)}{others} for {HEARTBEAT_S:.0f} s: "
+                         f"that host is down or cut off from "
                          f"the network (rank {self.rank} on {self.host} still reaches the job's store)")
         with self._lock:
             self.store.compare_set(self.key, "", json.dumps(rec))
@@ -176,6 +186,7 @@ class FailFast:
                 if self.rank == 0:
                     self._check_beats(seen)
                 rec = self._record()
+                self._last_ok = time.monotonic()
                 if not answered:
                     with self._lock:
                         if self.store.check([self.rollcall]):
@@ -184,16 +195,26 @@ class FailFast:
             except Exception as e:  # noqa: BLE001 - any store error: its host is gone
                 if self._stop.is_set() or self._failing.is_set():
                     return
-                self._exit(dict(rank=self.rank, code=1, lost=True,
-                                error=f"lost the job's rendezvous store at {self.where} ({type(e).__name__}; rank "
-                                      f"{self.rank} on host {self.host}): the process that hosts it (rank 0 on host "
-                                      f"{self._host_of.get(0, '?')}, or the launcher there) stopped, or that host is "
-                                      f"cut off from the network"), lost_store=True)
+                self._lost_store(type(e).__name__)
                 return
             if rec is not None and rec["rank"] != self.rank and not self._failing.is_set():
                 self._ack()
                 self._exit(rec)
                 return
+
+    def _deadline(self) -> None:
+        while not self._stop.wait(POLL_S):
+            silent = time.monotonic() - self._last_ok
+            if silent > STORE_TIMEOUT_S:
+                self._lost_store(f"no answer for {silent:.0f} s")
+                return
+
+    def _lost_store(self, why: str) -> None:
+        self._exit(dict(rank=self.rank, code=1, lost=True,
+                        error=f"lost the job's rendezvous store at {self.where} ({why}; rank {self.rank} on host "
+                              f"{self.host}): the process that hosts it (rank 0 on host {self._host_of.get(0, '?')}, "
+                              f"or the launcher there) stopped, or that host is cut off from the network"),
+                   lost_store=True)
 
     def _exit(self, rec: dict, lost_store: bool = False) -> None:
         PUBLISH_LOCK.acquire(timeout=30)  # let a checkpoint being published finish
@@ -251,9 +272,9 @@ class FailFast:
         if not missing:
             return dict(rank=self.rank, code=1, lost=True,
                         error=f"lost contact with another rank inside a collective ({detail})")
-        others = f" (so did ranks {', '.join(map(str, missing[1:9]))})" if len(missing) > 1 else ""
+        others = _others(missing)
         return dict(rank=missing[0], code=1, lost=True, n_missing=len(missing), host=self._hosts_of(missing),
-                    error=f"stopped without a message{others}: killed by a signal, or out of memory? Rank "
+                    error=f"stopped without a message on host {self._hosts_of(missing)}{others}: killed by a signal, or out of memory? Rank "
                           f"{self.rank} lost contact with it inside a collective ({detail})")
 
     def _acked(self) -> int:
@@ -276,6 +297,15 @@ class FailFast:
 
 
 _ACTIVE: Optional[FailFast] = None
+
+
+def host_of(rank: int) -> Optional[str]:
+    """The host name of rank `rank` of this job (None without a watchdog, or when unknown)."""
+    try:
+        host = _ACTIVE.host_of(rank) if _ACTIVE is not None else "?"
+    except Exception:  # noqa: BLE001 - the store may be gone: messages then name the rank alone
+        return None
+    return None if host == "?" else host
 
 
 def start(rank: int, world: int) -> FailFast:
