@@ -12,6 +12,10 @@
 #   scripts/testcluster.sh kill NAME I      SIGKILL every process running on host I (the host stays)
 #   scripts/testcluster.sh ro NAME I DIR    DIR becomes read-only for host I only
 #   scripts/testcluster.sh rw NAME I DIR    undo `ro`
+#   scripts/testcluster.sh slurm NAME       start SLURM on the hosts: slurmctld on host 0, one slurmd per
+#                                           host (NodeName NAME-hI, NodeAddr its address, 2 CPUs each,
+#                                           partition `debug`); prints SLURM_CONF=... for clients, which
+#                                           must run on a host (`exec NAME 0 sbatch ...`)
 #   scripts/testcluster.sh down NAME        kill everything on the hosts, delete the namespaces
 #   scripts/testcluster.sh status NAME      the hosts, their addresses and processes
 #
@@ -24,7 +28,7 @@ SUBNET=127.77.0
 
 die() { echo "testcluster.sh: $*" >&2; exit 1; }
 cannot() { echo "testcluster.sh: $*" >&2; exit 3; }
-usage() { sed -n '9,17p' "$0" >&2; exit 2; }
+usage() { sed -n '9,21p' "$0" >&2; exit 2; }
 
 check_name() {
   [[ "$1" =~ ^[a-z][a-z0-9]{0,7}$ ]] || die "cluster NAME must be 1-8 lower-case letters/digits starting with a letter, got '$1'"
@@ -73,12 +77,17 @@ up() {
     ip -n "$ns" addr add "$SUBNET.$((i + 1))/24" dev eth0
     ip -n "$ns" link set eth0 up
     # The host's own host name and files: a UTS and mount namespace held by a sleeping process.
-    # `ip netns exec` already gives it a mount namespace with this network's /sys.
+    # In it, a /sys mounted from inside the host's network (so /sys/class/net lists its own
+    # interfaces), with this machine's cgroup tree bound back in (slurmd needs it).
     rm -f "$dir/h$i.pid"
-    ip netns exec "$ns" unshare --uts --mount --propagation private sh -c '
-      hostname "$1"; mount --bind "$2/hosts" /etc/hosts; mount --bind "$2/resolv.conf" /etc/resolv.conf
-      echo $$ >"$2/h$3.pid.tmp"; mv "$2/h$3.pid.tmp" "$2/h$3.pid"; exec sleep infinity' sh "$name-h$i" "$dir" "$i" \
-      </dev/null >/dev/null 2>&1 &
+    mkdir -p "$dir/cgroup-h$i"
+    unshare --uts --mount --propagation private sh -c '
+      mount --rbind /sys/fs/cgroup "$2/cgroup-h$3"
+      exec nsenter --net="/run/netns/$4" sh -c "
+        mount -t sysfs sysfs /sys && mount --rbind \"\$2/cgroup-h\$3\" /sys/fs/cgroup || exit 1
+        hostname \"\$1\"; mount --bind \"\$2/hosts\" /etc/hosts; mount --bind \"\$2/resolv.conf\" /etc/resolv.conf
+        echo \$\$ >\"\$2/h\$3.pid.tmp\"; mv \"\$2/h\$3.pid.tmp\" \"\$2/h\$3.pid\"; exec sleep infinity" sh "$1" "$2" "$3"
+    ' sh "$name-h$i" "$dir" "$i" "$ns" </dev/null >/dev/null 2>&1 &
   done
   local t
   for ((i = 0; i < n; i++)); do
@@ -127,6 +136,68 @@ writable_dir() {
   nsenter -t "$pid" --mount -- umount "$3"
 }
 
+slurm() {  # slurmctld on host 0, a slurmd on every host; munged (a unix socket) serves them all
+  local name="$1" dir="$STATE_ROOT/$1" n i d
+  n=$(nhosts "$name")
+  [[ "$n" -gt 0 ]] || die "no cluster $name"
+  for t in slurmctld slurmd sbatch munged; do command -v "$t" >/dev/null || cannot "$t is not installed (scripts/slurm_local.sh install)"; done
+  if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+    [[ -f /etc/munge/munge.key ]] || mungekey --create >/dev/null 2>&1 || die "cannot create /etc/munge/munge.key"
+    mkdir -p /run/munge /var/log/munge /var/lib/munge
+    chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge/munge.key 2>/dev/null || true
+    runuser -u munge -- munged || die "munged did not start"
+    touch "$dir/munged.started"
+  fi
+  d="$dir/slurm"
+  mkdir -p "$d/ctld" "$d/log"
+  for ((i = 0; i < n; i++)); do mkdir -p "$d/spool/$name-h$i"; done
+  {
+    echo "ClusterName=megaloop-$name"
+    echo "SlurmctldHost=$name-h0($SUBNET.1)"
+    cat <<EOF
+SlurmctldPort=6817
+SlurmdPort=6818
+SlurmUser=root
+AuthType=auth/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SlurmdParameters=config_overrides
+ReturnToService=2
+KillWait=5
+MinJobAge=300
+SlurmctldTimeout=30
+SlurmdTimeout=30
+StateSaveLocation=$d/ctld
+SlurmdSpoolDir=$d/spool/%n
+SlurmctldPidFile=$d/slurmctld.pid
+SlurmdPidFile=$d/slurmd-%n.pid
+SlurmctldLogFile=$d/log/slurmctld.log
+SlurmdLogFile=$d/log/slurmd-%n.log
+EOF
+    for ((i = 0; i < n; i++)); do echo "NodeName=$name-h$i NodeAddr=$SUBNET.$((i + 1)) CPUs=2 State=UNKNOWN"; done
+    echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+  } >"$d/slurm.conf"
+  export SLURM_CONF="$d/slurm.conf"
+  ( in_host "$name" 0 slurmctld -f "$SLURM_CONF" ) || die "slurmctld did not start (see $d/log)"
+  for ((i = 0; i < n; i++)); do ( in_host "$name" "$i" slurmd -f "$SLURM_CONF" ) || die "slurmd on host $i did not start (see $d/log)"; done
+  local t
+  for ((t = 0; t < 150; t++)); do
+    if [[ "$( (in_host "$name" 0 sinfo -h -N -o %T) 2>/dev/null | grep -Ec '^(idle|mixed|allocated)')" == "$n" ]]; then
+      echo "SLURM_CONF=$SLURM_CONF"
+      return 0
+    fi
+    sleep 0.2
+  done
+  tail -n 5 "$d"/log/*.log >&2 || true
+  die "SLURM on cluster $name did not come up within 30 s (logs in $d/log)"
+}
+
 down() {
   local name="$1" dir="$STATE_ROOT/$1" n i
   n=$(nhosts "$name")
@@ -136,6 +207,7 @@ down() {
   done
   for ((i = 0; i < n; i++)); do ip netns del "$(host_ns "$name" "$i")" 2>/dev/null || true; done
   ip netns del "$(switch_ns "$name")" 2>/dev/null || true
+  if [[ -f "$dir/munged.started" && -s /run/munge/munged.pid ]]; then kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true; fi
   rm -rf "$dir"
 }
 
@@ -158,6 +230,7 @@ case "$cmd" in
   kill) [[ $# -eq 1 ]] || usage; kill_host "$name" "$1" ;;
   ro) [[ $# -eq 2 ]] || usage; readonly_dir "$name" "$1" "$2" ;;
   rw) [[ $# -eq 2 ]] || usage; writable_dir "$name" "$1" "$2" ;;
+  slurm) slurm "$name" ;;
   down) down "$name" ;;
   status) status "$name" ;;
   *) usage ;;

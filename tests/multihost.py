@@ -62,8 +62,14 @@ class Cluster:
         """The command line that runs `cmd` on host `host`."""
         return [SCRIPT, "exec", self.name, str(host), *cmd]
 
-    def run(self, host: int, *cmd: str, timeout: float = 60, env: Optional[dict] = None) -> subprocess.CompletedProcess:
-        return subprocess.run(self.argv(host, *cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    def run(self, host: int, *cmd: str, timeout: float = 60, env: Optional[dict] = None,
+            cwd: str = ROOT) -> subprocess.CompletedProcess:
+        env = dict(os.environ if env is None else env, PWD=cwd)  # the script enters the host in $PWD
+        return subprocess.run(self.argv(host, *cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+    def slurm(self) -> str:
+        """Start SLURM on the hosts (slurmctld on host 0, a slurmd per host); returns SLURM_CONF."""
+        return self._script("slurm", timeout=120).stdout.strip().split("=", 1)[1]
 
     def link(self, host: int, state: str) -> None:
         """Pull ("down") or plug ("up") host's cable at the switch."""
@@ -111,6 +117,7 @@ class Job:
             log = open(self.log_path(h), "w")
             e = job_env({**(env or {}), **((host_env or {}).get(h, {}))})
             # its own session: the test can end this host's launcher and its ranks as one group
+            e["PWD"] = ROOT
             self.procs[h] = subprocess.Popen(cluster.argv(h, *cmd), stdout=log, stderr=subprocess.STDOUT, env=e,
                                              cwd=ROOT, start_new_session=True)
             self.logs[h] = log

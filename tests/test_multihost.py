@@ -251,6 +251,73 @@ def test_failure_across_hosts_ends_job_and_restart_on_swapped_hosts_resumes(case
     assert_resumed(uninterrupted, resumed, complete[-1], f"{case}, restarted on swapped hosts")
 
 
+# ------------------------------------------------------------------ 3. SLURM across the hosts
+@pytest.fixture(scope="module")
+def slurm(cluster):
+    """SLURM_CONF of a SLURM whose slurmctld runs on host 0 and whose two nodes are the hosts."""
+    import shutil
+    if shutil.which("slurmd") is None or shutil.which("slurmctld") is None:
+        pytest.skip("SLURM is not installed (no slurmd/slurmctld): `sudo scripts/slurm_local.sh install` installs it")
+    return cluster.slurm()
+
+
+def _slurm_wait(cluster: Cluster, env: dict, job: str, timeout: float = JOB_TIMEOUT_S) -> None:
+    deadline = time.time() + timeout
+    while cluster.run(0, "squeue", "-h", "-j", job, env=env).stdout.strip():
+        if time.time() > deadline:
+            cluster.run(0, "scancel", job, env=env)
+            raise AssertionError(f"SLURM job {job} still queued or running after {timeout} s")
+        time.sleep(1)
+
+
+def test_slurm_across_hosts(cluster, slurm, data, tiny_corpus, data_cache, tmp_path):
+    """On a SLURM of two nodes (each a host of the cluster, slurmd with its own NodeName and
+    NodeAddr): `sbatch --nodes=2 launch/slurm/multi_node.sbatch` with 2 gloo ranks per node (TP=2
+    inside a node, DP=2 across) resolves the first node as MASTER_ADDR, starts a torchrun per node
+    and trains what one process trains (losses to 1e-5, weights, validation loss); and a sweep
+    array (`megaloop sweep slurm` + submit.sh, 4 one-CPU runs) runs its tasks on both nodes."""
+    env = dict(__import__("multihost").job_env({"SLURM_CONF": slurm}))
+    run_dir = str(tmp_path / "run")
+    cfg = write_config(str(tmp_path / "cfg.yaml"), run_dir, data, ["parallel.tp=2"])
+    os.makedirs(tmp_path / "logs")
+    res = cluster.run(0, "sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2",
+                      "--export=ALL,NPROC=2", os.path.join(os.path.dirname(os.path.dirname(__file__)),
+                                                          "launch", "slurm", "multi_node.sbatch"), cfg,
+                      env=env, cwd=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    job = res.stdout.strip().split(";")[0]
+    _slurm_wait(cluster, env, job)
+    head = (tmp_path / "logs" / f"megaloop-{job}.out").read_text()
+    assert f"MASTER_ADDR={cluster.hosts[0]} " in head and "NNODES=2" in head, head
+    found = assert_same(reference(str(tmp_path), GA4, data), Run(run_dir), "slurm 2 nodes")
+    print("multihost parity slurm_tp2_dp2: " + " ".join(f"{k} {v:.1e}" for k, v in found.items()))
+
+    from test_sweep import _tiny_sweep
+    import yaml
+    sweep = _tiny_sweep(r=[1, 2], budgets=[{"flops": 3e8, "sizes": [2, 3]}])
+    sweep["base"] = {"model": {"vocab_size": 384, "seq_len": 32}, "optim": {"name": "muon", "lr": 0.02, "warmup_steps": 1},
+                     "train": {"micro_batch_size": 4, "log_every": 1, "eval_tokens": 256, "progress": False},
+                     "data": {"corpus": [tiny_corpus], "cache_dir": data_cache, "workers": 1, "valid_fraction": 0.1}}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(sweep))
+    out = str(tmp_path / "sweep")
+    megaloop = [sys.executable, "-m", "megaloop.cli"]
+    for cmd in (["sweep", "plan", str(tmp_path / "tiny.yaml"), "--out", out],
+                ["sweep", "slurm", out, "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "debug"]):
+        res = cluster.run(0, *megaloop, *cmd, env=env, timeout=120)
+        assert res.returncode == 0, res.stdout + res.stderr
+    res = cluster.run(0, "bash", os.path.join(out, "submit.sh"), env=env, timeout=120)
+    jobs = __import__("re").findall(r"Submitted batch job (\d+)", res.stdout)
+    assert len(jobs) == 1, res.stdout + res.stderr
+    _slurm_wait(cluster, env, jobs[0])
+    hosts = set()
+    for name in os.listdir(os.path.join(out, "logs")):
+        text = open(os.path.join(out, "logs", name)).read()
+        hosts.update(h for h in cluster.hosts if f" on {h} with " in text)
+    assert hosts == set(cluster.hosts), f"the array's tasks ran on {sorted(hosts)}"
+    res = cluster.run(0, *megaloop, "sweep", "collect", out, "--json", env=env, timeout=120)
+    assert json.loads(res.stdout)["counts"]["finished"] == 4, res.stdout + res.stderr
+
+
 # ------------------------------------------------------------------ 7. bad input
 def test_bad_multi_node_launch_is_refused_quickly(cluster, data, tmp_path):
     """Each mistake is one clear error (status 2 from the launcher, or megaloop's ConfigError on
