@@ -275,7 +275,8 @@ def test_slurm_across_hosts(cluster, slurm, data, tiny_corpus, data_cache, tmp_p
     NodeAddr): `sbatch --nodes=2 launch/slurm/multi_node.sbatch` with 2 gloo ranks per node (TP=2
     inside a node, DP=2 across) resolves the first node as MASTER_ADDR, starts a torchrun per node
     and trains what one process trains (losses to 1e-5, weights, validation loss); and a sweep
-    array (`megaloop sweep slurm` + submit.sh, 4 one-CPU runs) runs its tasks on both nodes."""
+    array (`megaloop sweep slurm` + submit.sh, 2 runs of 2 CPUs, a whole node each) runs one task on
+    each node at once, and both finish."""
     env = dict(__import__("multihost").job_env({"SLURM_CONF": slurm}))
     run_dir = str(tmp_path / "run")
     cfg = write_config(str(tmp_path / "cfg.yaml"), run_dir, data, ["parallel.tp=2"])
@@ -294,7 +295,7 @@ def test_slurm_across_hosts(cluster, slurm, data, tiny_corpus, data_cache, tmp_p
 
     from test_sweep import _tiny_sweep
     import yaml
-    sweep = _tiny_sweep(r=[1, 2], budgets=[{"flops": 3e8, "sizes": [2, 3]}])
+    sweep = _tiny_sweep(r=[1, 2], budgets=[{"flops": 3e8, "sizes": [2]}])
     sweep["base"] = {"model": {"vocab_size": 384, "seq_len": 32}, "optim": {"name": "muon", "lr": 0.02, "warmup_steps": 1},
                      "train": {"micro_batch_size": 4, "log_every": 1, "eval_tokens": 256, "progress": False},
                      "data": {"corpus": [tiny_corpus], "cache_dir": data_cache, "workers": 1, "valid_fraction": 0.1}}
@@ -302,7 +303,7 @@ def test_slurm_across_hosts(cluster, slurm, data, tiny_corpus, data_cache, tmp_p
     out = str(tmp_path / "sweep")
     megaloop = [sys.executable, "-m", "megaloop.cli"]
     for cmd in (["sweep", "plan", str(tmp_path / "tiny.yaml"), "--out", out],
-                ["sweep", "slurm", out, "--gpus-per-node", "0", "--cpus-per-task", "1", "--partition", "debug"]):
+                ["sweep", "slurm", out, "--gpus-per-node", "0", "--cpus-per-task", "2", "--partition", "debug"]):
         res = cluster.run(0, *megaloop, *cmd, env=env, timeout=120)
         assert res.returncode == 0, res.stdout + res.stderr
     res = cluster.run(0, "bash", os.path.join(out, "submit.sh"), env=env, timeout=120)
@@ -315,7 +316,7 @@ def test_slurm_across_hosts(cluster, slurm, data, tiny_corpus, data_cache, tmp_p
         hosts.update(h for h in cluster.hosts if f" on {h} with " in text)
     assert hosts == set(cluster.hosts), f"the array's tasks ran on {sorted(hosts)}"
     res = cluster.run(0, *megaloop, "sweep", "collect", out, "--json", env=env, timeout=120)
-    assert json.loads(res.stdout)["counts"]["finished"] == 4, res.stdout + res.stderr
+    assert json.loads(res.stdout)["counts"]["finished"] == 2, res.stdout + res.stderr
 
 
 # ------------------------------------------------------------------ 7. bad input
