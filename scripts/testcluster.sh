@@ -136,20 +136,24 @@ writable_dir() {
   nsenter -t "$pid" --mount -- umount "$3"
 }
 
-slurm() {  # slurmctld on host 0, a slurmd on every host; munged (a unix socket) serves them all
+slurm() {  # slurmctld on host 0, a slurmd on every host, authenticated by a munged of their own
   local name="$1" dir="$STATE_ROOT/$1" n i d
   n=$(nhosts "$name")
   [[ "$n" -gt 0 ]] || die "no cluster $name"
   for t in slurmctld slurmd sbatch munged; do command -v "$t" >/dev/null || cannot "$t is not installed (scripts/slurm_local.sh install)"; done
-  if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-    [[ -f /etc/munge/munge.key ]] || mungekey --create >/dev/null 2>&1 || die "cannot create /etc/munge/munge.key"
-    mkdir -p /run/munge /var/log/munge /var/lib/munge
-    chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge/munge.key 2>/dev/null || true
-    runuser -u munge -- munged || die "munged did not start"
-    touch "$dir/munged.started"
-  fi
   d="$dir/slurm"
-  mkdir -p "$d/ctld" "$d/log"
+  mkdir -p "$d/ctld" "$d/log" "$d/munge"
+  # Its own munged on its own socket (AuthInfo below): never the machine's, which another SLURM
+  # (scripts/slurm_local.sh) may start or stop meanwhile. Unix sockets reach every namespace.
+  [[ -f /etc/munge/munge.key ]] || mungekey --create >/dev/null 2>&1 || die "cannot create /etc/munge/munge.key"
+  local munged_args=(--socket="$d/munge/socket" --pid-file="$d/munge/pid" --log-file="$d/munge/log"
+                     --seed-file="$d/munge/seed")
+  if id munge >/dev/null 2>&1 && command -v runuser >/dev/null; then
+    chown munge:munge "$d/munge" /etc/munge/munge.key 2>/dev/null || true
+    runuser -u munge -- munged "${munged_args[@]}" || die "munged did not start (see $d/munge/log)"
+  else
+    munged --force "${munged_args[@]}" || die "munged did not start (see $d/munge/log)"
+  fi
   for ((i = 0; i < n; i++)); do mkdir -p "$d/spool/$name-h$i"; done
   {
     echo "ClusterName=megaloop-$name"
@@ -159,6 +163,7 @@ SlurmctldPort=6817
 SlurmdPort=6818
 SlurmUser=root
 AuthType=auth/munge
+AuthInfo=socket=$d/munge/socket
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -207,7 +212,7 @@ down() {
   done
   for ((i = 0; i < n; i++)); do ip netns del "$(host_ns "$name" "$i")" 2>/dev/null || true; done
   ip netns del "$(switch_ns "$name")" 2>/dev/null || true
-  if [[ -f "$dir/munged.started" && -s /run/munge/munged.pid ]]; then kill "$(cat /run/munge/munged.pid)" 2>/dev/null || true; fi
+  if [[ -s "$dir/slurm/munge/pid" ]]; then kill "$(cat "$dir/slurm/munge/pid")" 2>/dev/null || true; fi
   rm -rf "$dir"
 }
 
