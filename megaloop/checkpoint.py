@@ -32,7 +32,7 @@ META = "meta.json"
 # Held while a checkpoint is renamed into place and `latest` replaced: a rank stopped because
 # another rank failed waits for it, so it never exits between the two steps.
 # held while a checkpoint is renamed into place; the fail-fast watchdog waits for it before exiting
-from .parallel.failfast import PUBLISH_LOCK  # noqa: E402
+from .parallel.failfast import PUBLISH_LOCK, host_of  # noqa: E402
 from .errors import CheckpointError  # noqa: E402,F401 - raised here, defined with the other user errors
 
 
@@ -189,6 +189,9 @@ def _write_failed(e: OSError, run_dir: str, step: int, tmp: str, is_writer: bool
     if is_writer:
         shutil.rmtree(tmp, ignore_errors=True)
     cause, fix = os_error_cause(e)
+    rank = getattr(e, "failed_rank", None)  # set where every rank learns of one rank's failed write
+    if rank is not None:
+        cause = f"rank {rank}" + (f" on host {host_of(rank)}" if host_of(rank) else "") + f": {cause}"
     return CheckpointError(
         f"could not write checkpoint for step {step} in {ckpt_root(run_dir)}: {cause}. The previous "
         f"checkpoint is intact; {fix}, then resume with --resume")

@@ -8,6 +8,9 @@ Points:
                 (the other ranks are then inside the save's collectives)
   `nan`         the loss of step N becomes NaN (a real non-finite step: the update is skipped)
   `spike`       the loss reported for step N is multiplied by SPIKE (the divergence guard's input)
+  `save_pause`  stop in the middle of writing the checkpoint of step N (this rank's files on disk,
+                the checkpoint not yet published), announced on stderr, until the file named by
+                MEGALOOP_FAULT_RELEASE exists, at most 10 minutes (a test then cuts the network)
   `pause`       stop after step N, its checkpoint and metrics written, until the file named by
                 MEGALOOP_FAULT_RELEASE exists, at most 10 minutes (holds a run mid-training while a
                 test starts a second writer or cancels the job)
@@ -57,7 +60,8 @@ def armed(point: str, step: int) -> bool:
 def maybe_kill(point: str, step: int) -> None:
     if armed(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
-    if point == "step" and armed("pause", step):
+    if armed("pause" if point == "step" else f"{point}_pause", step):
+        print(f"megaloop fault: {point}_pause at step {step}, time {time.time():.3f}", file=sys.stderr, flush=True)
         release, deadline = os.environ.get("MEGALOOP_FAULT_RELEASE"), time.monotonic() + 600
         while not (release and os.path.exists(release)) and time.monotonic() < deadline:
             time.sleep(0.05)

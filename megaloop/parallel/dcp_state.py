@@ -159,7 +159,12 @@ def _cause(e: BaseException) -> BaseException:
     from torch.distributed.checkpoint.api import CheckpointException
 
     if isinstance(e, CheckpointException):
-        causes = [_cause(exc) for exc, _ in e.failures.values()]
+        causes = []
+        for rank, (exc, _) in sorted(e.failures.items()):
+            cause = _cause(exc)
+            if isinstance(cause, OSError) and not hasattr(cause, "failed_rank"):
+                cause.failed_rank = rank  # (its group spans every rank) the error message names it and its host
+            causes.append(cause)
         return next((c for c in causes if isinstance(c, OSError)), causes[0] if causes else e)
     return e
 

@@ -14,7 +14,10 @@ process, the torch engine otherwise; ZeRO stage 0 always runs the torch engine.
 from __future__ import annotations
 
 import datetime
+import hashlib
+import json
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +134,36 @@ def init_torch_distributed(rdv: Rendezvous, device: torch.device, timeout_s: int
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_config(cfg: Config, rank: int) -> None:
+    """Every rank must run the same config: the nodes of a multi-node job each read their own
+    copy of the YAML (and their own --set), and two that differ would train different models in
+    lockstep, or hang. The ranks exchange a hash of the resolved config; where they differ, every
+    rank raises the same ConfigError naming the first differing key (in config order)."""
+    flat = _flat(cfg.to_dict())
+    digest = hashlib.sha256(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()
+    hashes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(hashes, digest)
+    if len(set(hashes)) == 1:
+        return
+    everyone: list = [None] * dist.get_world_size()  # only now the whole configs, to name the key
+    dist.all_gather_object(everyone, (socket.gethostname(), flat))
+    host0, ref = everyone[0]
+    for other, (host, theirs) in enumerate(everyone):
+        for key in [*ref, *(k for k in theirs if k not in ref)]:
+            if ref.get(key, "<unset>") != theirs.get(key, "<unset>"):
+                raise ConfigError(
+                    f"the ranks disagree on the config: {key} is {ref.get(key, '<unset>')!r} on rank 0 (host {host0}) "
+                    f"but {theirs.get(key, '<unset>')!r} on rank {other} (host {host}). Every node must start the "
+                    f"same config file and --set overrides")
+
+
 def local_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
     """The torch engine on this process alone (world size 1: no process group, no collective),
     whatever cfg.parallel says: for `megaloop eval` and other single-process tools on a plain model."""
@@ -157,6 +190,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> E
     init_torch_distributed(rdv, device)
     watch = failfast.start(rdv.rank, rdv.world)  # from here on, one failed rank stops every rank
     try:
+        check_same_config(cfg, rdv.rank)
         st = state.initialize(layout)
         if choose_engine(cfg) == "deepspeed":
             from .deepspeed_engine import DeepSpeedEngine
