@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError
-from .indexed import IndexedDataset
+from .indexed import open_dataset
 
 STATE_VERSION = 1
 
@@ -59,7 +59,7 @@ class PackedLoader:
         if seq_len < 1 or micro_batch_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
                              f"dp_rank={dp_rank}, dp_size={dp_size}")
-        self.datasets = [IndexedDataset(p) for p in prefixes]
+        self.datasets = [open_dataset(p) for p in prefixes]
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
         self.seed, self.dp_rank, self.dp_size = int(seed), int(dp_rank), int(dp_size)
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
@@ -155,7 +155,7 @@ def eval_batches(prefix: str, seq_len: int, batch_size: int,
     """Validation batches in file order, unshuffled: windows with stride seq_len, so every target
     token is scored once. Stops after max_tokens targets (at least one window); the last batch may
     be smaller than batch_size. Identical on every call and every rank."""
-    ds = IndexedDataset(prefix)
+    ds = open_dataset(prefix)
     n = num_windows(ds.n_tokens, seq_len)
     if n == 0:
         raise DatasetError(f"{ds.prefix}: the validation set has {ds.n_tokens} tokens, fewer than "
