@@ -70,7 +70,7 @@ def folder_files(folder: str, split: str = "train") -> list[str]:
     """The data files of `split` in a folder of shards, by the hub's naming conventions."""
     data_files = optional_import("datasets.data_files", f"reading the folder {folder}")
     try:
-        patterns = data_files.get_data_patterns(folder)
+        patterns = {str(k): v for k, v in data_files.get_data_patterns(folder).items()}
     except Exception:  # the library raises EmptyDatasetError (and others) when nothing matches
         patterns = {}
     if not patterns:
@@ -148,11 +148,6 @@ def check_parquet_schemas(files: list[str]) -> None:
                                f"separately, or convert them to one schema")
 
 
-def _row_group_of(row: int, bounds: list[int]) -> int:
-    import bisect
-    return max(0, bisect.bisect_right(bounds, row) - 1)
-
-
 def _iter_parquet(path: str, text_key: str, stats: ReadStats) -> Iterator[str]:
     pf = _parquet_file(path)
     schema = pf.schema_arrow
@@ -163,45 +158,47 @@ def _iter_parquet(path: str, text_key: str, stats: ReadStats) -> Iterator[str]:
     if kind not in ("string", "large_string", "string_view", "binary", "large_binary"):
         raise DatasetError(f"{path}: column {text_key!r} holds {kind}, not text. Set data.text_key (or "
                            f"--text-key) to the column holding the text")
-    bounds, n = [], 0  # first row of each row group, to name the row group of a bad row
-    for i in range(pf.metadata.num_row_groups):
-        bounds.append(n)
-        n += pf.metadata.row_group(i).num_rows
     row = 0
-    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_key], use_threads=False)
-    while True:
-        try:
-            batch = next(batches, None)
-        except Exception as e:  # a corrupt page, or a file cut short
-            raise DatasetError(f"{path}: row group {_row_group_of(row, bounds)} cannot be read ({e}). The file "
-                               f"is truncated or corrupt: download or write it again") from None
-        if batch is None:
-            return
-        col = batch.column(0)
-        if kind.endswith("binary"):
-            values = col.to_pylist()
-            for j, v in enumerate(values):
-                if v is not None:
-                    try:
-                        values[j] = v.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise DatasetError(f"{path}: row {row + j} (row group {_row_group_of(row + j, bounds)}) is "
-                                           f"not valid UTF-8 ({e.reason} at byte {e.start}). Convert the text to "
-                                           f"UTF-8") from None
-        else:
+    for group in range(pf.metadata.num_row_groups):
+        # One row group at a time, a batch of rows at a time: memory is one batch, and a bad
+        # page is reported with its row group.
+        batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=[group], columns=[text_key],
+                                  use_threads=False)
+        while True:
             try:
-                col.validate(full=True)
-            except Exception as e:
-                raise DatasetError(f"{path}: row group {_row_group_of(row, bounds)} holds text that is not valid "
-                                   f"UTF-8 ({e}). Convert the text to UTF-8") from None
-            values = col.to_pylist()
-        for v in values:
-            if v:
-                stats.documents += 1
-                yield v
-            else:
-                stats.empty_skipped += 1
-        row += len(values)
+                batch = next(batches, None)
+            except Exception as e:  # a corrupt page, or a file cut short
+                raise DatasetError(f"{path}: row group {group} cannot be read ({str(e).strip()}). The file is "
+                                   f"truncated or corrupt: download or write it again") from None
+            if batch is None:
+                break
+            yield from _batch_texts(path, group, row, batch.column(0), kind, stats)
+            row += batch.num_rows
+
+
+def _batch_texts(path: str, group: int, row: int, col, kind: str, stats: ReadStats) -> Iterator[str]:
+    if kind.endswith("binary"):
+        values = col.to_pylist()
+        for j, v in enumerate(values):
+            if v is not None:
+                try:
+                    values[j] = v.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DatasetError(f"{path}: row {row + j} (row group {group}) is not valid UTF-8 ({e.reason} "
+                                       f"at byte {e.start}). Convert the text to UTF-8") from None
+    else:
+        try:
+            col.validate(full=True)
+        except Exception as e:
+            raise DatasetError(f"{path}: row group {group} holds text that is not valid UTF-8 ({e}). Convert the "
+                               f"text to UTF-8") from None
+        values = col.to_pylist()
+    for v in values:
+        if v:
+            stats.documents += 1
+            yield v
+        else:
+            stats.empty_skipped += 1
 
 
 # ------------------------------------------------------------------ datasets save_to_disk
@@ -239,11 +236,45 @@ def _open_binary(path: str) -> IO[bytes]:
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
-        zstd = optional_import("zstandard", f"reading {path}")
-        raw = open(path, "rb")
-        reader = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
-        return io.BufferedReader(reader, buffer_size=1 << 20)
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
     return open(path, "rb", buffering=1 << 20)
+
+
+class _ZstdReader(io.RawIOBase):
+    """A zstandard file (one or more frames) decompressed as a stream. Unlike the library's
+    stream_reader, a file that ends inside a frame is an error, not a silent short read."""
+
+    def __init__(self, path: str):
+        self.zstd = optional_import("zstandard", f"reading {path}")
+        self.path, self.raw = path, open(path, "rb")
+        self.dobj, self.fed = self.zstd.ZstdDecompressor().decompressobj(), False
+        self.pending, self.pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self.pos >= len(self.pending):
+            self.pending, self.pos = b"", 0
+            chunk = self.raw.read(1 << 20)
+            if not chunk:
+                if self.fed and not self.dobj.eof:
+                    raise EOFError("the file ends inside a zstd frame")
+                return 0
+            while chunk:
+                self.fed = True
+                self.pending += self.dobj.decompress(chunk)
+                chunk = self.dobj.unused_data if self.dobj.eof else b""
+                if self.dobj.eof:  # a new frame may follow (concatenated or multi-frame files)
+                    self.dobj, self.fed = self.zstd.ZstdDecompressor().decompressobj(), False
+        n = min(len(buf), len(self.pending) - self.pos)
+        buf[:n] = memoryview(self.pending)[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
 
 
 def _decoded_lines(path: str, f: IO[bytes]) -> Iterator[tuple[int, str]]:
