@@ -70,6 +70,9 @@ class PackedLoader:
                                    f"{self.seq_len + 1}: lower model.seq_len or add data")
         self.global_samples = 0                       # samples consumed by all ranks together
         self.counts = np.zeros(len(self.datasets), dtype=np.int64)  # per dataset, across epochs
+        # Samples drawn into steps that a divergence rewind threw away (train.on_divergence): drawn,
+        # but not trained on. counts - discarded is the token ledger (tokens_by_dataset).
+        self.discarded = np.zeros(len(self.datasets), dtype=np.int64)
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ order
@@ -114,6 +117,23 @@ class PackedLoader:
         """Epochs consumed of each dataset (fractional)."""
         return [float(c) / n for c, n in zip(self.counts, self.samples_per_epoch)]
 
+    # ------------------------------------------------------------------ token ledger
+
+    def tokens_by_dataset(self) -> dict:
+        """The token ledger: target tokens trained on, per training dataset (its prefix), counted
+        from the global sample stream, so it is the same on every rank and for any data-parallel
+        size. Each sample is seq_len target tokens; samples of steps a rewind discarded do not
+        count. Its sum is the run's D (tokens) for the scaling-law fit."""
+        trained = (self.counts - self.discarded) * self.seq_len
+        return {d.prefix: int(t) for d, t in zip(self.datasets, trained)}
+
+    def discard_since(self, saved_state: dict) -> None:
+        """A rewind to a checkpoint whose loader state is `saved_state`: the samples drawn since
+        stay consumed (the stream goes on) but leave the ledger, which returns to the saved one."""
+        saved_trained = np.asarray(saved_state["counts"], dtype=np.int64) - np.asarray(
+            saved_state.get("discarded", [0] * len(self.datasets)), dtype=np.int64)
+        self.discarded = self.counts - saved_trained
+
     # ------------------------------------------------------------------ resume
 
     def _identity(self) -> list[dict]:
@@ -124,7 +144,8 @@ class PackedLoader:
         """Plain Python data; independent of dp_rank, dp_size and micro_batch_size."""
         return {"version": STATE_VERSION, "global_samples": int(self.global_samples),
                 "counts": [int(c) for c in self.counts], "seed": self.seed, "seq_len": self.seq_len,
-                "weights": [float(w) for w in self.weights], "datasets": self._identity()}
+                "weights": [float(w) for w in self.weights], "datasets": self._identity(),
+                "discarded": [int(c) for c in self.discarded], "tokens_by_dataset": self.tokens_by_dataset()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -146,6 +167,7 @@ class PackedLoader:
                                f"{self.weights.tolist()}. Resume with the same data.train weights")
         self.global_samples = int(state["global_samples"])
         self.counts = np.asarray(state["counts"], dtype=np.int64)
+        self.discarded = np.asarray(state.get("discarded", [0] * len(self.datasets)), dtype=np.int64)
         if self.counts.sum() != self.global_samples:
             raise DatasetError("loader state is inconsistent (per-dataset counts do not add up)")
 
