@@ -68,14 +68,16 @@ def tokenizer(work: str, docs_path: str) -> str:
 
 
 def limit_rate(model: str, texts: list[str]) -> tuple[float, int]:
-    """Single-thread encode: chunks as preprocess sends them to a worker."""
+    """The library's own single-thread encode (sentencepiece, num_threads=1) of the chunks that
+    preprocess sends to a worker: ids as Python lists, nothing else."""
     from megaloop.data.preprocess import _chunks
     from megaloop.data.tokenizer import Tokenizer
-    tok = Tokenizer(model)
+    sp = Tokenizer(model).sp
+    chunks = list(_chunks(iter(texts)))
     t0 = time.perf_counter()
     n = 0
-    for chunk in _chunks(iter(texts)):
-        n += sum(len(x) + 1 for x in tok.encode_batch(chunk))
+    for chunk in chunks:
+        n += sum(len(x) + 1 for x in sp.encode(chunk, num_threads=1))
     return n / (time.perf_counter() - t0), n
 
 
