@@ -248,3 +248,36 @@ def test_missing_extra_is_named(monkeypatch, tmp_path) -> None:
     write_zst(tmp_path / "x.jsonl.zst", b'{"text": "a"}\n')
     with pytest.raises(DatasetError, match=r"zstandard.*data extra"):
         list(iter_documents([str(tmp_path / "x.jsonl.zst")]))
+
+
+def test_preprocess_progress_and_bounded_in_flight(tmp_path, docs, monkeypatch, capsys) -> None:
+    """The progress bar shows documents, tokens and tokens/s; the reader is never more than
+    2 x workers chunks ahead of the writer (memory bounded whatever the corpus size), and the
+    output equals the 1-worker output."""
+    import megaloop.data.preprocess as pp
+    monkeypatch.setattr(pp, "CHUNK_CHARS", 2000)  # many small chunks
+    src = tmp_path / "c.jsonl.zst"
+    write_zst(src, jsonl_bytes(docs * 3))
+    model = train_tokenizer([str(src)], str(tmp_path / "tok"), 400, "bpe")
+    read, written = [0], [0]
+    real_chunks, real_encoded = pp._chunks, pp._encoded
+
+    def counted_chunks(it):
+        for c in real_chunks(it):
+            read[0] += 1
+            yield c
+
+    def counted_encoded(*a, **kw):
+        for e in real_encoded(*a, **kw):
+            assert read[0] - written[0] <= 2 * 2 + 1, (read[0], written[0])
+            written[0] += 1
+            yield e
+    monkeypatch.setattr(pp, "_chunks", counted_chunks)
+    monkeypatch.setattr(pp, "_encoded", counted_encoded)
+    st = pp.preprocess([str(src)], model, str(tmp_path / "o2"), valid_fraction=0.1, workers=2, progress=True)
+    err = capsys.readouterr().err
+    assert "preprocess" in err and f"{st.train_docs + st.valid_docs}" in err and "tokens/s" in err
+    assert written[0] == read[0] > 20
+    pp.preprocess([str(src)], model, str(tmp_path / "o1"), valid_fraction=0.1, workers=1)
+    for name in ("train.bin", "train.idx", "valid.bin", "valid.idx"):
+        assert (tmp_path / "o1" / name).read_bytes() == (tmp_path / "o2" / name).read_bytes()

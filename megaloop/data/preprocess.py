@@ -151,14 +151,14 @@ class PreprocessStats:
 
 
 class _Progress:
-    """Documents, tokens and tokens/s on a tqdm bar (on a terminal only)."""
+    """Documents, tokens and tokens/s on a tqdm bar (stderr)."""
 
     def __init__(self, enabled: bool):
         self.bar = None
         self.t0 = time.perf_counter()
         if enabled:
             from tqdm import tqdm
-            self.bar = tqdm(desc="preprocess", unit=" doc", dynamic_ncols=True, mininterval=1.0, disable=None)
+            self.bar = tqdm(desc="preprocess", unit=" doc", dynamic_ncols=True, mininterval=1.0)
 
     def update(self, docs: int, tokens: int) -> None:
         if self.bar is not None:
