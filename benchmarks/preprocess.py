@@ -74,19 +74,26 @@ def limit_rate(model: str, texts: list[str]) -> tuple[float, int]:
     from megaloop.data.tokenizer import Tokenizer
     sp = Tokenizer(model).sp
     chunks = list(_chunks(iter(texts)))
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for chunk in chunks:
         n += sum(len(x) + 1 for x in sp.encode(chunk, num_threads=1))
-    return n / (time.perf_counter() - t0), n
+    return n / (time.perf_counter() - t0), n, {"cpu_s": time.process_time() - c0}
 
 
 def preprocess_rate(model: str, corpus: str, out: str, workers: int) -> tuple[float, int]:
+    """Wall rate, and the CPU seconds of the reading process and of the workers together."""
+    import resource
     from megaloop.data.preprocess import preprocess
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     st = preprocess([corpus], model, out, valid_fraction=0.02, workers=workers)
+    wall = time.perf_counter() - t0
+    me2, kids2 = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     n = st.train_tokens + st.valid_tokens
-    return n / (time.perf_counter() - t0), n
+    cpu = {"reader_cpu_s": me2.ru_utime + me2.ru_stime - me.ru_utime - me.ru_stime,
+           "workers_cpu_s": kids2.ru_utime + kids2.ru_stime - kids.ru_utime - kids.ru_stime}
+    return n / wall, n, cpu
 
 
 RSS_CHILD = r"""
@@ -105,7 +112,7 @@ print(json.dumps({"main_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate-scale", type=int, default=2, help="rate corpus = this many times the bundled one")
-    ap.add_argument("--rss-scales", type=int, nargs="+", default=[50, 100])
+    ap.add_argument("--rss-scales", type=int, nargs="*", default=[50, 100])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rss-workers", type=int, default=2)
     ap.add_argument("--work", default="/tmp/megaloop_bench_preprocess")
@@ -119,14 +126,17 @@ def main() -> None:
     write_corpus(rate_corpus, docs, args.rate_scale)
     texts = list(iter_documents([rate_corpus]))
     rounds: dict = {"limit": [], "workers_1": [], "workers_2": []}
+    cpu: dict = {"limit": [], "workers_1": [], "workers_2": []}
     tokens = {}
     load_before = os.getloadavg()
     for _ in range(args.rounds):
-        r, tokens["limit"] = limit_rate(model, texts)
+        r, tokens["limit"], c = limit_rate(model, texts)
         rounds["limit"].append(r)
+        cpu["limit"].append(c)
         for w in (1, 2):
-            r, tokens[f"workers_{w}"] = preprocess_rate(model, rate_corpus, os.path.join(args.work, f"out{w}"), w)
+            r, tokens[f"workers_{w}"], c = preprocess_rate(model, rate_corpus, os.path.join(args.work, f"out{w}"), w)
             rounds[f"workers_{w}"].append(r)
+            cpu[f"workers_{w}"].append(c)
     load_after = os.getloadavg()
     best = {k: max(v) for k, v in rounds.items()}
     result = {
@@ -138,6 +148,14 @@ def main() -> None:
         "tokens_per_s_best": {k: round(v) for k, v in best.items()},
         "tokens_per_s_rounds": {k: [round(x) for x in v] for k, v in rounds.items()},
         "workers_1_over_limit": round(best["workers_1"] / best["limit"], 3),
+        # CPU seconds per million tokens (least of the rounds): what each part costs whatever the
+        # load; the workers' figure against the limit's is the encode overhead of a worker, the
+        # reader's must stay below a worker's for 1 worker + the reader to keep pace on 2 cores
+        "cpu_s_per_mtok": {
+            "limit_encode": round(min(c["cpu_s"] for c in cpu["limit"]) / tokens["limit"] * 1e6, 3),
+            **{f"workers_{w}_{part}": round(min(c[f"{part}_cpu_s"] for c in cpu[f"workers_{w}"])
+                                            / tokens[f"workers_{w}"] * 1e6, 3)
+               for w in (1, 2) for part in ("reader", "workers")}},
         "workers_2_over_workers_1": round(best["workers_2"] / best["workers_1"], 3),
         "targets": {"workers_1_over_limit": 0.9, "workers_2_over_workers_1": 1.7, "peak_rss_mib": 1024},
         "rss": [],

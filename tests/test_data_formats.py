@@ -252,7 +252,7 @@ def test_missing_extra_is_named(monkeypatch, tmp_path) -> None:
 
 def test_preprocess_progress_and_bounded_in_flight(tmp_path, docs, monkeypatch, capsys) -> None:
     """The progress bar shows documents, tokens and tokens/s; the reader is never more than
-    2 x workers chunks ahead of the writer (memory bounded whatever the corpus size), and the
+    IN_FLIGHT x workers chunks ahead of the writer (memory bounded whatever the corpus size), and the
     output equals the 1-worker output."""
     import megaloop.data.preprocess as pp
     monkeypatch.setattr(pp, "CHUNK_CHARS", 2000)  # many small chunks
@@ -269,7 +269,7 @@ def test_preprocess_progress_and_bounded_in_flight(tmp_path, docs, monkeypatch, 
 
     def counted_encoded(*a, **kw):
         for e in real_encoded(*a, **kw):
-            assert read[0] - written[0] <= 2 * 2 + 1, (read[0], written[0])
+            assert read[0] - written[0] <= pp.IN_FLIGHT * 2 + 1, (read[0], written[0])
             written[0] += 1
             yield e
     monkeypatch.setattr(pp, "_chunks", counted_chunks)

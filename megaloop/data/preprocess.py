@@ -28,6 +28,7 @@ from .megatron import MegatronWriter
 from .tokenizer import Tokenizer
 
 CHUNK_CHARS = 1 << 20  # ~1 MB of text per task: big enough to amortise IPC, small enough to balance
+IN_FLIGHT = 4  # chunks per worker between the reader and the writer (memory: ~IN_FLIGHT x workers MB)
 FORMATS = {"megaloop": IndexedDatasetWriter, "megatron": MegatronWriter}
 
 
@@ -129,12 +130,13 @@ def _chunks(docs: Iterator[str]) -> Iterator[list[str]]:
 def _encoded(chunks: Iterator[list[str]], valid_fraction: float, tokenizer_path: str,
              workers: int) -> Iterator[EncodedChunk]:
     """Encoded chunks in input order. The reading process only reads and writes; `workers`
-    processes encode. At most 2 chunks per worker are in flight, so memory is bounded whatever
-    the corpus size (Pool.imap would read ahead without limit)."""
+    processes encode. At most IN_FLIGHT chunks per worker are in flight, so memory is bounded
+    whatever the corpus size (Pool.imap would read ahead without limit); several, so that a
+    stall of the reader (or of one worker) on a busy machine does not idle the others."""
     with _context().Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
         inflight: deque = deque()
         for chunk in chunks:
-            if len(inflight) >= 2 * workers:
+            if len(inflight) >= IN_FLIGHT * workers:
                 yield inflight.popleft().get()
             inflight.append(pool.apply_async(_encode_chunk, ((chunk, valid_fraction),)))
         while inflight:
