@@ -189,6 +189,7 @@ def preprocess(files: Sequence[str], tokenizer_path: str, out_dir: str, valid_fr
     files = check_input_files(files, split)
     tok = Tokenizer(tokenizer_path)
     log(f"preprocess: {len(files)} source(s), {workers} worker(s), {fmt} format -> {out_dir}")
+    created = not os.path.exists(out_dir)  # removed again if the build fails: no trace left
     os.makedirs(out_dir, exist_ok=True)
     stats = PreprocessStats()
     read = ReadStats()
@@ -232,6 +233,11 @@ def preprocess(files: Sequence[str], tokenizer_path: str, out_dir: str, valid_fr
     except BaseException:
         for w in writers.values():
             w.abort()
+        if created:
+            try:
+                os.rmdir(out_dir)
+            except OSError:
+                pass
         raise
     finally:
         bar.close()
