@@ -106,3 +106,31 @@ def test_collect_table_has_the_ledger(tmp_path) -> None:
     collect_mod._write_csv(str(out), collect_mod.TABLE_COLUMNS, [status.row])
     got = list(csv.DictReader(open(out)))[0]
     assert json.loads(got["tokens_by_dataset"]) == ledger
+
+
+@pytest.mark.slow
+def test_ledger_after_a_divergence_rewind(tiny_corpus, data_cache, tmp_path, monkeypatch) -> None:
+    """A run that rewinds (two injected non-finite steps, back to the step-4 checkpoint) consumed
+    the abandoned steps' samples, but its ledger counts only the steps its weights trained on: it
+    sums to `tokens` (10 steps), and the final checkpoint's loader state shows the discarded ones."""
+    import importlib
+
+    from conftest import tiny_raw
+    from megaloop import faults
+    from megaloop.config import load_config
+    from megaloop.train import train as train_run
+    monkeypatch.setenv("MEGALOOP_FAULT", "nan:5,nan:6")
+    importlib.reload(faults)
+    try:
+        run = str(tmp_path / "run")
+        raw = tiny_raw(tiny_corpus, data_cache, run, steps=10, save_every=2, micro_batch_size=4, max_bad_steps=2)
+        summary = train_run(load_config(raw=raw), log=lambda *a: None)
+    finally:
+        monkeypatch.delenv("MEGALOOP_FAULT")
+        importlib.reload(faults)
+    assert summary["rewinds"] == 1
+    assert sum(summary["tokens_by_dataset"].values()) == summary["tokens"] == 10 * 4 * 32
+    from megaloop import checkpoint as ckpt
+    state = ckpt.load_file(ckpt.latest_path(run), "trainer.pt")["loader"]
+    assert state["global_samples"] == 12 * 4 and sum(state["discarded"]) == 2 * 4
+    assert state["tokens_by_dataset"] == summary["tokens_by_dataset"]
