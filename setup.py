@@ -38,7 +38,9 @@ setup(
         "hf": ["transformers>=5.0"],
         "eval": ["lm-eval>=0.4.13"],
         "fp8": ["torchao==0.18.0"],  # parallel.precision: fp8 (megaloop/fp8.py); CPU tests use its emulation
-        "dev": ["torchao==0.18.0", "pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel", "tensorboard", "wandb", "transformers>=5.0", "lm-eval>=0.4.13"],
+        # corpus formats: parquet shards, .zst, `datasets` folders, Hugging Face tokenizer.json
+        "data": ["pyarrow>=14", "zstandard>=0.22", "datasets>=3.0", "tokenizers>=0.20"],
+        "dev": ["torchao==0.18.0", "pyarrow>=14", "zstandard>=0.22", "datasets>=3.0", "tokenizers>=0.20", "megatron-core>=0.16.1,<0.17", "pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel", "tensorboard", "wandb", "transformers>=5.0", "lm-eval>=0.4.13"],
     },
     package_data={"megaloop.inference.tasks": ["*/*.yaml", "*/*.jsonl", "*/*.py", "*/*.md"]},
     entry_points={"console_scripts": ["megaloop=megaloop.cli:main"]},

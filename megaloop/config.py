@@ -165,10 +165,11 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    corpus: list = field(default_factory=lambda: ["data/corpus/*.txt.gz"])  # raw text: .txt, .jsonl (.gz ok)
-    text_key: str = "text"                   # JSON-lines field that holds the text
+    corpus: list = field(default_factory=lambda: ["data/corpus/*.txt.gz"])  # .txt/.jsonl(.gz/.zst), .parquet, folders
+    text_key: str = "text"                   # JSON-lines field / parquet or datasets column that holds the text
+    split: str = "train"                     # split of a datasets save_to_disk folder or hub-layout folder
     cache_dir: str = "data/cache"            # tokenizer and datasets built from `corpus` when missing
-    tokenizer: Optional[str] = None          # sentencepiece .model; None = built from corpus into cache_dir
+    tokenizer: Optional[str] = None          # sentencepiece .model or HF tokenizer.json; None = built from corpus
     tokenizer_type: str = "unigram"          # unigram | bpe
     train: Optional[list] = None             # [{path: PREFIX, weight: W}] of .bin/.idx; None = built from corpus
     valid: Optional[str] = None              # PREFIX of the validation dataset; None = built from corpus

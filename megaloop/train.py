@@ -328,6 +328,7 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             wall_time_s=time.perf_counter() - start, peak_mem_mb=peak_memory_mb(device),
             # per rank: a sharded optimiser (ZeRO) holds each parameter's state on its owner only
             optim_state_bytes=[int(b) for b in engine.per_rank(optimizer_state_bytes(engine.optimizer))],
+            tokens_by_dataset=loader.tokens_by_dataset(),  # the token ledger; sums to `tokens`
         )
         if is_main:
             summary["unigram_entropy"] = unigram_entropy(data.valid)
@@ -404,6 +405,7 @@ def rewind(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, metrics:
     saved = ckpt.load_file(latest, "trainer.pt")
     to = saved["step"]
     skipped = loader.global_samples - saved["loader"]["global_samples"]
+    loader.discard_since(saved["loader"])  # the ledger goes back with the weights
     guard.rewound(to, saved.get("guard"))
     if engine.is_main:
         ckpt.torch_save_atomic(trainer_state(to, loader, guard, tokens_per_step), os.path.join(latest, "trainer.pt"))

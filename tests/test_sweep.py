@@ -273,9 +273,10 @@ def test_collect_reports_every_status(tmp_path, capsys):
     assert "unigram entropy" in c.runs[6].reason
     with open(tmp_path / "fit_table.csv") as f:
         lines = f.read().splitlines()
-    assert lines[0] == "n_once,n_rec,r,tokens,loss,run,variant,flops,seed,n_adapter,tokens_per_param,vocab_size,skipped_steps"
+    assert lines[0] == ("n_once,n_rec,r,tokens,loss,run,variant,flops,seed,n_adapter,tokens_per_param,vocab_size,"
+                        "skipped_steps,tokens_by_dataset")
     # flops: the budget, for iso-FLOP groups; 100 tokens / 3 parameters; vocab 320 from the config
-    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0,1337,0,33.333,320,0"
+    assert lines[1] == f"1,2,1,100,3.0,{names[0]},baseline,300000000.0,1337,0,33.333,320,0,{{}}"
     with open(tmp_path / "test_time.csv") as f:
         curves = f.read().splitlines()
     assert curves[0] == "run,variant,r,r_test,loss,n_once,n_rec,tokens,flops"

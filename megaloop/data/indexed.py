@@ -23,6 +23,7 @@ against the file sizes cheaply on open; `full_check=True` also reads every token
 """
 from __future__ import annotations
 
+import array
 import os
 import struct
 import zlib
@@ -51,50 +52,133 @@ def strip_prefix(path: str) -> str:
     return path[:-4] if path.endswith((".bin", ".idx")) else path
 
 
-class IndexedDatasetWriter:
-    """Append documents (token id sequences); `finalize()` publishes PREFIX.bin/.idx atomically.
+class TokenFileWriter:
+    """The .bin half of a token file pair: documents appended to a temporary file, their lengths
+    kept (8 bytes per document). Subclasses write the index and publish the pair atomically
+    (`finalize`): on an exception inside `with`, the temporary files are removed and nothing is
+    published."""
 
-    Use as a context manager: on an exception the temporary files are removed and nothing is
-    published.
-    """
-
-    def __init__(self, prefix: str, vocab_size: int, eos_id: int, tokenizer_fingerprint: int = 0):
+    def __init__(self, prefix: str, vocab_size: int, eos_id: int, dtype: np.dtype, tokenizer_fingerprint: int = 0):
         self.prefix = strip_prefix(prefix)
         self.vocab_size, self.eos_id = int(vocab_size), int(eos_id)
         if not 0 <= self.eos_id < self.vocab_size:
             raise ValueError(f"eos id {eos_id} outside the vocabulary [0, {vocab_size})")
         self.fingerprint = int(tokenizer_fingerprint) & (2**64 - 1)
-        self.dtype = dtype_for_vocab(self.vocab_size)
+        self.dtype = np.dtype(dtype)
         d = os.path.dirname(os.path.abspath(self.prefix))
         os.makedirs(d, exist_ok=True)
         self._tmp_bin = f"{self.prefix}.bin.tmp{os.getpid()}"
         self._tmp_idx = f"{self.prefix}.idx.tmp{os.getpid()}"
         self._bin = open(self._tmp_bin, "wb")
-        self._offsets = [0]
+        self._lengths = array.array("q")
         self._max = 0
         self._crc = 0
         self._eos = np.array([self.eos_id], dtype=self.dtype)
         self._done = False
 
-    def add_document(self, tokens: Union[np.ndarray, Iterable[int]]) -> None:
-        """Append one document; its end-of-document id is appended here."""
-        arr = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens), dtype=np.int64)
+    @property
+    def n_docs(self) -> int:
+        return len(self._lengths)
+
+    def _check_range(self, arr: np.ndarray) -> None:
         if arr.size:
             lo, hi = int(arr.min()), int(arr.max())
             if lo < 0 or hi >= self.vocab_size:
                 raise DatasetError(f"token id {hi if hi >= self.vocab_size else lo} outside the vocabulary "
                                    f"[0, {self.vocab_size}) while writing {self.prefix}.bin")
             self._max = max(self._max, hi)
-        data = np.concatenate([arr.astype(self.dtype), self._eos]).tobytes()
+
+    def add_document(self, tokens: Union[np.ndarray, Iterable[int]]) -> None:
+        """Append one document; its end-of-document id is appended here."""
+        arr = np.asarray(tokens if isinstance(tokens, np.ndarray) else list(tokens), dtype=np.int64)
+        self._check_range(arr)
+        self._write(np.concatenate([arr.astype(self.dtype), self._eos]).tobytes())
+        self._lengths.append(arr.size + 1)
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given back to back, each already ending with the eos id."""
+        if not len(lengths):
+            return
+        self._check_range(tokens)
+        self._write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._lengths.frombytes(np.asarray(lengths, dtype=np.int64).tobytes())
+
+    def _write(self, data: bytes) -> None:
         self._bin.write(data)
         self._crc = zlib.crc32(data, self._crc)
-        self._offsets.append(self._offsets[-1] + arr.size + 1)
 
-    def finalize(self) -> None:
+    def remove_document(self, k: int) -> np.ndarray:
+        """Take document k out of the file (a copy of the rest, so for small outputs only: it moves
+        one document across the split of a tiny corpus). Returns its tokens, eos included."""
+        self._bin.flush()
+        start = sum(self._lengths[:k]) * self.dtype.itemsize
+        size = self._lengths[k] * self.dtype.itemsize
+        old = f"{self._tmp_bin}.old"
+        self._bin.close()
+        os.replace(self._tmp_bin, old)
+        self._bin, self._crc, self._max = open(self._tmp_bin, "wb"), 0, 0
+        with open(old, "rb") as src:
+            for lo, hi in ((0, start), (start + size, None)):
+                src.seek(lo)
+                todo = None if hi is None else hi - lo
+                while todo is None or todo > 0:
+                    chunk = src.read(1 << 24 if todo is None else min(todo, 1 << 24))
+                    if not chunk:
+                        break
+                    self._check_range(np.frombuffer(chunk, dtype=self.dtype))
+                    self._write(chunk)
+                    if todo is not None:
+                        todo -= len(chunk)
+            src.seek(start)
+            doc = np.frombuffer(src.read(size), dtype=self.dtype).copy()
+        os.remove(old)
+        del self._lengths[k]
+        return doc
+
+    def _close_bin(self) -> None:
         self._bin.flush()
         os.fsync(self._bin.fileno())
         self._bin.close()
-        offsets = np.asarray(self._offsets, dtype="<i8")
+
+    def _publish(self, extra: Optional[tuple[str, str]] = None) -> None:
+        """Rename into place: .bin first, any sidecar next, .idx last, so a reader that finds a
+        new .idx also finds what it describes."""
+        os.replace(self._tmp_bin, f"{self.prefix}.bin")
+        if extra is not None:
+            os.replace(*extra)
+        os.replace(self._tmp_idx, f"{self.prefix}.idx")
+        self._done = True
+
+    def finalize(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        if not self._bin.closed:
+            self._bin.close()
+        for p in (self._tmp_bin, self._tmp_idx, f"{self._tmp_bin}.old"):
+            if os.path.exists(p):
+                os.remove(p)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and not self._done:
+            self.finalize()
+        elif not self._done:
+            self.abort()
+
+
+class IndexedDatasetWriter(TokenFileWriter):
+    """Writes megaloop's own pair (MLOOPIDX): append documents, `finalize()` publishes atomically."""
+
+    def __init__(self, prefix: str, vocab_size: int, eos_id: int, tokenizer_fingerprint: int = 0):
+        super().__init__(prefix, vocab_size, eos_id, dtype_for_vocab(vocab_size), tokenizer_fingerprint)
+
+    def finalize(self) -> None:
+        self._close_bin()
+        offsets = np.zeros(len(self._lengths) + 1, dtype="<i8")
+        np.cumsum(np.frombuffer(self._lengths, dtype=np.int64), out=offsets[1:])
         max_token = max(self._max, self.eos_id) if len(offsets) > 1 else 0
         header = HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.vocab_size, self.eos_id,
                              len(offsets) - 1, int(offsets[-1]), max_token, self.fingerprint,
@@ -104,26 +188,7 @@ class IndexedDatasetWriter:
             f.write(offsets.tobytes())
             f.flush()
             os.fsync(f.fileno())
-        # .idx last: a reader that finds a new .idx also finds the .bin it describes.
-        os.replace(self._tmp_bin, f"{self.prefix}.bin")
-        os.replace(self._tmp_idx, f"{self.prefix}.idx")
-        self._done = True
-
-    def abort(self) -> None:
-        if not self._bin.closed:
-            self._bin.close()
-        for p in (self._tmp_bin, self._tmp_idx):
-            if os.path.exists(p):
-                os.remove(p)
-
-    def __enter__(self) -> "IndexedDatasetWriter":
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None and not self._done:
-            self.finalize()
-        elif not self._done:
-            self.abort()
+        self._publish()
 
 
 class IndexedDataset:
@@ -205,8 +270,31 @@ class IndexedDataset:
                 f"vocab={self.vocab_size}, dtype={self.dtype.name})")
 
 
-def check_vocab(ds: IndexedDataset, vocab_size: int, tokenizer_fingerprint: Optional[int] = None) -> None:
-    """Raise DatasetError unless `ds` was built for this vocabulary (and tokenizer, when known)."""
+def open_dataset(prefix: str, full_check: bool = False):
+    """A token dataset of either format, told apart by the magic of PREFIX.idx: megaloop's own
+    (IndexedDataset) or Megatron's (megatron.MegatronDataset)."""
+    from .megatron import MegatronDataset, is_megatron
+    return MegatronDataset(prefix, full_check) if is_megatron(prefix) else IndexedDataset(prefix, full_check)
+
+
+def check_vocab(ds, vocab_size: int, tokenizer_fingerprint: Optional[int] = None) -> None:
+    """Raise DatasetError unless `ds` was built for this vocabulary (and tokenizer, when known).
+
+    A Megatron pair records no vocabulary: its dtype must hold every id of the model's vocabulary,
+    and its largest id (read once, when no sidecar records it) must be inside it."""
+    if ds.vocab_size is None:
+        if np.iinfo(ds.dtype).max < vocab_size - 1:
+            raise DatasetError(f"{ds.prefix}.idx stores {ds.dtype.name} ids (up to {np.iinfo(ds.dtype).max}) but the "
+                               f"tokenizer has {vocab_size} tokens (model.vocab_size): these files were made with "
+                               f"another tokenizer. Tokenize the corpus again with this one (`megaloop preprocess "
+                               f"--format megatron`, or megatron's preprocess_data.py) or set model.vocab_size to "
+                               f"the vocabulary the files were made with")
+        hi = ds.max_token if ds.max_token is not None else ds.scan_max_token()
+        if hi >= vocab_size:
+            raise DatasetError(f"{ds.prefix}.bin holds token id {hi}, outside model.vocab_size={vocab_size}: these "
+                               f"files were made with another tokenizer. Set model.vocab_size to at least {hi + 1} "
+                               f"or tokenize the corpus again with the configured tokenizer")
+        return
     if ds.vocab_size != vocab_size:
         raise DatasetError(f"{ds.prefix}.idx was built with a {ds.vocab_size}-token vocabulary but the model has "
                            f"model.vocab_size={vocab_size}: set model.vocab_size={ds.vocab_size} or re-run "

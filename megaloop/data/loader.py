@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError
-from .indexed import IndexedDataset
+from .indexed import open_dataset
 
 STATE_VERSION = 1
 
@@ -59,7 +59,7 @@ class PackedLoader:
         if seq_len < 1 or micro_batch_size < 1 or not 0 <= dp_rank < dp_size:
             raise ValueError(f"bad loader shape: seq_len={seq_len}, micro_batch_size={micro_batch_size}, "
                              f"dp_rank={dp_rank}, dp_size={dp_size}")
-        self.datasets = [IndexedDataset(p) for p in prefixes]
+        self.datasets = [open_dataset(p) for p in prefixes]
         self.seq_len, self.micro_batch_size = int(seq_len), int(micro_batch_size)
         self.seed, self.dp_rank, self.dp_size = int(seed), int(dp_rank), int(dp_size)
         self.weights = np.asarray(weights, dtype=np.float64) / sum(weights)
@@ -70,6 +70,9 @@ class PackedLoader:
                                    f"{self.seq_len + 1}: lower model.seq_len or add data")
         self.global_samples = 0                       # samples consumed by all ranks together
         self.counts = np.zeros(len(self.datasets), dtype=np.int64)  # per dataset, across epochs
+        # Samples drawn into steps that a divergence rewind threw away (train.on_divergence): drawn,
+        # but not trained on. counts - discarded is the token ledger (tokens_by_dataset).
+        self.discarded = np.zeros(len(self.datasets), dtype=np.int64)
         self._perms: dict[int, tuple[int, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ order
@@ -114,6 +117,23 @@ class PackedLoader:
         """Epochs consumed of each dataset (fractional)."""
         return [float(c) / n for c, n in zip(self.counts, self.samples_per_epoch)]
 
+    # ------------------------------------------------------------------ token ledger
+
+    def tokens_by_dataset(self) -> dict:
+        """The token ledger: target tokens trained on, per training dataset (its prefix), counted
+        from the global sample stream, so it is the same on every rank and for any data-parallel
+        size. Each sample is seq_len target tokens; samples of steps a rewind discarded do not
+        count. Its sum is the run's D (tokens) for the scaling-law fit."""
+        trained = (self.counts - self.discarded) * self.seq_len
+        return {d.prefix: int(t) for d, t in zip(self.datasets, trained)}
+
+    def discard_since(self, saved_state: dict) -> None:
+        """A rewind to a checkpoint whose loader state is `saved_state`: the samples drawn since
+        stay consumed (the stream goes on) but leave the ledger, which returns to the saved one."""
+        saved_trained = np.asarray(saved_state["counts"], dtype=np.int64) - np.asarray(
+            saved_state.get("discarded", [0] * len(self.datasets)), dtype=np.int64)
+        self.discarded = self.counts - saved_trained
+
     # ------------------------------------------------------------------ resume
 
     def _identity(self) -> list[dict]:
@@ -124,7 +144,8 @@ class PackedLoader:
         """Plain Python data; independent of dp_rank, dp_size and micro_batch_size."""
         return {"version": STATE_VERSION, "global_samples": int(self.global_samples),
                 "counts": [int(c) for c in self.counts], "seed": self.seed, "seq_len": self.seq_len,
-                "weights": [float(w) for w in self.weights], "datasets": self._identity()}
+                "weights": [float(w) for w in self.weights], "datasets": self._identity(),
+                "discarded": [int(c) for c in self.discarded], "tokens_by_dataset": self.tokens_by_dataset()}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -146,6 +167,7 @@ class PackedLoader:
                                f"{self.weights.tolist()}. Resume with the same data.train weights")
         self.global_samples = int(state["global_samples"])
         self.counts = np.asarray(state["counts"], dtype=np.int64)
+        self.discarded = np.asarray(state.get("discarded", [0] * len(self.datasets)), dtype=np.int64)
         if self.counts.sum() != self.global_samples:
             raise DatasetError("loader state is inconsistent (per-dataset counts do not add up)")
 
@@ -155,7 +177,7 @@ def eval_batches(prefix: str, seq_len: int, batch_size: int,
     """Validation batches in file order, unshuffled: windows with stride seq_len, so every target
     token is scored once. Stops after max_tokens targets (at least one window); the last batch may
     be smaller than batch_size. Identical on every call and every rank."""
-    ds = IndexedDataset(prefix)
+    ds = open_dataset(prefix)
     n = num_windows(ds.n_tokens, seq_len)
     if n == 0:
         raise DatasetError(f"{ds.prefix}: the validation set has {ds.n_tokens} tokens, fewer than "

@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
+from .documents import FORMATS_HINT, source_files
 from .errors import DatasetError
-from .indexed import IndexedDataset, check_vocab
+from .indexed import check_vocab, open_dataset
 from .preprocess import preprocess
 from .tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
@@ -42,7 +43,8 @@ class Prepared:
 
 def resolve_corpus(patterns: list) -> list[str]:
     """Expand globs relative to the cwd, falling back to the repo root (so the bundled corpus is
-    found from any directory). Sorted, de-duplicated absolute paths."""
+    found from any directory). Sorted, de-duplicated absolute paths of files and folders (a folder
+    of shards or a saved `datasets` folder is one entry: documents.expand_sources reads it)."""
     files: set[str] = set()
     for pat in patterns:
         pat = os.path.expanduser(str(pat))
@@ -51,8 +53,8 @@ def resolve_corpus(patterns: list) -> list[str]:
             hits = glob.glob(os.path.join(REPO_ROOT, pat), recursive=True)
         if not hits:
             raise DatasetError(f"data.corpus entry {pat!r} matches no file (looked in {os.getcwd()} and "
-                               f"{REPO_ROOT}). Point data.corpus at .txt/.jsonl(.gz) files")
-        files.update(os.path.abspath(h) for h in hits if os.path.isfile(h))
+                               f"{REPO_ROOT}). Point data.corpus at {FORMATS_HINT}")
+        files.update(os.path.abspath(h) for h in hits if os.path.isfile(h) or os.path.isdir(h))
     if not files:
         raise DatasetError(f"data.corpus {patterns} matches no files")
     return sorted(files)
@@ -69,7 +71,7 @@ def _check_tokenizer(path: str, vocab_size: int) -> Tokenizer:
 
 def _check_datasets(train: list, valid: str, vocab_size: int, tok: Optional[Tokenizer]) -> None:
     for prefix in [p for p, _ in train] + [valid]:
-        check_vocab(IndexedDataset(prefix), vocab_size, tok.fingerprint if tok else None)
+        check_vocab(open_dataset(prefix), vocab_size, tok.fingerprint if tok else None)
 
 
 @contextlib.contextmanager
@@ -150,12 +152,14 @@ class HashMemo:
 
 
 def cache_key(digests: list, vocab_size: int, tokenizer_type: str, valid_fraction: float,
-              text_key: str, tokenizer: Optional[Tokenizer]) -> str:
+              text_key: str, tokenizer: Optional[Tokenizer], split: str = "train") -> str:
     """`digests`: (size, content hash) per corpus file, in path order (HashMemo.digests)."""
     meta = {"format": CACHE_FORMAT, "vocab_size": vocab_size, "valid_fraction": valid_fraction,
             "text_key": text_key,
             "tokenizer": f"given:{tokenizer.fingerprint:016x}" if tokenizer else f"train:{tokenizer_type}",
             "files": [list(d) for d in digests]}
+    if split != "train":  # only then, so the keys of existing caches stay as they were
+        meta["split"] = split
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -175,11 +179,13 @@ def ensure_prepared(data_cfg, vocab_size: int, log: Callable[[str], None] = prin
         _check_datasets(train, given_valid, vocab_size, tok)
         return Prepared(data_cfg.tokenizer, train, given_valid, built=False)
 
+    split = getattr(data_cfg, "split", "train")
     files = resolve_corpus(list(data_cfg.corpus))
     cache_root = os.path.abspath(data_cfg.cache_dir)
     hashes = HashMemo(cache_root)
-    key = cache_key(hashes.digests(files), vocab_size, data_cfg.tokenizer_type, data_cfg.valid_fraction,
-                    data_cfg.text_key, tok)
+    # A folder's key is every file under it (a folder of shards: the shards of every split).
+    key = cache_key(hashes.digests([f for src in files for f in source_files(src)]), vocab_size,
+                    data_cfg.tokenizer_type, data_cfg.valid_fraction, data_cfg.text_key, tok, split)
     final = os.path.join(cache_root, key)
     tok_path = data_cfg.tokenizer or os.path.join(final, "tokenizer.model")
     result = Prepared(tok_path, [(os.path.join(final, "train"), 1.0)], os.path.join(final, "valid"))
@@ -204,12 +210,12 @@ def ensure_prepared(data_cfg, vocab_size: int, log: Callable[[str], None] = prin
                 log(f"data: training a {vocab_size}-token {data_cfg.tokenizer_type} tokenizer on {len(files)} "
                     f"file(s)")
                 model = train_tokenizer(files, os.path.join(tmp, "tokenizer"), vocab_size,
-                                        data_cfg.tokenizer_type, text_key=data_cfg.text_key)
+                                        data_cfg.tokenizer_type, text_key=data_cfg.text_key, split=split)
             else:
                 model = data_cfg.tokenizer
             t1 = time.perf_counter()
             stats = preprocess(files, model, tmp, data_cfg.valid_fraction, data_cfg.workers, data_cfg.text_key,
-                               log=log)
+                               log=log, split=split)
             t2 = time.perf_counter()
             with open(os.path.join(tmp, "DONE"), "w") as f:
                 json.dump({"files": files, "vocab_size": vocab_size, "tokenizer_type": data_cfg.tokenizer_type,

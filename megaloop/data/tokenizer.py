@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import re
 from typing import Iterable, Iterator, Sequence
@@ -32,14 +33,15 @@ SEED = 1234
 META = "\u2581"
 
 
-def _training_sentences(files: Sequence[str], text_key: str, max_sentence_length: int) -> Iterator[str]:
+def _training_sentences(files: Sequence[str], text_key: str, max_sentence_length: int,
+                        split: str = "train") -> Iterator[str]:
     """Non-empty lines of every document; lines longer than the limit are cut into pieces.
 
     sentencepiece silently skips sentences over max_sentence_length bytes; cutting keeps their text
     in the statistics. A slice of max_sentence_length // 4 characters is at most that many bytes.
     """
     step = max(1, max_sentence_length // 4)
-    for doc in iter_documents(files, text_key):
+    for doc in iter_documents(files, text_key, split):
         for line in doc.split("\n"):
             if not line:
                 continue
@@ -52,7 +54,8 @@ def _training_sentences(files: Sequence[str], text_key: str, max_sentence_length
 
 def train_tokenizer(files: Iterable[str], out_prefix: str, vocab_size: int, model_type: str = "unigram",
                     text_key: str = "text", max_sentence_length: int = 16384,
-                    max_sentences: int = 10_000_000, character_coverage: float = 0.9995) -> str:
+                    max_sentences: int = 10_000_000, character_coverage: float = 0.9995,
+                    split: str = "train") -> str:
     """Train a lossless sentencepiece model on the documents of `files`; return `out_prefix.model`.
 
     Deterministic given the files (content and order) and the arguments. At most `max_sentences`
@@ -73,7 +76,7 @@ def train_tokenizer(files: Iterable[str], out_prefix: str, vocab_size: int, mode
 
     def sentences() -> Iterator[str]:
         try:
-            for s in _training_sentences(files, text_key, max_sentence_length):
+            for s in _training_sentences(files, text_key, max_sentence_length, split):
                 seen[0] += 1
                 yield s
         except DatasetError as e:
@@ -95,7 +98,7 @@ def train_tokenizer(files: Iterable[str], out_prefix: str, vocab_size: int, mode
         if caught:
             raise caught[0] from None
         if not seen[0]:
-            raise no_text_error(files, text_key) from None
+            raise no_text_error(files, text_key, split) from None
         msg = str(e)
         m = re.search(r"smaller than required_chars\. (\d+) vs (\d+)", msg)
         if m:
@@ -117,8 +120,27 @@ def train_tokenizer(files: Iterable[str], out_prefix: str, vocab_size: int, mode
     return path
 
 
+def is_hf_tokenizer(path: str) -> bool:
+    """A Hugging Face `tokenizer.json` (or a model folder holding one) rather than a sentencepiece model."""
+    path = os.fspath(path)
+    return path.endswith(".json") or os.path.isfile(os.path.join(path, "tokenizer.json"))
+
+
+def fingerprint(blob: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+
+
 class Tokenizer:
-    """A loaded sentencepiece model. `eos_id` marks the end of each document in datasets."""
+    """A loaded tokenizer. `eos_id` marks the end of each document in datasets.
+
+    `Tokenizer(path)` opens a sentencepiece `.model`, or a Hugging Face `tokenizer.json` (or a
+    folder holding one): that gives an `HFTokenizer`, with the same methods.
+    """
+
+    def __new__(cls, path: str):
+        if cls is Tokenizer and is_hf_tokenizer(path):
+            return super().__new__(HFTokenizer)
+        return super().__new__(cls)
 
     def __init__(self, path: str):
         self.path = os.fspath(path)
@@ -140,7 +162,7 @@ class Tokenizer:
             raise TokenizerError(f"{self.path} has no end-of-document (eos) id. Train the tokenizer with "
                                  f"`megaloop tokenizer`, which reserves one")
         # 64-bit fingerprint of the model file: datasets record it to detect a tokenizer mismatch.
-        self.fingerprint = int.from_bytes(hashlib.blake2b(blob, digest_size=8).digest(), "little")
+        self.fingerprint = fingerprint(blob)
 
     @property
     def vocab_size(self) -> int:
@@ -156,7 +178,8 @@ class Tokenizer:
         return self.sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        out = self.sp.encode([t for t in texts if META not in t])
+        # One thread: preprocess parallelises over worker processes, one core each.
+        out = self.sp.encode([t for t in texts if META not in t], num_threads=1)
         it = iter(out)
         return [self._encode_with_meta(t) if META in t else next(it) for t in texts]
 
@@ -179,3 +202,79 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.path!r}, vocab_size={self.vocab_size}, eos_id={self.eos_id})"
+
+
+# Names an end-of-text token goes by in published tokenizers, tried in this order when no
+# tokenizer_config.json beside the tokenizer names its eos_token.
+EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[EOS]", "<|im_end|>")
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, through the `tokenizers` library.
+
+    Documents are encoded with `add_special_tokens=False`: the tokenizer's own template (a bos
+    before the text, an eos after it, as some post-processors add) is never applied, so no bos is
+    added and megaloop appends the end-of-document id itself, once per document, exactly as for
+    sentencepiece. That id is the `eos_token` named by a tokenizer_config.json beside the file
+    (Hugging Face model folders have one), else the first of EOS_NAMES in the vocabulary.
+    Round trips are lossless when the tokenizer is (byte-level BPE is; a normalizer that rewrites
+    text, e.g. NFKC or lowercasing, is not).
+    """
+
+    def __init__(self, path: str):
+        path = os.fspath(path)
+        self.path = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.isfile(self.path):
+            raise TokenizerError(f"tokenizer not found: {self.path}. Point data.tokenizer (or --tokenizer) at a "
+                                 f"tokenizer.json, a folder holding one, or a sentencepiece .model")
+        from .documents import optional_import
+        tokenizers = optional_import("tokenizers", f"the tokenizer {self.path}")
+        with open(self.path, "rb") as f:
+            blob = f.read()
+        try:
+            self.hf = tokenizers.Tokenizer.from_str(blob.decode("utf-8"))
+        except Exception as e:
+            raise TokenizerError(f"{self.path} is not a valid Hugging Face tokenizer.json ({e}). It may be "
+                                 f"truncated or corrupt: save it again with tokenizer.save()") from None
+        self._eos = self._find_eos()
+        self.fingerprint = fingerprint(blob)
+
+    def _find_eos(self) -> int:
+        config = os.path.join(os.path.dirname(os.path.abspath(self.path)), "tokenizer_config.json")
+        named = None
+        if os.path.isfile(config):
+            try:
+                named = json.load(open(config)).get("eos_token")
+            except ValueError:
+                named = None
+            if isinstance(named, dict):
+                named = named.get("content")
+        for name in ([named] if named else []) + list(EOS_NAMES):
+            i = self.hf.token_to_id(name)
+            if i is not None:
+                return int(i)
+        raise TokenizerError(f"{self.path} has no end-of-text token (none of {', '.join(EOS_NAMES)}, and no "
+                             f"tokenizer_config.json beside it naming an eos_token). Add one as a special token, "
+                             f"e.g. tokenizer.add_special_tokens(['<|endoftext|>']), and save it again")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def eos_id(self) -> int:
+        return self._eos
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        # encode_batch would spread over the library's own threads: preprocess's workers already
+        # use one core each (TOKENIZERS_PARALLELISM is switched off in them).
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.hf.id_to_token(int(i))

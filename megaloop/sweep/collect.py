@@ -45,7 +45,7 @@ from .plan import read_manifest
 from ..run_lock import holder
 
 TABLE_COLUMNS = ("n_once", "n_rec", "r", "tokens", "loss", "run", "variant", "flops", "seed", "n_adapter",
-                 "tokens_per_param", "vocab_size", "skipped_steps")
+                 "tokens_per_param", "vocab_size", "skipped_steps", "tokens_by_dataset")
 # One row per finished run and evaluated r_test (summary.json's val_loss_by_r): test-time curves.
 TEST_TIME_COLUMNS = ("run", "variant", "r", "r_test", "loss", "n_once", "n_rec", "tokens", "flops")
 STATUSES = ("finished", "diverged", "failed", "running", "incomplete", "missing")
@@ -120,6 +120,8 @@ def run_status(sweep_dir: str, row: dict) -> RunStatus:
                      "tokens_per_param": round(tokens / max(1.0, n_once + n_rec), 3),
                      "vocab_size": round(math.exp(uniform)) if uniform is not None else "",
                      "skipped_steps": int(s.get("skipped_steps") or 0),
+                     # the token ledger (summary.json): tokens trained per dataset, summing to `tokens`
+                     "tokens_by_dataset": json.dumps(s.get("tokens_by_dataset") or {}, sort_keys=True),
                      "val_loss_by_r": s.get("val_loss_by_r") or {}}
         if s.get("skipped_steps"):
             notes.append(f"{s['skipped_steps']} non-finite step(s) skipped")
