@@ -30,17 +30,6 @@ commands:
 Run `megaloop <command> --help` for the options of one command."""
 
 
-def _user_errors() -> tuple:
-    from .errors import UserError
-    errors: list = [UserError]
-    for mod, name in (("megaloop.data.errors", "DatasetError"), ("megaloop.analysis.table", "FitInputError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
 def cmd_train(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="megaloop train", description="Pretrain a looped language model.")
     ap.add_argument("config", help="YAML config (see configs/)")
@@ -81,7 +70,7 @@ def cmd_eval(argv: list[str]) -> int:
     add_eval_args(ap)
     args = ap.parse_args(argv)
     from .errors import UserError
-    from .train import evaluate_run
+    from .evaluate import evaluate_run
     if args.tokens is not None and args.tokens < 1:
         raise UserError(f"--tokens must be a positive number of validation tokens, got {args.tokens}")
     recur = []
@@ -184,8 +173,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "capacity": _delegate("megaloop.analysis.cli", "capacity_main"),
     "sweep": _delegate("megaloop.sweep.cli", "sweep_main"),
     "export": _delegate("megaloop.export", "export_main"),
-    "generate": _delegate("megaloop.export", "generate_main"),
-    "checkpoint": _delegate("megaloop.export", "checkpoint_main"),
+    "generate": _delegate("megaloop.commands.generate", "generate_main"),
+    "checkpoint": _delegate("megaloop.commands.checkpoint", "checkpoint_main"),
 }
 
 
@@ -198,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"megaloop: unknown command '{cmd}'.\n\n{USAGE}", file=sys.stderr)
         return 2
-    errors = _user_errors()
+    from .errors import UserError  # every command's user mistakes (data, fit input, ...) derive from it
     try:
         return int(COMMANDS[cmd](rest) or 0)
-    except errors as e:
+    except UserError as e:
         print(f"megaloop {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return getattr(e, "exit_status", 2)  # e.g. another rank's failure keeps that rank's status
     except KeyboardInterrupt:

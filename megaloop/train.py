@@ -433,27 +433,3 @@ def _progress(cfg: Config, total: int, done: int, is_main: bool):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-
-
-def evaluate_run(path: str, recur: list[int], max_tokens: Optional[int] = None, log=print) -> dict:
-    """`megaloop eval`: val loss at several r of a run (its latest checkpoint) or an export folder.
-    For a run directory the losses are also merged into its summary.json (val_loss_by_r)."""
-    from .data.loader import eval_batches
-    from .data.prepare import ensure_prepared
-    from .export import load_pretrained
-    from .parallel import local_engine
-
-    model, cfg, _ = load_pretrained(path)
-    engine = local_engine(cfg, model, resolve_device(cfg))
-    data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log)
-    tokens = max_tokens or cfg.train.eval_tokens
-    by_r = {}
-    for r in recur:
-        by_r[str(r)] = engine.eval_loss(eval_batches(data.valid, cfg.model.seq_len, cfg.train.micro_batch_size, tokens), r)
-        log(f"r={r}: val_loss={by_r[str(r)]:.4f}")
-    if os.path.isdir(ckpt.ckpt_root(path)):
-        summary_path = os.path.join(path, "summary.json")
-        summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-        summary.setdefault("val_loss_by_r", {}).update(by_r)
-        ckpt.write_atomic(summary_path, json.dumps(summary, indent=2).encode())
-    return by_r

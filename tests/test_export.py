@@ -9,7 +9,7 @@ import yaml
 from conftest import tiny_raw
 from megaloop import checkpoint as ckpt
 from megaloop.cli import main
-from megaloop.export import load_pretrained
+from megaloop.pretrained import load_pretrained
 from megaloop.parallel.dcp_state import read_weights
 
 

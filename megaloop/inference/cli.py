@@ -50,7 +50,7 @@ def decode(model, idx, args, generator=None):
     opts = decoding_options(args, model.cfg.num_recur)
     if args.no_cache:
         return model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, opts["num_recur"],
-                              generator=generator, use_cache=False)
+                              generator=generator)
     from .generate import generate
     gen = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator, **opts)
     c = gen.cache

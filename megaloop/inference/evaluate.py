@@ -49,7 +49,7 @@ def exit_sweep(path: str, rules: list[ExitRule], max_recur: Optional[int], token
     """Val loss and mean recurrences for each rule, plus the fixed-depth losses for reference."""
     from ..data.loader import eval_batches
     from ..data.prepare import ensure_prepared
-    from ..export import load_pretrained
+    from ..pretrained import load_pretrained
 
     model, cfg, _ = load_pretrained(path)
     data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
