@@ -18,9 +18,11 @@ setup(
         "megaloop.analysis": "analysis",
     },
     # torch is deliberately unpinned here: setup.sh pins 2.13.0 on CPU machines, while a GPU
-    # cluster keeps the CUDA build it already has.
+    # cluster keeps the CUDA build it already has. The floor is the newest torch API the code calls:
+    # torch.nn.utils.get_total_norm and clip_grads_with_norm_ (2.6; SDPA's enable_gqa is 2.5).
+    # Tested against 2.13.0 only (tests/test_setup.py keeps the floor and the calls in step).
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "numpy",
         "pyyaml",
         "tqdm",

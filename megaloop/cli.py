@@ -38,11 +38,14 @@ def cmd_train(argv: list[str]) -> int:
     ap.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest complete checkpoint")
     args = ap.parse_args(argv)
     from .config import load_config
+    from .parallel.engines import rendezvous_from_env
     from .train import train
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rendezvous_from_env().rank == 0:  # torchrun's RANK or a direct srun's SLURM_PROCID: one summary
         run_dir = os.path.abspath(cfg.train.run_dir)
+        with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+            latest = f.read().strip()
         print(f"\nvalidation loss {summary['val_loss']:.4f} nats/token at r={summary['r']}"
               + (f" (unigram entropy of the validation split: {summary['unigram_entropy']:.4f}; "
                  f"{_gap(summary['val_loss'], summary['unigram_entropy'])})" if "unigram_entropy" in summary else ""))
@@ -51,7 +54,7 @@ def cmd_train(argv: list[str]) -> int:
         if len(summary["val_loss_by_r"]) > 1:
             print("val loss by r: " + ", ".join(f"r={r}: {v:.4f}" for r, v in summary["val_loss_by_r"].items()))
         print(f"run directory: {run_dir}\n  config.yaml, metrics.jsonl, summary.json, checkpoints/ "
-              f"(latest: {open(os.path.join(run_dir, 'checkpoints', 'latest')).read().strip()})")
+              f"(latest: {latest})")
     return 0
 
 

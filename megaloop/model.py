@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as K
-from .config import ModelConfig
+from .config import ModelConfig, recurrences
+
+IGNORE_INDEX = -100  # a target that adds nothing to the loss (the cross-entropy's ignore_index)
 
 try:  # optional fast path on CUDA; torch SDPA otherwise
     from flash_attn import flash_attn_func  # type: ignore
@@ -167,7 +169,7 @@ class LMHead(nn.Module):
         return logits
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over targets != -100."""
+        """Mean cross-entropy over targets != IGNORE_INDEX."""
         return K.softcap_cross_entropy(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.softcap)
 
 
@@ -244,7 +246,7 @@ class LoopedLM(nn.Module):
     # runs its own range of passes through the same three calls (megaloop.parallel.pipeline).
     def run_recurrence(self, e: torch.Tensor, num_recur: Optional[int] = None) -> torch.Tensor:
         """The recurrent group run r times on the prelude output e; returns the coda's input."""
-        r = num_recur or self.cfg.num_recur
+        r = recurrences(num_recur, self.cfg.num_recur)
         return self.end_recurrence(self.run_passes(self.start_recurrence(e), 0, r, r))
 
     def start_recurrence(self, e: torch.Tensor) -> RecurrenceState:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from ..config import recurrences
 from ..model import LoopedLM, sample
 from .decode import Decoder
 from .exit import ExitRule
@@ -54,8 +55,8 @@ def generate(model: LoopedLM, prompts: Union[torch.Tensor, Sequence[Sequence[int
     max_recur: the most recurrences a decoded token may run (default num_recur); past the
     trained r is allowed. kv_budget: recurrent cache slots (1..max_recur; default max_recur).
     """
-    r = num_recur or model.cfg.num_recur
-    depth = max_recur or r
+    r = recurrences(num_recur, model.cfg.num_recur)
+    depth = recurrences(max_recur, r)
     if isinstance(prompts, torch.Tensor):
         ids, pad = prompts, None
     else:

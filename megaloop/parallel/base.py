@@ -19,7 +19,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config
+from ..config import Config, recurrences
+from ..model import IGNORE_INDEX
 from ..optim import set_lr
 from .engine_api import Batch, StepStats, autocast_for
 from .state import ParallelState
@@ -51,7 +52,7 @@ class EngineBase:
         model's; every rank is handed the same draw). inject_nan poisons the loss (fault-injection
         tests): every rank then skips the update, because the loss and the grad norm are global."""
         set_lr(self.optimizer, lr_factor)
-        r = num_recur or self.cfg.model.num_recur
+        r = recurrences(num_recur, self.cfg.model.num_recur)
         loss_t = self._accumulate(list(batches), r, float("nan") if inject_nan else None)
         if self.dp_size > 1:
             dist.all_reduce(loss_t, group=self.st.dp_group)
@@ -117,7 +118,7 @@ class EngineBase:
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[Batch], num_recur: Optional[int] = None) -> float:
         """Mean loss per target token; the batches are dealt round-robin over the DP replicas."""
-        r = num_recur or self.cfg.model.num_recur
+        r = recurrences(num_recur, self.cfg.model.num_recur)
         replicas = self._eval_replicas()
         mine = self.dp_rank if replicas > 1 else 0
         self._train_mode(False)
@@ -127,8 +128,9 @@ class EngineBase:
                 continue
             with autocast_for(self.cfg, self.device):
                 loss = self._eval_loss_of(x.to(self.device), y.to(self.device), r)
-            if loss is not None:
-                tot += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
+            if loss is not None:  # the loss is a mean over the targets that count: weigh it by them
+                n = int((y != IGNORE_INDEX).sum())
+                tot += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=self.device)
         self._train_mode(True)
         self._eval_reduce(tot, replicas)
         return float(tot[0] / tot[1].clamp(min=1))
