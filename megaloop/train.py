@@ -208,6 +208,7 @@ def run(cfg: Config, model: LoopedLM, engine: Engine, device: torch.device, clai
     try:
         engine.barrier()  # rank 0 holds the lock
         latest = check_run_dir(cfg, claim.resume)  # again under the lock: another run may have saved meanwhile
+        engine.barrier()  # every rank has read the run directory before rank 0 writes into it
         trainer = Trainer(cfg, model, engine, device, latest, log, hooks)
         while trainer.step < trainer.budget.steps:
             trainer.after_step(trainer.train_step())
