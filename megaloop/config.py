@@ -106,11 +106,6 @@ class ModelConfig:
         what is per recurrence (hyperconnect parameters, the pipeline's unrolled passes)."""
         return self.recur_sampling.max_draw(self.num_recur)
 
-    @property
-    def grad_recurrences(self) -> int:
-        """g: how many recurrences carry gradients (the last ones)."""
-        return self.num_recur if self.bptt_k is None else min(self.bptt_k, self.num_recur)
-
 
 @dataclass
 class ParallelConfig:

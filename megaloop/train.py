@@ -30,7 +30,7 @@ from .divergence import DivergenceGuard
 from .errors import UserError
 from .hooks import TrainHooks
 from .hooks import from_env as hooks_from_env
-from .mfu import peak_flops
+from .mfu import mfu, peak_flops
 from .model import LoopedLM
 from .observe import build_sinks, check_backends, close_sinks
 from .optim import lr_factor
@@ -394,7 +394,7 @@ class Trainer:
         tps = (self.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
         self.last_time, self.last_tokens = now, self.tokens
         rec = dict(step=self.step, tokens=self.tokens, loss=stats.loss, lr=self.lr, grad_norm=stats.grad_norm,
-                   tokens_per_s=tps, mfu=tps * self.counts.flops_per_token / self.peak if self.peak else None,
+                   tokens_per_s=tps, mfu=mfu(tps, self.counts.flops_per_token, self.peak or 0.0),
                    skipped_steps=self.guard.skipped_total, elapsed_s=now - self.start, num_recur=self.window[-1])
         if self.depth.sampled and len(self.window) > 1:  # every step's draw, not only the logged one's
             rec["num_recur_window"] = self.window
