@@ -29,7 +29,7 @@ LAYERS = {
     "parallel": ("megaloop.parallel",),
     "data": ("megaloop.data",),
     "loop": ("megaloop.train", "megaloop.checkpoint", "megaloop.run_lock", "megaloop.divergence", "megaloop.faults",
-             "megaloop.observe", "megaloop.convert", "megaloop.pretrained", "megaloop.evaluate"),
+             "megaloop.observe", "megaloop.convert", "megaloop.pretrained", "megaloop.evaluate", "megaloop.hooks"),
     "inference": ("megaloop.inference",),
     "sweep": ("megaloop.sweep",),
     "analysis": ("megaloop.analysis",),
