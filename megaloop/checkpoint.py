@@ -303,9 +303,10 @@ class Checkpointer:
         self.run_dir, self.engine, self.keep, self.meta, self.hooks = run_dir, engine, keep, meta, hooks
         self.pending: Optional[PendingSave] = None  # a save still being written in the background
 
-    def save(self, step: int, trainer_state: dict, background: bool = False) -> None:
+    def save(self, step: int, trainer_state: dict, background: bool = False, root: Optional[str] = None) -> None:
         """Checkpoint `step`. background: return once the state is copied; the save is published
-        by poll() or finish() when its writes are done. One save at a time."""
+        by poll() or finish() when its writes are done. One save at a time. root: another folder
+        than the run directory, whose checkpoints are all kept (none is pruned)."""
         self.finish()
 
         def write(path: str):
@@ -316,8 +317,8 @@ class Checkpointer:
                 torch_save_synced(trainer_state, os.path.join(path, self.TRAINER_STATE))
             return handle
         how = save_async if background else save
-        out = how(self.run_dir, step, write, meta=self.meta, keep=self.keep, is_writer=self.engine.is_main,
-                  barrier=self.engine.barrier)
+        out = how(root or self.run_dir, step, write, meta=self.meta, keep=self.keep if root is None else 1 << 30,
+                  is_writer=self.engine.is_main, barrier=self.engine.barrier)
         self.pending = out if background else None
 
     def poll(self) -> None:
