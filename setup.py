@@ -11,16 +11,18 @@ setup(
     version="0.1.0",
     description="Pretraining and scaling-law measurement for looped language models",
     python_requires=">=3.10",
-    packages=["megaloop", "megaloop.data", "megaloop.inference", "megaloop.inference.hf_modeling", "megaloop.inference.tasks", "megaloop.parallel", "megaloop.sweep", "megaloop.kernels", "megaloop.analysis"],
+    packages=["megaloop", "megaloop.data", "megaloop.inference", "megaloop.inference.hf_modeling", "megaloop.inference.tasks", "megaloop.parallel", "megaloop.sweep", "megaloop.commands", "megaloop.kernels", "megaloop.analysis"],
     package_dir={
         "megaloop": "megaloop",
         "megaloop.kernels": "kernels",
         "megaloop.analysis": "analysis",
     },
     # torch is deliberately unpinned here: setup.sh pins 2.13.0 on CPU machines, while a GPU
-    # cluster keeps the CUDA build it already has.
+    # cluster keeps the CUDA build it already has. The floor is the newest torch API the code calls:
+    # torch.nn.utils.get_total_norm and clip_grads_with_norm_ (2.6; SDPA's enable_gqa is 2.5).
+    # Tested against 2.13.0 only (tests/test_setup.py keeps the floor and the calls in step).
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.6",
         "numpy",
         "pyyaml",
         "tqdm",

@@ -60,7 +60,7 @@ def recurrence_rows(sweep_dir: str, table: pd.DataFrame, factor: int = 2) -> lis
 
     from megaloop.data.loader import eval_batches
     from megaloop.data.prepare import ensure_prepared
-    from megaloop.export import load_pretrained
+    from megaloop.pretrained import load_pretrained
 
     from .recurrence import adapter_split, pass_by_pass
 

@@ -8,11 +8,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-try:  # let the top-level CLI treat it like every other user error, when megaloop is importable
-    from megaloop.errors import UserError as _UserError
-except Exception:  # pragma: no cover - analysis used standalone
-    class _UserError(Exception):
-        pass
+from megaloop.depth import TEST_TIME_SUFFIX  # noqa: F401 - the table's test-time rows, named where sweeps write them
+from megaloop.errors import UserError
 
 REQUIRED = ("n_once", "n_rec", "r", "tokens", "loss")
 OPTIONAL_NUMERIC = ("flops", "n_adapter")
@@ -21,12 +18,9 @@ OPTIONAL_NUMERIC = ("flops", "n_adapter")
 CELL_COLUMNS = ("variant", "n_once", "n_rec", "r")
 # what a run's own record says about its health; an empty cell means "not recorded"
 RECORD_COLUMNS = ("vocab_size", "skipped_steps")
-# The variant suffix of a sampled-depth run's rows at every evaluated r ("test-time" rows: each
-# repeats a run the table also holds once under its own variant).
-TEST_TIME_SUFFIX = "_tt"
 
 
-class FitInputError(ValueError, _UserError):
+class FitInputError(ValueError, UserError):
     """Bad fit input; the message names the offending rows. The CLI prints it and exits 2."""
 
 

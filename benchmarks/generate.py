@@ -6,7 +6,7 @@
 
 Prints one JSON object:
   speed    per r: tokens/s generating --new-tokens greedy tokens from a --prompt-tokens prompt,
-           recomputing the window for every token (`uncached`: LoopedLM.generate(use_cache=False),
+           recomputing the window for every token (`uncached`: LoopedLM.generate,
            whose head sees only the last position) and over the cache (`cached`:
            inference.generate, decoder construction and prefill included). The two alternate
            in one process, a whole generation each per round (order swapped every round), so a
@@ -50,7 +50,7 @@ def load(args):
     if args.run:
         from megaloop.data.loader import eval_batches
         from megaloop.data.prepare import ensure_prepared
-        from megaloop.export import load_pretrained
+        from megaloop.pretrained import load_pretrained
         model, cfg, _ = load_pretrained(args.run)
         valid = ensure_prepared(cfg.data, cfg.model.vocab_size, log=lambda *a: None).valid
         x, y = next(eval_batches(valid, cfg.model.seq_len, args.eval_rows, args.eval_rows * cfg.model.seq_len))
@@ -79,7 +79,7 @@ class Clock:
 
 def one_round(model, prompt, r, n_new, cached_first):
     """One round: a whole greedy generation on each side, each on its own clock (the order
-    alternates between rounds). Uncached: LoopedLM.generate(use_cache=False); cached:
+    alternates between rounds). Uncached: LoopedLM.generate; cached:
     inference.generate (decoder and cache built, prompt prefilled, one step per token)."""
     sides = {}
     for side in (("cached", "uncached") if cached_first else ("uncached", "cached")):
@@ -88,7 +88,7 @@ def one_round(model, prompt, r, n_new, cached_first):
             gen = clock.timed(lambda: generate(model, prompt, n_new, num_recur=r))
             sides[side] = (clock, gen.tokens, gen.cache["bytes"])
         else:
-            ids = clock.timed(lambda: model.generate(prompt, n_new, num_recur=r, use_cache=False))
+            ids = clock.timed(lambda: model.generate(prompt, n_new, num_recur=r))
             sides[side] = (clock, ids, None)
     return sides["uncached"][0], sides["cached"][0], sides["uncached"][1], sides["cached"][1], sides["cached"][2]
 

@@ -24,7 +24,7 @@ from typing import Optional
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import ModelConfig, recurrences
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ def injection_flop_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, num_recur: Optional[int] = None) -> float:
-    r = num_recur or cfg.num_recur
+    r = recurrences(num_recur, cfg.num_recur)
     g = r if cfg.bptt_k is None else min(cfg.bptt_k, r)
     f = r - g
     blk = block_params(cfg)
@@ -139,8 +139,8 @@ def count_params(cfg: ModelConfig, num_recur: Optional[int] = None) -> ParamCoun
     return ParamCounts(
         embedding=emb, head=head, prelude=prelude, recur_group=group, coda=coda, injection=inj,
         outer_norms=outer, n_once=n_once, n_rec=n_rec, total=emb + head + n_once + n_rec,
-        r=num_recur or cfg.num_recur,
-        flops_per_token=flops_per_token(cfg, num_recur) if num_recur else expected_flops_per_token(cfg),
+        r=recurrences(num_recur, cfg.num_recur),
+        flops_per_token=flops_per_token(cfg, num_recur) if num_recur is not None else expected_flops_per_token(cfg),
     )
 
 

@@ -297,3 +297,65 @@ def load_file(path: str, name: str) -> Any:
 def read_meta(path: str) -> dict:
     with open(os.path.join(path, META)) as f:
         return json.load(f)
+
+
+class Checkpointer:
+    """A training run's checkpoints, in one place: saving (in the foreground or, train.async_save,
+    in the background) with the atomic publish above, resuming, and a rewind's reload. The model
+    and optimiser state is one DCP checkpoint the engine writes and reads (save_files /
+    load_files: megaloop/parallel/dcp_state.py); the loop's own state goes to trainer.pt, written
+    by the writer rank. `hooks.in_save` lets a test harness act mid-save (megaloop.hooks)."""
+
+    TRAINER_STATE = "trainer.pt"
+
+    def __init__(self, run_dir: str, engine, keep: int, meta: dict, hooks):
+        self.run_dir, self.engine, self.keep, self.meta, self.hooks = run_dir, engine, keep, meta, hooks
+        self.pending: Optional[PendingSave] = None  # a save still being written in the background
+
+    def save(self, step: int, trainer_state: dict, background: bool = False, root: Optional[str] = None) -> None:
+        """Checkpoint `step`. background: return once the state is copied; the save is published
+        by poll() or finish() when its writes are done. One save at a time. root: another folder
+        than the run directory, whose checkpoints are all kept (none is pruned)."""
+        self.finish()
+
+        def write(path: str):
+            self.hooks.in_save(step, "start")
+            handle = self.engine.save_files(path, background=background)
+            self.hooks.in_save(step, "written")
+            if self.engine.is_main:
+                torch_save_synced(trainer_state, os.path.join(path, self.TRAINER_STATE))
+            return handle
+        how = save_async if background else save
+        out = how(root or self.run_dir, step, write, meta=self.meta, keep=self.keep if root is None else 1 << 30,
+                  is_writer=self.engine.is_main, barrier=self.engine.barrier)
+        self.pending = out if background else None
+
+    def poll(self) -> None:
+        """Publish a background save whose writes are complete (no wait, no collective)."""
+        if self.pending is not None and self.pending.done():
+            self.finish()
+
+    def finish(self) -> None:
+        """Wait for a background save and publish it (nothing in flight: nothing to do)."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.finish()
+
+    def load(self, path: str) -> dict:
+        """Load checkpoint `path` into the engine; returns its trainer state."""
+        self.engine.load_files(path)
+        return load_file(path, self.TRAINER_STATE)
+
+    def latest(self) -> Optional[str]:
+        """The newest complete checkpoint, the same on every rank: a save in flight is finished
+        first, and the barrier keeps every rank from reading `latest` before the writer rank
+        has published (finish() has no collective)."""
+        self.finish()
+        self.engine.barrier()
+        return latest_path(self.run_dir)
+
+    def rewrite_trainer_state(self, path: str, trainer_state: dict) -> None:
+        """Replace the trainer state of the published checkpoint `path` (a rewind's choice)."""
+        if self.engine.is_main:
+            torch_save_atomic(trainer_state, os.path.join(path, self.TRAINER_STATE))
+        self.engine.barrier()

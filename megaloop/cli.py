@@ -30,17 +30,6 @@ commands:
 Run `megaloop <command> --help` for the options of one command."""
 
 
-def _user_errors() -> tuple:
-    from .errors import UserError
-    errors: list = [UserError]
-    for mod, name in (("megaloop.data.errors", "DatasetError"), ("megaloop.analysis.table", "FitInputError")):
-        try:
-            errors.append(getattr(__import__(mod, fromlist=[name]), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
-
-
 def cmd_train(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="megaloop train", description="Pretrain a looped language model.")
     ap.add_argument("config", help="YAML config (see configs/)")
@@ -49,11 +38,14 @@ def cmd_train(argv: list[str]) -> int:
     ap.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest complete checkpoint")
     args = ap.parse_args(argv)
     from .config import load_config
+    from .parallel.engines import rendezvous_from_env
     from .train import train
     cfg = load_config(args.config, args.overrides)
     summary = train(cfg, resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rendezvous_from_env().rank == 0:  # torchrun's RANK or a direct srun's SLURM_PROCID: one summary
         run_dir = os.path.abspath(cfg.train.run_dir)
+        with open(os.path.join(run_dir, "checkpoints", "latest")) as f:
+            latest = f.read().strip()
         print(f"\nvalidation loss {summary['val_loss']:.4f} nats/token at r={summary['r']}"
               + (f" (unigram entropy of the validation split: {summary['unigram_entropy']:.4f}; "
                  f"{_gap(summary['val_loss'], summary['unigram_entropy'])})" if "unigram_entropy" in summary else ""))
@@ -62,7 +54,7 @@ def cmd_train(argv: list[str]) -> int:
         if len(summary["val_loss_by_r"]) > 1:
             print("val loss by r: " + ", ".join(f"r={r}: {v:.4f}" for r, v in summary["val_loss_by_r"].items()))
         print(f"run directory: {run_dir}\n  config.yaml, metrics.jsonl, summary.json, checkpoints/ "
-              f"(latest: {open(os.path.join(run_dir, 'checkpoints', 'latest')).read().strip()})")
+              f"(latest: {latest})")
     return 0
 
 
@@ -81,7 +73,7 @@ def cmd_eval(argv: list[str]) -> int:
     add_eval_args(ap)
     args = ap.parse_args(argv)
     from .errors import UserError
-    from .train import evaluate_run
+    from .evaluate import evaluate_run
     if args.tokens is not None and args.tokens < 1:
         raise UserError(f"--tokens must be a positive number of validation tokens, got {args.tokens}")
     recur = []
@@ -184,8 +176,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "capacity": _delegate("megaloop.analysis.cli", "capacity_main"),
     "sweep": _delegate("megaloop.sweep.cli", "sweep_main"),
     "export": _delegate("megaloop.export", "export_main"),
-    "generate": _delegate("megaloop.export", "generate_main"),
-    "checkpoint": _delegate("megaloop.export", "checkpoint_main"),
+    "generate": _delegate("megaloop.commands.generate", "generate_main"),
+    "checkpoint": _delegate("megaloop.commands.checkpoint", "checkpoint_main"),
 }
 
 
@@ -198,10 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     if cmd not in COMMANDS:
         print(f"megaloop: unknown command '{cmd}'.\n\n{USAGE}", file=sys.stderr)
         return 2
-    errors = _user_errors()
+    from .errors import UserError  # every command's user mistakes (data, fit input, ...) derive from it
     try:
         return int(COMMANDS[cmd](rest) or 0)
-    except errors as e:
+    except UserError as e:
         print(f"megaloop {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)  # always one line
         return getattr(e, "exit_status", 2)  # e.g. another rank's failure keeps that rank's status
     except KeyboardInterrupt:

@@ -20,6 +20,16 @@ class ConfigError(UserError, ValueError):
     """A user-facing configuration mistake: printed without a traceback by the CLI."""
 
 
+def recurrences(num_recur: Optional[int], default: int) -> int:
+    """The recurrences a call runs: num_recur as asked, `default` (the trained r) when it is None.
+    An explicit 0 (or less) is an error, never "the default"."""
+    if num_recur is None:
+        return default
+    if num_recur < 1:
+        raise ConfigError(f"num_recur must be >= 1 (None for the trained r = {default}), got {num_recur}")
+    return num_recur
+
+
 INJECTION_MODES = ("linear", "additive", "passthrough", "hyperconnect")
 RECUR_SAMPLING_KINDS = ("fixed", "poisson_lognormal", "uniform")
 
@@ -95,11 +105,6 @@ class ModelConfig:
         """The deepest training recurrence: num_recur, or the sampler's largest draw. It sizes
         what is per recurrence (hyperconnect parameters, the pipeline's unrolled passes)."""
         return self.recur_sampling.max_draw(self.num_recur)
-
-    @property
-    def grad_recurrences(self) -> int:
-        """g: how many recurrences carry gradients (the last ones)."""
-        return self.num_recur if self.bptt_k is None else min(self.bptt_k, self.num_recur)
 
 
 @dataclass

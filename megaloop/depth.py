@@ -37,6 +37,10 @@ import numpy as np
 from .config import ModelConfig, RecurSampling
 
 QUADRATURE_NODES = 96
+# The variant suffix of a sampled-depth run's rows at every evaluated r in a scaling-law table
+# ("test-time" rows, written by a sweep's collect: each repeats a run the table also holds once
+# under its own variant).
+TEST_TIME_SUFFIX = "_tt"
 _NORMAL = NormalDist()
 
 

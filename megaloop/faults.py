@@ -15,11 +15,12 @@ Points:
                 MEGALOOP_FAULT_RELEASE exists, at most 10 minutes (holds a run mid-training while a
                 test starts a second writer or cancels the job)
 `@rank` limits a fault to one global rank (default: every rank). Each fault fires once per process,
-so a run that rewinds past step N does not meet it again. Unset in normal runs, where every call is
-a dictionary lookup.
+so a run that rewinds past step N does not meet it again. The loop reaches these through the hooks
+of megaloop.hooks (FaultHooks below, installed only where MEGALOOP_FAULT is set).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -76,3 +77,32 @@ def maybe_fail(point: str, step: int) -> None:
 
 def spiked(loss: float, step: int) -> float:
     return loss * SPIKE if armed("spike", step) else loss
+
+
+class FaultHooks:
+    """megaloop.hooks.TrainHooks that inject the configured faults into a run."""
+
+    @contextlib.contextmanager
+    def around_step(self, step: int, model):
+        # `nan`: the final norm's output turns NaN for this step, so the loss and every gradient
+        # are non-finite on every rank (the loss and the grad norm are global): a real skipped step
+        handle = model.norm_final.register_forward_hook(lambda m, i, out: out * float("nan")) \
+            if armed("nan", step) else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def loss_seen(self, step: int, loss: float) -> float:
+        return spiked(loss, step)
+
+    def after_step(self, step: int) -> None:
+        maybe_kill("step", step)
+        maybe_fail("step", step)
+
+    def in_save(self, step: int, phase: str) -> None:
+        if phase == "start":
+            maybe_fail("save", step)
+        else:
+            maybe_kill("save", step)

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import kernels as K
-from .config import ModelConfig
+from .config import ModelConfig, recurrences
+
+IGNORE_INDEX = -100  # a target that adds nothing to the loss (the cross-entropy's ignore_index)
 
 try:  # optional fast path on CUDA; torch SDPA otherwise
     from flash_attn import flash_attn_func  # type: ignore
@@ -167,7 +169,7 @@ class LMHead(nn.Module):
         return logits
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over targets != -100."""
+        """Mean cross-entropy over targets != IGNORE_INDEX."""
         return K.softcap_cross_entropy(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.softcap)
 
 
@@ -244,7 +246,7 @@ class LoopedLM(nn.Module):
     # runs its own range of passes through the same three calls (megaloop.parallel.pipeline).
     def run_recurrence(self, e: torch.Tensor, num_recur: Optional[int] = None) -> torch.Tensor:
         """The recurrent group run r times on the prelude output e; returns the coda's input."""
-        r = num_recur or self.cfg.num_recur
+        r = recurrences(num_recur, self.cfg.num_recur)
         return self.end_recurrence(self.run_passes(self.start_recurrence(e), 0, r, r))
 
     def start_recurrence(self, e: torch.Tensor) -> RecurrenceState:
@@ -318,15 +320,10 @@ class LoopedLM(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
                  top_k: Optional[int] = None, num_recur: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, use_cache: bool = True, **cache_options) -> torch.Tensor:
-        """Greedy (temperature 0) or sampled continuation of idx [B, T].
-
-        With use_cache (the default) decoding runs over the loop-aware KV cache of
-        megaloop.inference, which also takes kv_budget, exit_rule and max_recur; without it every
-        new token recomputes the window (the plain reference)."""
-        from .inference.generate import generate, sample
-        if use_cache:
-            return generate(self, idx, max_new_tokens, temperature, top_k, num_recur, generator, **cache_options).tokens
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Greedy (temperature 0) or sampled continuation of idx [B, T], recomputing the window for
+        every new token: the plain reference. Decoding over the loop-aware KV cache (kv_budget,
+        exit rules, max_recur) is megaloop.inference.generate, which builds on this model."""
         for _ in range(max_new_tokens):
             idx = torch.cat([idx, sample(self.next_logits(idx, num_recur), temperature, top_k, generator)], 1)
         return idx
@@ -336,3 +333,14 @@ class LoopedLM(nn.Module):
         """[B, V] next-token logits after idx [B, T], recomputing the last seq_len positions
         (no cache); only the last position goes through the head."""
         return self.head.logits(self.final_hidden(idx[:, -self.cfg.seq_len:], num_recur)[:, -1])
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator=None) -> torch.Tensor:
+    """[B, V] -> [B, 1]: argmax at temperature 0, else a draw from the (top-k) softmax."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)

@@ -2,13 +2,15 @@
 
 Two trainings on one run directory interleave metrics.jsonl and delete each other's checkpoint
 temp folders; on a cluster a double submission is all it takes. So `megaloop train` takes this
-lock before it reads the latest checkpoint or writes anything, and a second process stops at
+lock before it builds anything, reads the latest checkpoint or writes anything, and a second process stops at
 once with one line naming the holder (host, pid, start time, SLURM job) and what to do.
 
 Design: only global rank 0 takes the lock. Rank 0 is the process that publishes checkpoints,
 metrics and the summary; the other ranks write only into the checkpoint temp folder rank 0 opens.
-A flock is per process, so the ranks of one job could not all hold it exclusively; instead every
-rank learns rank 0's outcome through one all-reduce and a refused job stops on every rank.
+A flock is per process, so the ranks of one job could not all hold it exclusively. Rank 0 takes it
+first thing, before the model, the engine or the data are built, so a refusal comes within
+seconds; it refuses alone, before any collective, and the launcher (torchrun, srun
+--kill-on-bad-exit) stops the other ranks.
 
 The holder's identity is written into the lock file; a clean exit empties it. The kernel drops a
 flock when its process dies, so a lock file that still names someone while nobody holds the flock
@@ -178,22 +180,3 @@ def holder(run_dir: str) -> Optional[Holder]:
     finally:
         os.close(fd)
     return None
-
-
-def hold(run_dir: str, engine, log: Callable = print) -> Optional[RunLock]:
-    """`megaloop train`'s hook, called by every rank once rank 0 has created the run directory:
-    rank 0 takes the lock, every rank learns the outcome (one all-reduce), and a refused job raises
-    RunDirBusy on every rank with the same message. Returns the lock on rank 0, None elsewhere."""
-    lock, refusal = None, None
-    if engine.is_main:
-        try:
-            lock = RunLock.acquire(run_dir, log)
-        except RunDirBusy as e:
-            refusal = e
-    if engine.all_reduce_flag(refusal is not None):
-        if refusal is None:  # another rank's view: the holder is named in the lock file
-            path = os.path.join(run_dir, LOCK_NAME)
-            h = holder(run_dir)
-            refusal = RunDirBusy(_busy_message(run_dir, path, h))
-        raise refusal
-    return lock

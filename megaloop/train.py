@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -18,17 +19,24 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import faults
 from . import run_lock
 from .accounting import count_params, realised_flops, tokens_for_budget
 from .config import Config, ConfigError, load_config, save_config
+from .data.loader import PackedLoader, eval_batches
+from .data.prepare import ensure_prepared
+from .data.preprocess import unigram_entropy
 from .depth import DepthSampler, describe
 from .divergence import DivergenceGuard
 from .errors import UserError
 from .fp8 import convert_for_fp8
+from .hooks import TrainHooks
+from .hooks import from_env as hooks_from_env
+from .mfu import mfu, peak_flops
 from .model import LoopedLM
+from .observe import build_sinks, check_backends, close_sinks
 from .optim import lr_factor
-from .parallel import Engine, build_engine
+from .parallel import Engine, StepStats, build_engine
+from .parallel.engines import rendezvous_from_env
 from .parallel.sharded_optim import optimizer_state_bytes
 
 # Config sections whose change makes a resumed run a different experiment.
@@ -181,158 +189,32 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def train(cfg: Config, resume: bool = False, log=print) -> dict:
-    from .data.loader import PackedLoader, eval_batches
-    from .data.prepare import ensure_prepared
-    from .data.preprocess import unigram_entropy
-    from .mfu import peak_flops
-    from .observe import build_sinks, check_backends, close_sinks
-
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg)
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg)
-    converted = convert_for_fp8(model, cfg, device)  # precision fp8: before the engine shards or compiles
-    engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
-    is_main = engine.is_main
-    sinks: list = []  # optional live views (TensorBoard, wandb); metrics.jsonl stays the record
-    lock = None
-    finished = False
+def train(cfg: Config, resume: bool = False, log=print, hooks: Optional[TrainHooks] = None) -> dict:
+    """Build the run, step it to its budget, finish it; returns the summary (summary.json)."""
+    hooks = hooks if hooks is not None else hooks_from_env()
+    device = setup_process(cfg)
+    claim = claim_run_dir(cfg, resume, log)  # before anything expensive: a busy run directory stops here
     try:
-        # Everything that can be wrong is checked before the run directory is touched.
-        latest = check_run_dir(cfg, resume)
-        check_backends(cfg.logging)
-        counts = count_params(cfg.model)
-        budget = plan_budget(cfg, counts.flops_per_token, engine.dp_size)
-        depth = DepthSampler(cfg.model, cfg.train.seed)  # r of each step: a pure function of (seed, step)
-        data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if is_main else (lambda *a: None))
-        if is_main:
-            create_run_dir(cfg.train.run_dir)
-        lock = run_lock.hold(cfg.train.run_dir, engine, log)  # one writer per run directory, until the end
-        latest = check_run_dir(cfg, resume)  # again under the lock: another run may have saved meanwhile
-        engine.barrier()
-        loader = PackedLoader([p for p, _ in data.train], [w for _, w in data.train], cfg.model.seq_len,
-                              cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
-        if cfg.train.compile:
-            compile_blocks(engine.model)
-        step = 0
-        guard = DivergenceGuard(cfg.train)
-        if latest is not None:
-            engine.load_files(latest)
-            state = ckpt.load_file(latest, "trainer.pt")
-            step = state["step"]
-            saved_tps = state.get("tokens_per_step", budget.tokens_per_step)
-            if saved_tps != budget.tokens_per_step:
-                raise UserError(
-                    f"cannot resume: the run used {saved_tps:,} tokens per step and this launch gives "
-                    f"{budget.tokens_per_step:,} (micro_batch_size x grad_accum x seq_len x data-parallel size). "
-                    f"Set train.grad_accum or train.micro_batch_size so the global batch is unchanged")
-            loader.load_state_dict(state["loader"])
-            guard.load_state_dict(state.get("guard"))
-            log(f"resumed from {latest} at step {step}")
-        if is_main:
-            save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
-            log(f"model: N_once={counts.n_once:,} N_rec={counts.n_rec:,} {describe(cfg.model)} "
-                f"embedding={counts.embedding:,} head={counts.head:,} FLOPs/token={counts.flops_per_token:.3e}")
-            log(f"budget: {budget.steps} steps x {budget.tokens_per_step:,} tokens = {budget.tokens:,} tokens "
-                f"({budget.tokens * counts.flops_per_token:.3e} FLOPs) on {device}")
-            if cfg.parallel.precision == "fp8":
-                log(f"fp8: {len(converted)} linears in float8 (tensorwise scaling, "
-                    f"{'emulated' if device.type != 'cuda' else 'torch._scaled_mm'}); head, injection, "
-                    f"embedding and norms in bf16" + ("" if converted else
-                                                      "; no block linear has both sizes >= 128, so none converts"))
-        metrics = MetricsLog(os.path.join(cfg.train.run_dir, "metrics.jsonl"), step if latest else -1, is_main)
-        if is_main:
-            sinks = build_sinks(cfg.logging, cfg.train.run_dir, cfg.to_dict())
-        peak = cfg.logging.peak_flops or peak_flops(device, cfg.parallel.precision)
-        valid = lambda: eval_batches(data.valid, cfg.model.seq_len, cfg.train.micro_batch_size,  # noqa: E731
-                                     cfg.train.eval_tokens)
+        model = build_model(cfg)
+        converted = convert_for_fp8(model, cfg, device)  # precision fp8: before the engine shards or compiles
+        engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
+        return run(cfg, model, engine, device, claim, log, hooks, converted)
+    finally:
+        claim.release()
 
-        last_time, last_tokens = time.perf_counter(), step * budget.tokens_per_step
-        stats, window = None, []  # window: the draws of the steps since the last logged one
-        start = time.perf_counter()
-        bar = _progress(cfg, budget.steps, step, is_main)
-        pending = None  # a checkpoint still being written in the background (train.async_save)
-        while step < budget.steps:
-            factor = lr_factor(step, budget.steps, cfg.optim.warmup_steps, cfg.optim.final_lr_frac,
-                               cfg.optim.schedule, cfg.optim.decay_frac)
-            factor *= guard.lr_scale(step)
-            batches = [loader.next_batch() for _ in range(cfg.train.grad_accum)]
-            window.append(depth.draw(step + 1))
-            stats = engine.train_step(batches, factor, inject_nan=faults.armed("nan", step + 1), num_recur=window[-1])
-            step += 1
-            stats.loss = faults.spiked(stats.loss, step)
-            diverged = guard.observe(stats.loss, stats.skipped)
-            if stats.skipped:
-                log(f"step {step}: non-finite loss or gradient (loss={stats.loss}, grad_norm={stats.grad_norm}); "
-                    f"update skipped ({guard.bad_in_a_row} in a row)")
-            if pending is not None and pending.done():  # published as soon as its writes are complete
-                pending = _finish(pending)
-            if diverged:
-                pending = _finish(pending)  # the checkpoint to go back to may be the one in flight
-                step = rewind(cfg, engine, loader, guard, metrics, step, diverged, budget.tokens_per_step, log)
-                last_time, last_tokens = time.perf_counter(), step * budget.tokens_per_step
-                window = []  # the rewound steps' draws are not logged (they are drawn again: same r)
-                if bar is not None:
-                    bar.n = step
-                    bar.refresh()
-                continue
-            tokens = step * budget.tokens_per_step
-            if step % cfg.train.log_every == 0 or step == budget.steps:
-                now = time.perf_counter()
-                tps = (tokens - last_tokens) / max(now - last_time, 1e-9)
-                last_time, last_tokens = now, tokens
-                rec = dict(step=step, tokens=tokens, loss=stats.loss, lr=factor * cfg.optim.lr,
-                           grad_norm=stats.grad_norm, tokens_per_s=tps,
-                           mfu=tps * counts.flops_per_token / peak if peak else None,
-                           skipped_steps=guard.skipped_total, elapsed_s=now - start, num_recur=window[-1])
-                if depth.sampled and len(window) > 1:  # every step's draw, not only the logged one's
-                    rec["num_recur_window"] = window
-                window = []
-                metrics.write(rec)
-                for sink in sinks:
-                    sink.log(rec, step)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tps:,.0f}")
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < budget.steps:
-                vl = engine.eval_loss(valid())
-                metrics.write(dict(step=step, tokens=tokens, val_loss=vl))
-            if cfg.train.save_every and step % cfg.train.save_every == 0 and step < budget.steps:
-                pending = _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step, pending,
-                                background=cfg.train.async_save)
-            if step in cfg.train.save_at and step < budget.steps:  # a branch point: kept, never pruned
-                pending = _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step, pending,
-                                root=ckpt.branch_points(cfg.train.run_dir))
-            if bar is not None:
-                bar.update(1)
-            faults.maybe_kill("step", step)
-            faults.maybe_fail("step", step)
-        if bar is not None:
-            bar.close()
-        _save(cfg, engine, loader, guard, step, counts, budget.tokens_per_step, pending)  # the last one in the foreground
 
-        by_r = final_eval(cfg, engine, list(valid()), is_main)  # num_recur and every train.eval_recur
-        val_loss = by_r[str(cfg.model.num_recur)]
-        draws = depth.draws(1, budget.steps)
-        summary = dict(
-            run=os.path.basename(os.path.normpath(cfg.train.run_dir)), n_once=counts.n_once, n_rec=counts.n_rec,
-            r=cfg.model.num_recur, bptt_k=cfg.model.bptt_k, input_injection=cfg.model.input_injection,
-            d_model=cfg.model.d_model, tokens=budget.tokens, steps=budget.steps,
-            flops=realised_flops(cfg.model, draws, budget.tokens_per_step), flops_per_token=counts.flops_per_token,
-            target_flops=cfg.train.target_flops, recur_sampling=cfg.model.recur_sampling.kind,
-            r_expected=depth.mean_over_steps(np.arange(depth.max_r + 1), budget.steps), r_mean=sum(draws) / max(len(draws), 1),
-            r_hist={str(r): draws.count(r) for r in sorted(set(draws))},
-            n_embedding=counts.embedding, n_head=counts.head, train_loss=stats.loss if stats else None,
-            val_loss=val_loss, val_loss_by_r=by_r, skipped_steps=guard.skipped_total, rewinds=guard.rewinds,
-            wall_time_s=time.perf_counter() - start, peak_mem_mb=peak_memory_mb(device),
-            # per rank: a sharded optimiser (ZeRO) holds each parameter's state on its owner only
-            optim_state_bytes=[int(b) for b in engine.per_rank(optimizer_state_bytes(engine.optimizer))],
-            tokens_by_dataset=loader.tokens_by_dataset(),  # the token ledger; sums to `tokens`
-        )
-        if is_main:
-            summary["unigram_entropy"] = unigram_entropy(data.valid)
-            ckpt.write_atomic(os.path.join(cfg.train.run_dir, "summary.json"), json.dumps(summary, indent=2).encode())
+def run(cfg: Config, model: LoopedLM, engine: Engine, device: torch.device, claim: "RunDirClaim", log,
+        hooks: TrainHooks, converted: Optional[list] = None) -> dict:
+    """The training loop on a built engine: train_step and after_step to the budget, then finish."""
+    trainer, finished = None, False
+    try:
+        engine.barrier()  # rank 0 holds the lock
+        latest = check_run_dir(cfg, claim.resume)  # again under the lock: another run may have saved meanwhile
+        engine.barrier()  # every rank has read the run directory before rank 0 writes into it
+        trainer = Trainer(cfg, model, engine, device, latest, log, hooks, converted or [])
+        while trainer.step < trainer.budget.steps:
+            trainer.after_step(trainer.train_step())
+        summary = trainer.finish()
         finished = True
         return summary
     except BaseException as e:
@@ -343,11 +225,53 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
             raise
         raise peer from None
     finally:
-        close_sinks(sinks)
+        if trainer is not None:
+            trainer.close()
         if finished:
             engine.close()
-        if lock is not None:
-            lock.release()
+
+
+def setup_process(cfg: Config) -> torch.device:
+    """Threads, device and seeds of this process."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = resolve_device(cfg)
+    seed_everything(cfg.train.seed)
+    return device
+
+
+@dataclass
+class RunDirClaim:
+    """The run directory, held by this job: global rank 0 holds its lock (run_lock) for the run's
+    whole life; the other ranks hold nothing and write only where rank 0 tells them."""
+    run_dir: str
+    resume: bool
+    lock: Optional[run_lock.RunLock]
+    created: bool  # this job created the folder
+
+    def release(self) -> None:
+        """Release the lock; a folder this job created and never wrote into goes too, so a run
+        that failed before its first write leaves nothing behind."""
+        if self.lock is None:
+            return
+        self.lock.release()
+        if self.created and set(os.listdir(self.run_dir)) <= {run_lock.LOCK_NAME}:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def claim_run_dir(cfg: Config, resume: bool, log) -> RunDirClaim:
+    """Check the run directory and the logging backends, then, on global rank 0, take the run
+    directory's lock: a second training on a busy run directory is refused before the model, the
+    engine or the data are built. Rank 0 refuses alone, before any collective; the launcher
+    (torchrun, srun --kill-on-bad-exit) stops the other ranks."""
+    check_run_dir(cfg, resume)
+    check_backends(cfg.logging)
+    run_dir = cfg.train.run_dir
+    created, lock = not os.path.isdir(run_dir), None
+    if rendezvous_from_env().rank == 0:
+        create_run_dir(run_dir)
+        lock = run_lock.RunLock.acquire(run_dir, log)  # one writer per run directory, until the end
+    return RunDirClaim(run_dir, resume, lock, created)
 
 
 def trainer_state(step: int, loader, guard: DivergenceGuard, tokens_per_step: int) -> dict:
@@ -356,67 +280,215 @@ def trainer_state(step: int, loader, guard: DivergenceGuard, tokens_per_step: in
             "guard": guard.state_dict()}
 
 
-def _save(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, step: int, counts, tokens_per_step: int,
-          pending: Optional[ckpt.PendingSave] = None, background: bool = False,
-          root: Optional[str] = None) -> Optional[ckpt.PendingSave]:
-    """Checkpoint `step`. background (train.async_save): return once the state is copied, with
-    the PendingSave that publishes it when its writes are done. A save still in flight is
-    finished first: one at a time. root: another folder than the run directory, whose
-    checkpoints are all kept (the branch points of train.save_at)."""
-    _finish(pending)
+class Trainer:
+    """One training run. Built once (data, loader, checkpoints, logs, resume), then driven by
+    train(): train_step() runs one optimizer step, after_step() logs, evaluates, saves and, on
+    divergence, rewinds; finish() saves the last checkpoint, evaluates and writes the summary."""
 
-    def write(path: str):
-        faults.maybe_fail("save", step)
-        handle = engine.save_files(path, background=background)
-        faults.maybe_kill("save", step)
-        if engine.is_main:
-            ckpt.torch_save_synced(trainer_state(step, loader, guard, tokens_per_step), os.path.join(path, "trainer.pt"))
-        return handle
-    how = ckpt.save_async if background else ckpt.save
-    out = how(root or cfg.train.run_dir, step, write, meta={"config": cfg.to_dict(), "n_once": counts.n_once},
-              keep=cfg.train.keep_checkpoints if root is None else 1 << 30, is_writer=engine.is_main,
-              barrier=engine.barrier)
-    return out if background else None
+    def __init__(self, cfg: Config, model: LoopedLM, engine: Engine, device: torch.device,
+                 latest: Optional[str], log, hooks: TrainHooks, converted: Optional[list] = None):
+        self.cfg, self.model, self.engine, self.device, self.log, self.hooks = cfg, model, engine, device, log, hooks
+        self.converted = converted or []  # the linears that train in float8 (parallel.precision fp8)
+        self.is_main = engine.is_main
+        self.counts = count_params(cfg.model)
+        self.budget = plan_budget(cfg, self.counts.flops_per_token, engine.dp_size)
+        self.depth = DepthSampler(cfg.model, cfg.train.seed)  # r of each step: a pure function of (seed, step)
+        self.data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if self.is_main else (lambda *a: None))
+        self.loader = PackedLoader([p for p, _ in self.data.train], [w for _, w in self.data.train], cfg.model.seq_len,
+                                   cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
+        if cfg.train.compile:
+            compile_blocks(engine.model)
+        self.guard = DivergenceGuard(cfg.train)
+        self.checkpoints = ckpt.Checkpointer(cfg.train.run_dir, engine, cfg.train.keep_checkpoints,
+                                             {"config": cfg.to_dict(), "n_once": self.counts.n_once}, hooks)
+        self.step = 0
+        if latest is not None:
+            self.resume(latest)
+        if self.is_main:
+            save_config(cfg, os.path.join(cfg.train.run_dir, "config.yaml"))
+            self.describe()
+        self.metrics = MetricsLog(os.path.join(cfg.train.run_dir, "metrics.jsonl"),
+                                  self.step if latest else -1, self.is_main)
+        self.sinks = build_sinks(cfg.logging, cfg.train.run_dir, cfg.to_dict()) if self.is_main else []
+        self.peak = cfg.logging.peak_flops or peak_flops(device, cfg.parallel.precision)
+        self.stats: Optional[StepStats] = None
+        self.lr = 0.0
+        self.window: list[int] = []  # the draws of the steps since the last logged one
+        self.start = time.perf_counter()
+        self.last_time, self.last_tokens = self.start, self.step * self.budget.tokens_per_step
+        self.bar = _progress(cfg, self.budget.steps, self.step, self.is_main)
 
 
-def _finish(pending: Optional[ckpt.PendingSave]) -> None:
-    """Wait for a background save and publish it (None: nothing in flight)."""
-    if pending is not None:
-        pending.finish()
+    # ------------------------------------------------------------------ build
+    def resume(self, latest: str) -> None:
+        state = self.checkpoints.load(latest)
+        saved_tps = state.get("tokens_per_step", self.budget.tokens_per_step)
+        if saved_tps != self.budget.tokens_per_step:
+            raise UserError(
+                f"cannot resume: the run used {saved_tps:,} tokens per step and this launch gives "
+                f"{self.budget.tokens_per_step:,} (micro_batch_size x grad_accum x seq_len x data-parallel size). "
+                f"Set train.grad_accum or train.micro_batch_size so the global batch is unchanged")
+        self.step = state["step"]
+        self.loader.load_state_dict(state["loader"])
+        self.guard.load_state_dict(state.get("guard"))
+        self.log(f"resumed from {latest} at step {self.step}")
 
+    def describe(self) -> None:
+        c, b = self.counts, self.budget
+        self.log(f"model: N_once={c.n_once:,} N_rec={c.n_rec:,} {describe(self.cfg.model)} "
+                 f"embedding={c.embedding:,} head={c.head:,} FLOPs/token={c.flops_per_token:.3e}")
+        self.log(f"budget: {b.steps} steps x {b.tokens_per_step:,} tokens = {b.tokens:,} tokens "
+                 f"({b.tokens * c.flops_per_token:.3e} FLOPs) on {self.device}")
+        if self.cfg.parallel.precision == "fp8":
+            self.log(f"fp8: {len(self.converted)} linears in float8 (tensorwise scaling, "
+                     f"{'emulated' if self.device.type != 'cuda' else 'torch._scaled_mm'}); head, injection, "
+                     f"embedding and norms in bf16" + ("" if self.converted else
+                                                       "; no block linear has both sizes >= 128, so none converts"))
 
-def rewind(cfg: Config, engine: Engine, loader, guard: DivergenceGuard, metrics: MetricsLog, step: int, why: str,
-           tokens_per_step: int, log=print) -> int:
-    """train.on_divergence at step `step`: stop with an error, or go back to the last complete
-    checkpoint with the loader left where it is (the batches since are skipped). Returns the step
-    the run continues from. The choice is persisted in that checkpoint's trainer.pt, so a resume
-    from it continues exactly like this run."""
-    latest = ckpt.latest_path(cfg.train.run_dir)
-    if latest is None or not guard.can_rewind():
-        if cfg.train.on_divergence == "stop":
-            hint = "lower optim.lr or raise optim.warmup_steps and resume, or set train.on_divergence=rewind"
-        elif latest is None:
-            hint = "there is no checkpoint to rewind to yet: set train.save_every so that a run can rewind"
-        else:
-            hint = f"it rewound {guard.rewinds} times already (train.max_rewinds); lower optim.lr and resume"
-        raise UserError(f"training diverged at step {step}: {why}. The last good checkpoint is intact "
-                        f"({latest or 'none yet'}); {hint}")
-    engine.load_files(latest)
-    saved = ckpt.load_file(latest, "trainer.pt")
-    to = saved["step"]
-    skipped = loader.global_samples - saved["loader"]["global_samples"]
-    loader.discard_since(saved["loader"])  # the ledger goes back with the weights
-    guard.rewound(to, saved.get("guard"))
-    if engine.is_main:
-        ckpt.torch_save_atomic(trainer_state(to, loader, guard, tokens_per_step), os.path.join(latest, "trainer.pt"))
-    engine.barrier()
-    metrics.truncate(to)
-    metrics.write(dict(step=to, tokens=to * tokens_per_step, event="rewind", rewind=guard.rewinds, from_step=step,
-                       reason=why, skipped_samples=skipped, lr_scale=cfg.train.rewind_lr_scale,
-                       lr_scale_until_step=guard.lr_until))
-    log(f"step {step}: training diverged ({why}); rewind {guard.rewinds}/{cfg.train.max_rewinds}: back to step "
-        f"{to} ({latest}), skipping the {skipped} samples since")
-    return to
+    def trainer_state(self, step: int) -> dict:
+        return trainer_state(step, self.loader, self.guard, self.budget.tokens_per_step)
+
+    def valid(self):
+        return eval_batches(self.data.valid, self.cfg.model.seq_len, self.cfg.train.micro_batch_size,
+                            self.cfg.train.eval_tokens)
+
+    # ------------------------------------------------------------------ the step
+    def lr_factor(self, step: int) -> float:
+        """The learning rate of step index `step`, as a factor of optim.lr (the schedule, then a
+        rewind's temporary scale)."""
+        o = self.cfg.optim
+        return (lr_factor(step, self.budget.steps, o.warmup_steps, o.final_lr_frac, o.schedule, o.decay_frac)
+                * self.guard.lr_scale(step))
+
+    def train_step(self) -> StepStats:
+        """One optimizer step at this step's drawn depth; returns its stats."""
+        factor = self.lr_factor(self.step)
+        batches = [self.loader.next_batch() for _ in range(self.cfg.train.grad_accum)]
+        self.window.append(self.depth.draw(self.step + 1))
+        with self.hooks.around_step(self.step + 1, self.model):
+            stats = self.engine.train_step(batches, factor, num_recur=self.window[-1])
+        self.step += 1
+        self.lr = factor * self.cfg.optim.lr
+        stats.loss = self.hooks.loss_seen(self.step, stats.loss)
+        return stats
+
+    def after_step(self, stats: StepStats) -> None:
+        """What follows a step: the divergence guard (and a rewind), the log, eval and save."""
+        self.stats = stats
+        diverged = self.guard.observe(stats.loss, stats.skipped)
+        if stats.skipped:
+            self.log(f"step {self.step}: non-finite loss or gradient (loss={stats.loss}, grad_norm={stats.grad_norm}); "
+                     f"update skipped ({self.guard.bad_in_a_row} in a row)")
+        self.checkpoints.poll()  # a background save is published as soon as its writes are complete
+        if diverged:
+            self.rewind(diverged)
+            return
+        t, last = self.cfg.train, self.step == self.budget.steps
+        if self.step % t.log_every == 0 or last:
+            self.log_step(stats)
+        if t.eval_every and self.step % t.eval_every == 0 and not last:
+            self.metrics.write(dict(step=self.step, tokens=self.tokens, val_loss=self.engine.eval_loss(self.valid())))
+        if t.save_every and self.step % t.save_every == 0 and not last:
+            self.checkpoints.save(self.step, self.trainer_state(self.step), background=t.async_save)
+        if self.step in t.save_at and not last:  # a branch point (budget branching): kept, never pruned
+            self.checkpoints.save(self.step, self.trainer_state(self.step), root=ckpt.branch_points(t.run_dir))
+        if self.bar is not None:
+            self.bar.update(1)
+        self.hooks.after_step(self.step)
+
+    @property
+    def tokens(self) -> int:
+        return self.step * self.budget.tokens_per_step
+
+    def log_step(self, stats: StepStats) -> None:
+        now = time.perf_counter()
+        tps = (self.tokens - self.last_tokens) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_tokens = now, self.tokens
+        rec = dict(step=self.step, tokens=self.tokens, loss=stats.loss, lr=self.lr, grad_norm=stats.grad_norm,
+                   tokens_per_s=tps, mfu=mfu(tps, self.counts.flops_per_token, self.peak or 0.0),
+                   skipped_steps=self.guard.skipped_total, elapsed_s=now - self.start, num_recur=self.window[-1])
+        if self.depth.sampled and len(self.window) > 1:  # every step's draw, not only the logged one's
+            rec["num_recur_window"] = self.window
+        self.window = []
+        self.metrics.write(rec)
+        for sink in self.sinks:
+            sink.log(rec, self.step)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{stats.loss:.3f}", tok_s=f"{tps:,.0f}")
+
+    def rewind(self, why: str) -> None:
+        """train.on_divergence: stop with an error, or go back to the last complete checkpoint with
+        the loader left where it is (the batches since are skipped). The choice is persisted in
+        that checkpoint's trainer.pt, so a resume from it continues exactly like this run."""
+        cfg, guard, step = self.cfg, self.guard, self.step
+        latest = self.checkpoints.latest()  # the one in flight may be the one to go back to
+        if latest is None or not guard.can_rewind():
+            if cfg.train.on_divergence == "stop":
+                hint = "lower optim.lr or raise optim.warmup_steps and resume, or set train.on_divergence=rewind"
+            elif latest is None:
+                hint = "there is no checkpoint to rewind to yet: set train.save_every so that a run can rewind"
+            else:
+                hint = f"it rewound {guard.rewinds} times already (train.max_rewinds); lower optim.lr and resume"
+            raise UserError(f"training diverged at step {step}: {why}. The last good checkpoint is intact "
+                            f"({latest or 'none yet'}); {hint}")
+        saved = self.checkpoints.load(latest)
+        to = saved["step"]
+        skipped = self.loader.global_samples - saved["loader"]["global_samples"]
+        self.loader.discard_since(saved["loader"])  # the token ledger goes back with the weights
+        guard.rewound(to, saved.get("guard"))
+        self.checkpoints.rewrite_trainer_state(latest, self.trainer_state(to))
+        self.metrics.truncate(to)
+        self.metrics.write(dict(step=to, tokens=to * self.budget.tokens_per_step, event="rewind", rewind=guard.rewinds,
+                                from_step=step, reason=why, skipped_samples=skipped,
+                                lr_scale=cfg.train.rewind_lr_scale, lr_scale_until_step=guard.lr_until))
+        self.log(f"step {step}: training diverged ({why}); rewind {guard.rewinds}/{cfg.train.max_rewinds}: back to "
+                 f"step {to} ({latest}), skipping the {skipped} samples since")
+        self.step = to
+        self.last_time, self.last_tokens = time.perf_counter(), self.tokens
+        self.window = []  # the rewound steps' draws are not logged (they are drawn again: same r)
+        if self.bar is not None:
+            self.bar.n = to
+            self.bar.refresh()
+
+    # ------------------------------------------------------------------ the end
+    def finish(self) -> dict:
+        """The last checkpoint (in the foreground), the final evaluation and summary.json."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.checkpoints.save(self.step, self.trainer_state(self.step))
+        by_r = final_eval(self.cfg, self.engine, list(self.valid()), self.is_main)  # num_recur and train.eval_recur
+        summary = self.summary(by_r)
+        if self.is_main:
+            summary["unigram_entropy"] = unigram_entropy(self.data.valid)
+            ckpt.write_atomic(os.path.join(self.cfg.train.run_dir, "summary.json"),
+                              json.dumps(summary, indent=2).encode())
+        return summary
+
+    def summary(self, by_r: dict) -> dict:
+        cfg, m, c, b, depth = self.cfg, self.cfg.model, self.counts, self.budget, self.depth
+        draws = depth.draws(1, b.steps)
+        return dict(
+            run=os.path.basename(os.path.normpath(cfg.train.run_dir)), n_once=c.n_once, n_rec=c.n_rec,
+            r=m.num_recur, bptt_k=m.bptt_k, input_injection=m.input_injection,
+            d_model=m.d_model, tokens=b.tokens, steps=b.steps,
+            flops=realised_flops(m, draws, b.tokens_per_step), flops_per_token=c.flops_per_token,
+            target_flops=cfg.train.target_flops, recur_sampling=m.recur_sampling.kind,
+            r_expected=depth.mean_over_steps(np.arange(depth.max_r + 1), b.steps), r_mean=sum(draws) / max(len(draws), 1),
+            r_hist={str(r): draws.count(r) for r in sorted(set(draws))},
+            n_embedding=c.embedding, n_head=c.head, train_loss=self.stats.loss if self.stats else None,
+            val_loss=by_r[str(m.num_recur)], val_loss_by_r=by_r, skipped_steps=self.guard.skipped_total,
+            rewinds=self.guard.rewinds, wall_time_s=time.perf_counter() - self.start,
+            peak_mem_mb=peak_memory_mb(self.device),
+            # per rank: a sharded optimiser (ZeRO) holds each parameter's state on its owner only
+            optim_state_bytes=[int(x) for x in self.engine.per_rank(optimizer_state_bytes(self.engine.optimizer))],
+            tokens_by_dataset=self.loader.tokens_by_dataset(),  # the token ledger; sums to `tokens`
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        close_sinks(getattr(self, "sinks", []))
 
 
 def final_eval(cfg: Config, engine: Engine, batches: list, is_main: bool) -> dict:
@@ -449,27 +521,3 @@ def _progress(cfg: Config, total: int, done: int, is_main: bool):
         return None
     from tqdm import tqdm
     return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
-
-
-def evaluate_run(path: str, recur: list[int], max_tokens: Optional[int] = None, log=print) -> dict:
-    """`megaloop eval`: val loss at several r of a run (its latest checkpoint) or an export folder.
-    For a run directory the losses are also merged into its summary.json (val_loss_by_r)."""
-    from .data.loader import eval_batches
-    from .data.prepare import ensure_prepared
-    from .export import load_pretrained
-    from .parallel import local_engine
-
-    model, cfg, _ = load_pretrained(path)
-    engine = local_engine(cfg, model, resolve_device(cfg))
-    data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log)
-    tokens = max_tokens or cfg.train.eval_tokens
-    by_r = {}
-    for r in recur:
-        by_r[str(r)] = engine.eval_loss(eval_batches(data.valid, cfg.model.seq_len, cfg.train.micro_batch_size, tokens), r)
-        log(f"r={r}: val_loss={by_r[str(r)]:.4f}")
-    if os.path.isdir(ckpt.ckpt_root(path)):
-        summary_path = os.path.join(path, "summary.json")
-        summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-        summary.setdefault("val_loss_by_r", {}).update(by_r)
-        ckpt.write_atomic(summary_path, json.dumps(summary, indent=2).encode())
-    return by_r

@@ -59,13 +59,6 @@ import sys  # noqa: E402
 SLURM_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "slurm_local.sh")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slurm: runs jobs on a real single-host SLURM (scripts/slurm_local.sh); "
-                                       "skipped where SLURM is not installed")
-    config.addinivalue_line("markers", "multihost: runs jobs across the hosts of a test cluster of network "
-                                       "namespaces (scripts/testcluster.sh); skipped without root and ip netns")
-
-
 def pytest_collection_modifyitems(config, items):
     # One xdist worker runs every slurm test, one after another: they share one scheduler and its
     # CPUs, and the worker that started the daemons is the one that stops them.
@@ -75,6 +68,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("slurm"))
         elif item.get_closest_marker("multihost"):
             item.add_marker(pytest.mark.xdist_group("multihost"))
+        if item.get_closest_marker("slurm") or item.get_closest_marker("multihost"):
+            item.add_marker(pytest.mark.slow)  # real schedulers and several hosts are never quick
 
 
 try:

@@ -97,7 +97,7 @@ class Run:
 
     def weights(self) -> dict:
         """The plain model's weights from the latest checkpoint, whatever layout wrote it."""
-        from megaloop.export import load_pretrained
+        from megaloop.pretrained import load_pretrained
         return load_pretrained(self.run_dir)[0].state_dict()
 
     def checkpoint(self, step: int) -> str:

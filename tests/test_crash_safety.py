@@ -16,6 +16,8 @@ from megaloop.parallel.dcp_state import read_weights
 from megaloop.train import train
 from test_train import losses
 
+pytestmark = pytest.mark.slow  # multi-process (gloo process groups)
+
 STEPS, SAVE_EVERY = 12, 2
 
 

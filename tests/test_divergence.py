@@ -44,6 +44,7 @@ def fault_env(monkeypatch):
     importlib.reload(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_rewind_finishes_and_resume_reproduces_the_curve(kind, tiny_corpus, data_cache, tmp_path, fault_env):
     """Contract: with an injected NaN streak or loss spike the run rewinds once to the last
@@ -100,6 +101,7 @@ def _reference(corpus, cache, tmp_path, kind):
     return run
 
 
+@pytest.mark.slow
 def test_rewind_limits_stop_the_run(tiny_corpus, data_cache, tmp_path, fault_env):
     """Contract: a divergence with no checkpoint to go back to, or after train.max_rewinds
     rewinds, stops the run with an error that names the step and the fix; the checkpoints on

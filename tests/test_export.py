@@ -9,7 +9,7 @@ import yaml
 from conftest import tiny_raw
 from megaloop import checkpoint as ckpt
 from megaloop.cli import main
-from megaloop.export import load_pretrained
+from megaloop.pretrained import load_pretrained
 from megaloop.parallel.dcp_state import read_weights
 
 
@@ -60,5 +60,23 @@ def test_eval_on_run_and_generate(run, capsys):
     a = capsys.readouterr().out
     assert main(["generate", str(run / "run"), "--prompt", "The king", "--max-new-tokens", "8"]) == 0
     assert capsys.readouterr().out == a and a.startswith("The king")
-    assert main(["generate", str(run / "export") if (run / "export").exists() else str(run / "run"),
-                 "--prompt", "The king", "--max-new-tokens", "8", "--temperature", "1.0", "--recur", "1"]) == 0
+
+
+def test_generate_honours_recur(run, capsys):
+    """Contract: `megaloop generate --recur R` decodes at R recurrences: its greedy text is the
+    plain (uncached) LoopedLM.generate's at R, and its KV cache holds a slot of the recurrent group
+    for each of the R recurrences (prelude + R x group + coda layers, as it reports on stderr)."""
+    from megaloop.data.tokenizer import Tokenizer
+    model, cfg, _ = load_pretrained(str(run / "run"))
+    from megaloop.pretrained import tokenizer_path
+    tok = Tokenizer(tokenizer_path(cfg))
+    prompt = torch.tensor([tok.encode("The king")])
+    m = cfg.model
+    for r in (1, 3):
+        ref = "The king" + tok.decode(model.generate(prompt, 12, num_recur=r)[0, prompt.size(1):].tolist())
+        capsys.readouterr()
+        assert main(["generate", str(run / "run"), "--prompt", "The king", "--max-new-tokens", "12", "--recur", str(r)]) == 0
+        out = capsys.readouterr()
+        assert out.out == ref + "\n", (r, out.out, ref)
+        layers = m.n_prelude + r * m.n_recur_block + m.n_coda
+        assert f"({layers} layers = prelude + {r} slots x recurrent group + coda" in out.err, out.err

@@ -156,6 +156,7 @@ def _variant_table(noise: float = 0.0025) -> pd.DataFrame:
     return pd.concat(parts, ignore_index=True)
 
 
+@pytest.mark.slow  # a joint fit over three variants: a study's worth of optimisation
 def test_variants_and_joint_fit_recover_phi_differences():
     """Per-variant fits and the joint fit (shared E, A, alpha, B, beta) recover phi of each
     variant (truth 0.46 / 0.38 / 0.65, noise 0.25 %) and the differences to the baseline with
@@ -177,6 +178,7 @@ def test_variants_and_joint_fit_recover_phi_differences():
     assert j["n_runs"] == len(df)
 
 
+@pytest.mark.slow  # a joint fit over three variants: a study's worth of optimisation
 def test_joint_fit_leaves_out_test_time_rows():
     """A sampled-depth run's test-time rows (variant *_tt) repeat runs already in the table: the
     joint fit leaves them out (and says so), so it equals the joint fit of the table without them,

@@ -17,6 +17,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # a study, end to end
+
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = os.environ.get("MEGALOOP_CHINCHILLA_CSV")
 PUBLISHED = {"E": 1.8172, "alpha": 0.3473, "beta": 0.3672}  # the replication, all 240 rows kept

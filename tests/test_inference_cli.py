@@ -9,7 +9,7 @@ import yaml
 
 from conftest import tiny_raw
 from megaloop.cli import main
-from megaloop.export import load_pretrained
+from megaloop.pretrained import load_pretrained
 
 
 @pytest.fixture(scope="module")
@@ -127,6 +127,7 @@ def test_hf_export_loads_in_transformers(run, capsys):
     assert main(["export", str(src), "--format", "hf", "--out", str(out), "--force"]) == 0
 
 
+@pytest.mark.slow
 def test_lm_eval_offline_task_end_to_end(run, capsys, monkeypatch):
     """Contract: eval --tasks runs lm-evaluation-harness on the bundled offline task at each r,
     prints one table and writes lm_eval.json; accuracies are real fractions of the examples and

@@ -139,6 +139,7 @@ def _tp_worker(rank, world, port):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(test_device() != "cpu", reason="gloo process group on CPU tensors")
 def test_softcap_ce_vocab_parallel_gloo():
     mp.spawn(_tp_worker, args=(2, _free_port()), nprocs=2, join=True)

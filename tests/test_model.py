@@ -152,3 +152,50 @@ def test_generate_greedy_is_deterministic_and_respects_recur():
     a = model.generate(prompt, 5)
     assert a.shape == (1, 9) and torch.equal(a, model.generate(prompt, 5))
     assert torch.equal(a[:, :4], prompt)
+
+
+def test_an_explicit_zero_recurrences_is_an_error_not_the_default():
+    """Contract: num_recur=None means the trained r; an explicit 0 (or less) raises a ConfigError
+    naming the value, in the model, the engine (train and eval), the decoder and the accounting,
+    instead of silently running the default."""
+    from megaloop.accounting import count_params, flops_per_token
+    from megaloop.config import ConfigError, load_config
+    from megaloop.inference.generate import generate
+    from megaloop.parallel import local_engine
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = LoopedLM(cfg)
+    x, y = batch(cfg)
+    assert torch.equal(model(x, y, num_recur=None), model(x, y, num_recur=cfg.num_recur))
+    engine = local_engine(load_config(raw={"model": vars(cfg) | {"recur_sampling": {}}, "train": {"steps": 1}}),
+                          model, torch.device("cpu"))
+    for call in (lambda: model(x, y, num_recur=0), lambda: model.generate(x[:1, :4], 2, num_recur=0),
+                 lambda: generate(model, x[:1, :4], 2, num_recur=0), lambda: generate(model, x[:1, :4], 2, max_recur=0),
+                 lambda: engine.eval_loss([(x, y)], num_recur=0), lambda: engine.train_step([(x, y)], 1.0, num_recur=0),
+                 lambda: flops_per_token(cfg, 0), lambda: count_params(cfg, 0)):
+        with pytest.raises(ConfigError, match="num_recur must be >= 1"):
+            call()
+
+
+def test_eval_loss_weighs_batches_by_their_counted_targets():
+    """Contract: the engine's eval_loss is the mean loss per counted target token over all batches:
+    a batch whose targets are mostly ignored (-100) weighs by the targets it has, as one long
+    cross-entropy over every counted target of every batch (the independent reference) gives."""
+    import torch.nn.functional as F
+
+    from megaloop.config import load_config
+    from megaloop.model import IGNORE_INDEX
+    from megaloop.parallel import local_engine
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = perturbed(LoopedLM(cfg))
+    (x1, y1), (x2, y2) = batch(cfg, seed=1), batch(cfg, seed=2)
+    y2 = y2.clone()
+    y2[:, 3:] = IGNORE_INDEX  # 6 counted targets against 32
+    engine = local_engine(load_config(raw={"model": vars(cfg) | {"recur_sampling": {}}, "train": {"steps": 1}}),
+                          model, torch.device("cpu"))
+    got = engine.eval_loss([(x1, y1), (x2, y2)])
+    with torch.no_grad():
+        logits = torch.cat([model(x1).reshape(-1, cfg.vocab_size), model(x2).reshape(-1, cfg.vocab_size)])
+        ref = F.cross_entropy(logits.double(), torch.cat([y1.reshape(-1), y2.reshape(-1)]), ignore_index=IGNORE_INDEX)
+    assert got == pytest.approx(float(ref), rel=1e-5)

@@ -20,6 +20,8 @@ import pytest
 from layouts import ADAM, MUONH, check_layouts, token_data
 from megaloop.parallel.testing import spawn
 
+pytestmark = pytest.mark.slow  # multi-process (gloo process groups)
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):

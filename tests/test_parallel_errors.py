@@ -12,6 +12,9 @@ import sys
 import time
 
 from megaloop.parallel.testing import free_port
+import pytest
+
+pytestmark = pytest.mark.slow  # multi-process (gloo process groups)
 
 CFG = os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml")
 RANK_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",

@@ -27,6 +27,9 @@ from megaloop.data.prepare import ensure_prepared
 from megaloop.parallel.dcp_state import read_weights
 from megaloop.parallel.testing import free_port
 from test_parallel_errors import RANK_VARS
+import pytest
+
+pytestmark = pytest.mark.slow  # multi-process (gloo process groups)
 
 BOUND_S = 60
 CASES = {  # name: (MEGALOOP_FAULT, words rank 0's error line must hold)

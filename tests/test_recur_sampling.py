@@ -220,6 +220,7 @@ def _metrics(run):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_training_records_every_draw_and_resumes_bitwise(tiny_corpus, data_cache, tmp_path):
     """Contract: metrics.jsonl carries each logged step's draw as num_recur (and, with log_every >
     1, the draws of every step since the last record as num_recur_window), exactly the sampler's
@@ -263,6 +264,7 @@ def test_training_records_every_draw_and_resumes_bitwise(tiny_corpus, data_cache
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_a_rewound_sampled_run_logs_each_kept_step_once(tiny_corpus, data_cache, tmp_path, fault_env):
     """Contract: a sampled-depth run that rewinds (train.on_divergence=rewind after an injected
     loss spike at step 7, back to the checkpoint at step 6) logs the draws of the steps it kept:

@@ -13,6 +13,9 @@ resumes identically.
 from __future__ import annotations
 
 from layouts import ADAM, check_layouts, token_data
+import pytest
+
+pytestmark = pytest.mark.slow  # multi-process (gloo process groups)
 
 SEED = ["train.seed=5"]  # its draws on {1..4}: 3, 2, 2, 1, 3
 UNIFORM = ["model.recur_sampling.kind=uniform", "model.recur_sampling.lo=1", "model.recur_sampling.hi=4", *SEED]

@@ -31,6 +31,8 @@ import torch
 from layouts import ADAM, LOSS_RTOL, MUONH, PARAM_RTOL, TINY, Run, resumable, token_data, train
 from megaloop.parallel.dcp_state import read_weights, read_whole, split_optim
 
+pytestmark = pytest.mark.slow  # multi-process (gloo process groups)
+
 DP2 = ["train.grad_accum=1"]  # DP=2 x 1 micro-batch = the single process's 2 micro-batches
 SAVE = ["train.save_every=3"]
 FINAL = TINY["train"]["steps"]

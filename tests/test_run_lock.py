@@ -31,6 +31,7 @@ def _wait_for(pred, timeout=120, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_second_training_on_one_run_dir_exits_at_once(tiny_corpus, data_cache, tmp_path):
     """Contract: while a training holds RUN_DIR (here paused after step 3, checkpoint of step 2 on
     disk), a second `megaloop train --resume` on it exits within seconds of reaching the lock with
@@ -86,6 +87,7 @@ def _dead_pid() -> int:
     return p.pid
 
 
+@pytest.mark.slow
 def test_stale_lock_of_a_dead_process_is_taken_over(tiny_corpus, data_cache, tmp_path):
     """Contract: a lock file naming a process of this host that no longer runs (killed before it
     could release) does not block a training: it is taken over with a note naming the dead holder,

@@ -287,6 +287,7 @@ def test_collect_reports_every_status(tmp_path, capsys):
     assert report["counts"]["diverged"] == 3 and names[4] in report["runs"]["failed"]
 
 
+@pytest.mark.slow
 def test_tiny_sweep_end_to_end_with_crash_and_resume(tmp_path, monkeypatch, capsys):
     """Contract: plan -> run -> collect on a 2-run sweep. A run killed mid-training is recorded in
     runs/NAME/FAILED and the sweep goes on; the next `sweep run` resumes it from its last checkpoint,

@@ -59,6 +59,7 @@ def test_budget_by_tokens_and_flops(tiny_corpus, data_cache, tmp_path):
         train(load_config(raw=raw), log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_resume_continues_bitwise(tiny_corpus, data_cache, tmp_path):
     """Contract: a run interrupted after a checkpoint and resumed with --resume produces the same
     loss curve, bit for bit, and the same final weights as the uninterrupted run."""
@@ -132,6 +133,6 @@ def test_final_evaluation_shows_progress(tiny_corpus, data_cache, tmp_path, caps
     err = capsys.readouterr().err
     assert "eval" in err and "12/12" in err, err[-2000:]
     assert set(summary["val_loss_by_r"]) == {"1", "2", "4"}
-    from megaloop.train import evaluate_run
+    from megaloop.evaluate import evaluate_run
     alone = evaluate_run(run, [1, 2, 4], log=lambda *a: None)
     assert alone == {r: pytest.approx(v, abs=1e-6) for r, v in summary["val_loss_by_r"].items()}

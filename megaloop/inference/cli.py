@@ -10,6 +10,7 @@ import argparse
 import sys
 from typing import Optional
 
+from ..config import recurrences
 from ..errors import UserError
 from .exit import CRITERIA, ExitRule, parse_exit, parse_threshold
 
@@ -29,8 +30,8 @@ def check_depth(recur: Optional[int], max_recur: Optional[int], trained: int) ->
     for name, v in (("--recur", recur), ("--max-recur", max_recur)):
         if v is not None and v < 1:
             raise UserError(f"{name} must be >= 1, got {v}")
-    r = recur or trained
-    return r, max_recur or r
+    r = recurrences(recur, trained)
+    return r, recurrences(max_recur, r)
 
 
 def decoding_options(args: argparse.Namespace, trained_r: int) -> dict:
@@ -50,7 +51,7 @@ def decode(model, idx, args, generator=None):
     opts = decoding_options(args, model.cfg.num_recur)
     if args.no_cache:
         return model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, opts["num_recur"],
-                              generator=generator, use_cache=False)
+                              generator=generator)
     from .generate import generate
     gen = generate(model, idx, args.max_new_tokens, args.temperature, args.top_k, generator=generator, **opts)
     c = gen.cache

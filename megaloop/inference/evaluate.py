@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import checkpoint as ckpt
+from ..config import recurrences
+from ..model import IGNORE_INDEX
 from .decode import Decoder
 from .exit import ExitRule
 
@@ -49,11 +51,11 @@ def exit_sweep(path: str, rules: list[ExitRule], max_recur: Optional[int], token
     """Val loss and mean recurrences for each rule, plus the fixed-depth losses for reference."""
     from ..data.loader import eval_batches
     from ..data.prepare import ensure_prepared
-    from ..export import load_pretrained
+    from ..pretrained import load_pretrained
 
     model, cfg, _ = load_pretrained(path)
     data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=lambda *a: None)
-    depth = max_recur or cfg.model.num_recur
+    depth = recurrences(max_recur, cfg.model.num_recur)
     tokens = tokens or cfg.train.eval_tokens
     batches = lambda: eval_batches(data.valid, cfg.model.seq_len, cfg.train.micro_batch_size, tokens)  # noqa: E731
     fixed = {}
@@ -61,8 +63,9 @@ def exit_sweep(path: str, rules: list[ExitRule], max_recur: Optional[int], token
         for r in range(1, depth + 1):
             tot = cnt = 0
             for x, y in batches():
-                tot += float(model(x, y, num_recur=r)) * y.numel()
-                cnt += y.numel()
+                n = int((y != IGNORE_INDEX).sum())  # the loss is a mean over these targets
+                tot += float(model(x, y, num_recur=r)) * n
+                cnt += n
             fixed[str(r)] = tot / cnt
     log(f"fixed depth (r = 1..{depth}): " + ", ".join(f"{r}: {v:.4f}" for r, v in fixed.items()))
     log(f"{'exit':<22} {'val_loss':>9} {'mean_recur':>10}")

@@ -13,7 +13,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from ..model import LoopedLM
+from ..config import recurrences
+from ..model import LoopedLM, sample
 from .decode import Decoder
 from .exit import ExitRule
 
@@ -28,17 +29,6 @@ class Generation:
     @property
     def mean_recurrences(self) -> float:
         return float(self.recurrences.float().mean()) if self.recurrences.numel() else float("nan")
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: Optional[int], generator=None) -> torch.Tensor:
-    """[B, V] -> [B, 1]: argmax at temperature 0, else a draw from the (top-k) softmax."""
-    if temperature <= 0:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, -1), 1, generator=generator)
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,8 +55,8 @@ def generate(model: LoopedLM, prompts: Union[torch.Tensor, Sequence[Sequence[int
     max_recur: the most recurrences a decoded token may run (default num_recur); past the
     trained r is allowed. kv_budget: recurrent cache slots (1..max_recur; default max_recur).
     """
-    r = num_recur or model.cfg.num_recur
-    depth = max_recur or r
+    r = recurrences(num_recur, model.cfg.num_recur)
+    depth = recurrences(max_recur, r)
     if isinstance(prompts, torch.Tensor):
         ids, pad = prompts, None
     else:

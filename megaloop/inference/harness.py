@@ -120,11 +120,11 @@ def run_tasks(path: str, tasks: list[str], recur: list[int], limit: Optional[int
         raise UserError("--tasks needs EleutherAI's lm-evaluation-harness: pip install 'megaloop[eval]' "
                         "(or pip install lm-eval)") from None
     from ..data.tokenizer import Tokenizer
-    from ..export import _tokenizer_for, load_pretrained
+    from ..pretrained import load_pretrained, tokenizer_path
     from .tasks import LOCAL_TASKS, TASKS_DIR
 
     model, cfg, tok_path = load_pretrained(path)
-    tok = Tokenizer(tok_path or _tokenizer_for(cfg, log=lambda *a: None))
+    tok = Tokenizer(tok_path or tokenizer_path(cfg, log=lambda *a: None))
     # Scanning lm-eval's thousands of built-in task files takes a while: only when one is asked.
     manager = TaskManager(include_path=TASKS_DIR, include_defaults=any(t not in LOCAL_TASKS for t in tasks))
     unknown = [t for t in tasks if t not in manager.all_tasks]

@@ -48,11 +48,11 @@ def export_hf(path: str, out: str, force: bool = False) -> str:
     from safetensors.torch import save_file
 
     from ..data.tokenizer import Tokenizer
-    from ..export import _tokenizer_for, load_pretrained
+    from ..pretrained import load_pretrained, tokenizer_path
 
     ckpt.check_out_dir(out, [path], force)  # never onto, around or into the source
     model, cfg, tok_path = load_pretrained(path)
-    tok_path = tok_path or _tokenizer_for(cfg)
+    tok_path = tok_path or tokenizer_path(cfg)
     tok = Tokenizer(tok_path)
     with ckpt.atomic_output_dir(out, prefix=".export_hf_") as tmp:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(tmp, "model.safetensors"),

@@ -19,7 +19,8 @@ from typing import Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from ..config import Config
+from ..config import Config, recurrences
+from ..model import IGNORE_INDEX
 from ..optim import set_lr
 from .engine_api import Batch, StepStats, autocast_for
 from .state import ParallelState
@@ -45,14 +46,14 @@ class EngineBase:
         self.dp_rank, self.dp_size = lay.dp_rank, lay.dp
 
     # ------------------------------------------------------------------ the step
-    def train_step(self, batches: Iterable[Batch], lr_factor: float, inject_nan: bool = False,
+    def train_step(self, batches: Iterable[Batch], lr_factor: float,
                    num_recur: Optional[int] = None) -> StepStats:
         """One optimizer step over this rank's micro-batches at num_recur recurrences (None: the
-        model's; every rank is handed the same draw). inject_nan poisons the loss (fault-injection
-        tests): every rank then skips the update, because the loss and the grad norm are global."""
+        model's; every rank is handed the same draw). A non-finite loss or gradient on any rank
+        skips the update on every rank, because the loss and the grad norm are global."""
         set_lr(self.optimizer, lr_factor)
-        r = num_recur or self.cfg.model.num_recur
-        loss_t = self._accumulate(list(batches), r, float("nan") if inject_nan else None)
+        r = recurrences(num_recur, self.cfg.model.num_recur)
+        loss_t = self._accumulate(list(batches), r)
         if self.dp_size > 1:
             dist.all_reduce(loss_t, group=self.st.dp_group)
             loss_t /= self.dp_size
@@ -60,7 +61,7 @@ class EngineBase:
         grad_norm, skipped = self._update(loss)
         return StepStats(loss, grad_norm, skipped)
 
-    def _accumulate(self, batches: list[Batch], r: int, poison: Optional[float]) -> torch.Tensor:
+    def _accumulate(self, batches: list[Batch], r: int) -> torch.Tensor:
         """Micro-batching: forward and backward of each micro-batch, gradients accumulated.
         Returns this replica's mean micro-batch loss."""
         n = len(batches)
@@ -68,8 +69,6 @@ class EngineBase:
         for x, y in batches:
             with autocast_for(self.cfg, self.device):
                 loss = self._forward(x.to(self.device), y.to(self.device), r)
-            if poison is not None:
-                loss = loss * poison
             self._backward(loss, n)
             total += loss.detach().float()
         return total / n
@@ -117,7 +116,7 @@ class EngineBase:
     @torch.no_grad()
     def eval_loss(self, batches: Iterable[Batch], num_recur: Optional[int] = None) -> float:
         """Mean loss per target token; the batches are dealt round-robin over the DP replicas."""
-        r = num_recur or self.cfg.model.num_recur
+        r = recurrences(num_recur, self.cfg.model.num_recur)
         replicas = self._eval_replicas()
         mine = self.dp_rank if replicas > 1 else 0
         self._train_mode(False)
@@ -127,8 +126,9 @@ class EngineBase:
                 continue
             with autocast_for(self.cfg, self.device):
                 loss = self._eval_loss_of(x.to(self.device), y.to(self.device), r)
-            if loss is not None:
-                tot += torch.tensor([float(loss) * y.numel(), y.numel()], dtype=torch.float64, device=self.device)
+            if loss is not None:  # the loss is a mean over the targets that count: weigh it by them
+                n = int((y != IGNORE_INDEX).sum())
+                tot += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=self.device)
         self._train_mode(True)
         self._eval_reduce(tot, replicas)
         return float(tot[0] / tot[1].clamp(min=1))

@@ -151,11 +151,11 @@ class DeepSpeedEngine(EngineBase):
     def _train_mode(self, on: bool) -> None:
         self.ds.train(on)
 
-    def _accumulate(self, batches: list, r: int, poison: Optional[float]) -> torch.Tensor:
+    def _accumulate(self, batches: list, r: int) -> torch.Tensor:
         if len(batches) != self.ds.gradient_accumulation_steps():
             raise ValueError(f"DeepSpeedEngine was configured for {self.ds.gradient_accumulation_steps()} "
                              f"micro-batches per step, got {len(batches)}")
-        return super()._accumulate(batches, r, poison)
+        return super()._accumulate(batches, r)
 
     def _backward(self, loss: torch.Tensor, n_micro: int) -> None:
         self.ds.backward(loss)  # divides by gradient_accumulation_steps (= n_micro) itself

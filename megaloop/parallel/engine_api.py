@@ -35,11 +35,10 @@ class Engine(Protocol):
     dp_rank: int                      # this rank's data-parallel replica: which share of the batch it reads
     dp_size: int
 
-    def train_step(self, batches: Iterable[Batch], lr_factor: float, inject_nan: bool = False,
+    def train_step(self, batches: Iterable[Batch], lr_factor: float,
                    num_recur: Optional[int] = None) -> StepStats:
         """One optimizer step over this rank's micro-batches at num_recur recurrences (None: the
-        model's). A non-finite loss or gradient skips the update on every rank. inject_nan
-        poisons the loss (fault-injection tests)."""
+        model's). A non-finite loss or gradient skips the update on every rank."""
 
     def eval_loss(self, batches: Iterable[Batch], num_recur: Optional[int] = None) -> float:
         """Mean loss per target token over `batches` (the same list on every rank)."""

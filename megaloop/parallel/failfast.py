@@ -62,8 +62,7 @@ class PeerFailure(UserError):
 
 def describe(exc: BaseException) -> tuple[str, int]:
     """(one-line message, exit status) of a rank's failure, as the CLI would report it."""
-    from ..data.errors import DatasetError
-    if isinstance(exc, (UserError, DatasetError)):
+    if isinstance(exc, UserError):
         return " ".join(str(exc).split()), getattr(exc, "exit_status", 2)
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted", 130

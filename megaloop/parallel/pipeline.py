@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .. import param_names as names
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, recurrences
 from ..model import RecurrenceState
 
 
@@ -50,7 +50,7 @@ class Unit:
 
 def units_for(cfg: ModelConfig, num_recur: Optional[int] = None) -> list[Unit]:
     """The training schedule's units (max_recur pass slots), or those of a forward at num_recur."""
-    r = num_recur or cfg.max_recur
+    r = recurrences(num_recur, cfg.max_recur)
     return ([Unit("prelude", i) for i in range(cfg.n_prelude)] + [Unit("pass", i) for i in range(r)]
             + [Unit("coda", i) for i in range(cfg.n_coda)])
 

@@ -69,7 +69,6 @@ class TorchEngine(EngineBase):
                         if (getattr(p, "tp_split_dim", None) is not None or lay.tp_rank == 0)  # TP replicas once
                         and (n not in self.tied or self.tie_leader)]                      # tied copies once
         self._schedules: dict[int, object] = {}
-        self._poison = 1.0
         self._recur = cfg.model.num_recur  # this step's recurrence count (read by the pipeline stage)
         self._pipe_stage = None
 
@@ -102,7 +101,7 @@ class TorchEngine(EngineBase):
 
             def loss_fn(h, y):
                 with autocast_for(self.cfg, self.device):
-                    return self.model.head.loss(h, y) * self._poison
+                    return self.model.head.loss(h, y)
             # 1F1B needs at least as many micro-batches as stages to fill the pipe; with fewer,
             # GPipe is the same schedule with all forwards first.
             cls = Schedule1F1B if n_micro >= lay.pp else ScheduleGPipe
@@ -110,11 +109,10 @@ class TorchEngine(EngineBase):
         return self._schedules[n_micro]
 
     # ------------------------------------------------------------------ the step's hooks
-    def _accumulate(self, batches: list[Batch], r: int, poison: Optional[float]) -> torch.Tensor:
+    def _accumulate(self, batches: list[Batch], r: int) -> torch.Tensor:
         if self.plan is None:
-            return super()._accumulate(batches, r, poison)
+            return super()._accumulate(batches, r)
         # A pipeline stage: the schedule runs every micro-batch's forward and backward (1F1B).
-        self._poison = 1.0 if poison is None else poison
         self._recur = r
         n = len(batches)
         x = torch.cat([b[0] for b in batches]).to(self.device)

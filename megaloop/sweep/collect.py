@@ -39,7 +39,7 @@ from typing import Optional
 
 import yaml
 
-from ..analysis.table import TEST_TIME_SUFFIX
+from ..depth import TEST_TIME_SUFFIX
 from ..errors import UserError
 from .plan import read_manifest
 from ..run_lock import holder

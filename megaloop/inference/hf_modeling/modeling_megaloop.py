@@ -185,7 +185,9 @@ class MegaloopForCausalLM(MegaloopPreTrainedModel, GenerationMixin):
             return x
 
         e = run(self.prelude, self.norm_emb(self.embed(input_ids)))
-        x = self._recurrence(e, num_recur or self.config.num_recur, run)
+        if num_recur is not None and num_recur < 1:  # an explicit 0 is no request for the default
+            raise ValueError(f"num_recur must be >= 1 (None for the trained r = {self.config.num_recur}), got {num_recur}")
+        x = self._recurrence(e, self.config.num_recur if num_recur is None else num_recur, run)
         logits = self.head(self.norm_final(run(self.coda, x))).float()
         if self.config.logit_softcap:
             logits = self.config.logit_softcap * torch.tanh(logits / self.config.logit_softcap)

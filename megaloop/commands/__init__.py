@@ -1,0 +1,1 @@
+"""Command modules of `megaloop` that are neither training nor a library: each holds one command."""
