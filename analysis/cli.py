@@ -79,7 +79,8 @@ def fit_main(argv: list[str]) -> int:
         from .table import load_table
 
         df = load_table(args.inputs)  # before importing the fitter: bad input fails fast
-        from .fit import analyse, format_report
+        from .analyse import analyse
+        from .report import format_report
 
         if args.joint and ("variant" not in df.columns or df["variant"].nunique() < 2):
             raise FitInputError("--joint needs a variant column with at least two variants")

@@ -1,4 +1,4 @@
-"""Text and JSON rendering of a `megaloop fit` report (the dicts built by fit.analyse)."""
+"""Text and JSON rendering of a `megaloop fit` report (the dicts built by analyse.analyse)."""
 from __future__ import annotations
 
 from typing import Any

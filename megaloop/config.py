@@ -451,7 +451,6 @@ def validate(cfg: Config) -> None:
         _need(m.n_head % p.tp == 0 and m.kv_heads % p.tp == 0,
               f"parallel.tp={p.tp} must divide model.n_head={m.n_head} and the kv heads={m.kv_heads}")
     if p.precision == "fp8":
-        from .fp8 import check_fp8_config
         check_fp8_config(m, p)
 
     _need(o.name in ("muonh", "muon", "adamw"), f"optim.name must be muonh, muon or adamw, got {o.name!r}")
@@ -510,3 +509,36 @@ def validate(cfg: Config) -> None:
             _need(isinstance(w, (int, float)) and w > 0 and math.isfinite(w),
                   f"data.train[{i}].weight must be a positive number, got {w!r}")
     _need(cfg.kernels in ("auto", "triton", "torch"), f"kernels must be auto, triton or torch, got {cfg.kernels!r}")
+
+
+# float8 matmuls (torch._scaled_mm) need both sizes of each operand to be multiples of 16
+FP8_ALIGN = 16
+
+
+def check_fp8_config(m, p) -> None:
+    """Refuse what precision fp8 cannot run (megaloop/fp8.py trains it).
+
+    m: ModelConfig, p: ParallelConfig."""
+    if p.zero_stage == 3:
+        raise ConfigError(
+            "parallel.precision=fp8 with parallel.zero_stage=3: megaloop's ZeRO-3 is DeepSpeed's, which "
+            "partitions every weight into flat slices and gathers them in its own hooks; torchao's float8 "
+            "training supports sharded weights only through FSDP2 (DTensor), and no test shows it under "
+            "DeepSpeed ZeRO-3. Use parallel.zero_stage=2 (optimiser state and gradients sharded), or "
+            "parallel.precision=bf16 for ZeRO-3")
+    sizes = {"model.d_model": m.d_model, f"the MLP width (model.mlp_ratio x d_model = {m.mlp_ratio} x {m.d_model})":
+             m.mlp_ratio * m.d_model, f"the query width (n_head x head_dim = {m.n_head} x {m.hdim})": m.n_head * m.hdim,
+             f"the key/value width (kv heads x head_dim = {m.kv_heads} x {m.hdim})": m.kv_heads * m.hdim}
+    for name, size in sizes.items():
+        if size % FP8_ALIGN:
+            up = -(-size // FP8_ALIGN) * FP8_ALIGN
+            raise ConfigError(
+                f"parallel.precision=fp8: {name} is {size}, not a multiple of {FP8_ALIGN}, which float8 matmuls "
+                f"need. Choose a width that is (e.g. {up}), or use parallel.precision=bf16")
+    if p.tp > 1:  # every TP shard of a sharded size is a matmul dimension too
+        for name, size in list(sizes.items())[1:]:
+            if (size // p.tp) % FP8_ALIGN:
+                raise ConfigError(
+                    f"parallel.precision=fp8 with parallel.tp={p.tp}: each rank's shard of {name} is "
+                    f"{size} / {p.tp} = {size // p.tp}, not a multiple of {FP8_ALIGN}, which float8 matmuls need. "
+                    f"Choose a tp that leaves shards of multiples of {FP8_ALIGN}, or wider layers")

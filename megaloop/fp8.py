@@ -27,7 +27,7 @@ Float8Linear calls). Each shard is scaled by its own amax, so a TP run is not bi
 single-process fp8 run; both stay within float8's error of the bf16 product.
 
 The filter reads the whole (unsharded) shapes, so the same layers convert under every layout;
-`check_fp8_config` (called from megaloop.config.validate) refuses the sizes a float8 matmul cannot
+`megaloop.config.check_fp8_config` (run by the config validation) refuses the sizes a float8 matmul cannot
 take, the shards included, before anything is built.
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .config import ConfigError
+from .config import FP8_ALIGN, ConfigError
 
-ALIGN = 16              # float8 matmuls (cuBLAS _scaled_mm) need both dims to be multiples of 16
+ALIGN = FP8_ALIGN       # float8 matmuls (cuBLAS _scaled_mm) need both dims to be multiples of 16
 MIN_FEATURES = 128      # the reference's cut: smaller linears are not worth the casts, stay bf16
 MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (sm_89), Hopper (sm_90) and newer
 TORCHAO_HINT = "pip install -e .[fp8] (torchao==0.18.0)"
@@ -58,35 +58,6 @@ def converts(in_features: int, out_features: int) -> bool:
     """The reference's filter: both sizes multiples of 16 and at least 128."""
     return (in_features % ALIGN == 0 and out_features % ALIGN == 0
             and min(in_features, out_features) >= MIN_FEATURES)
-
-
-def check_fp8_config(m, p) -> None:
-    """Refuse what precision fp8 cannot run (pure; called by megaloop.config.validate).
-
-    m: ModelConfig, p: ParallelConfig."""
-    if p.zero_stage == 3:
-        raise ConfigError(
-            "parallel.precision=fp8 with parallel.zero_stage=3: megaloop's ZeRO-3 is DeepSpeed's, which "
-            "partitions every weight into flat slices and gathers them in its own hooks; torchao's float8 "
-            "training supports sharded weights only through FSDP2 (DTensor), and no test shows it under "
-            "DeepSpeed ZeRO-3. Use parallel.zero_stage=2 (optimiser state and gradients sharded), or "
-            "parallel.precision=bf16 for ZeRO-3")
-    sizes = {"model.d_model": m.d_model, f"the MLP width (model.mlp_ratio x d_model = {m.mlp_ratio} x {m.d_model})":
-             m.mlp_ratio * m.d_model, f"the query width (n_head x head_dim = {m.n_head} x {m.hdim})": m.n_head * m.hdim,
-             f"the key/value width (kv heads x head_dim = {m.kv_heads} x {m.hdim})": m.kv_heads * m.hdim}
-    for name, size in sizes.items():
-        if size % ALIGN:
-            up = -(-size // ALIGN) * ALIGN
-            raise ConfigError(
-                f"parallel.precision=fp8: {name} is {size}, not a multiple of {ALIGN}, which float8 matmuls "
-                f"need. Choose a width that is (e.g. {up}), or use parallel.precision=bf16")
-    if p.tp > 1:  # every TP shard of a sharded size is a matmul dimension too
-        for name, size in list(sizes.items())[1:]:
-            if (size // p.tp) % ALIGN:
-                raise ConfigError(
-                    f"parallel.precision=fp8 with parallel.tp={p.tp}: each rank's shard of {name} is "
-                    f"{size} / {p.tp} = {size // p.tp}, not a multiple of {ALIGN}, which float8 matmuls need. "
-                    f"Choose a tp that leaves shards of multiples of {ALIGN}, or wider layers")
 
 
 @contextmanager

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from megaloop.data.errors import DatasetError
-from megaloop.data.indexed import IndexedDataset, IndexedDatasetWriter, check_vocab, open_dataset
+from megaloop.data.indexed import IndexedDataset, IndexedDatasetWriter, check_vocab
+from megaloop.data.token_files import open_dataset
 from megaloop.data.loader import PackedLoader, eval_batches
 from megaloop.data.megatron import MegatronDataset, MegatronWriter
 from megaloop.data.preprocess import preprocess, unigram_entropy

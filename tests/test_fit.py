@@ -6,7 +6,8 @@ import pandas as pd
 import pytest
 from scipy.optimize import minimize
 
-from megaloop.analysis.fit import analyse, fit_law
+from megaloop.analysis.analyse import analyse
+from megaloop.analysis.fit import fit_law
 from megaloop.analysis.law import LawData, multistart_fit, objective, start_grid, to_centred
 from megaloop.analysis.make_example import BUDGETS, REFERENCE, law, synthetic_table
 

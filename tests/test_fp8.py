@@ -32,7 +32,8 @@ import torch
 import torch.nn as nn
 
 from megaloop.config import ConfigError, load_config
-from megaloop.fp8 import check_fp8_config, convert_for_fp8, require_runtime
+from megaloop.config import check_fp8_config
+from megaloop.fp8 import convert_for_fp8, require_runtime
 
 pytest.importorskip("torchao")
 

@@ -25,7 +25,8 @@ SOURCES = {"megaloop": "megaloop", "megaloop.kernels": "kernels", "megaloop.anal
 LAYERS = {
     "errors/config": ("megaloop.errors", "megaloop.config", "megaloop.param_names"),
     "kernels": ("megaloop.kernels",),
-    "model": ("megaloop.model", "megaloop.accounting", "megaloop.depth", "megaloop.mfu", "megaloop.optim"),
+    "model": ("megaloop.model", "megaloop.accounting", "megaloop.depth", "megaloop.mfu", "megaloop.optim",
+              "megaloop.fp8"),
     "parallel": ("megaloop.parallel",),
     "data": ("megaloop.data",),
     "loop": ("megaloop.train", "megaloop.checkpoint", "megaloop.run_lock", "megaloop.divergence", "megaloop.faults",
@@ -33,7 +34,7 @@ LAYERS = {
     "inference": ("megaloop.inference",),
     "sweep": ("megaloop.sweep",),
     "analysis": ("megaloop.analysis",),
-    "commands": ("megaloop.cli", "megaloop.export", "megaloop.commands", "megaloop.inference.cli",
+    "commands": ("megaloop.cli", "megaloop.export", "megaloop.commands", "megaloop.inference.cli", "megaloop.sweep.suggest",
                  "megaloop.data.cli", "megaloop.sweep.cli", "megaloop.analysis.cli"),
 }
 # layer -> the other layers it may import

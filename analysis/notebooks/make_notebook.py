@@ -23,7 +23,8 @@ from pathlib import Path
 import pandas as pd
 import megaloop.analysis as ma
 from megaloop.analysis.table import load_table
-from megaloop.analysis.fit import analyse, format_report
+from megaloop.analysis.analyse import analyse
+from megaloop.analysis.report import format_report
 from megaloop.analysis.make_example import REFERENCE
 
 table = Path(ma.__file__).parent / "example_runs.csv"

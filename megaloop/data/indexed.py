@@ -270,13 +270,6 @@ class IndexedDataset:
                 f"vocab={self.vocab_size}, dtype={self.dtype.name})")
 
 
-def open_dataset(prefix: str, full_check: bool = False):
-    """A token dataset of either format, told apart by the magic of PREFIX.idx: megaloop's own
-    (IndexedDataset) or Megatron's (megatron.MegatronDataset)."""
-    from .megatron import MegatronDataset, is_megatron
-    return MegatronDataset(prefix, full_check) if is_megatron(prefix) else IndexedDataset(prefix, full_check)
-
-
 def check_vocab(ds, vocab_size: int, tokenizer_fingerprint: Optional[int] = None) -> None:
     """Raise DatasetError unless `ds` was built for this vocabulary (and tokenizer, when known).
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError
-from .indexed import open_dataset
+from .token_files import open_dataset
 
 STATE_VERSION = 1
 

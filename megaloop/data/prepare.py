@@ -25,7 +25,8 @@ from typing import Callable, Iterator, Optional
 
 from .documents import FORMATS_HINT, source_files
 from .errors import DatasetError
-from .indexed import check_vocab, open_dataset
+from .indexed import check_vocab
+from .token_files import open_dataset
 from .preprocess import preprocess
 from .tokenizer import Tokenizer, TokenizerError, train_tokenizer
 

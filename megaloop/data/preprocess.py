@@ -23,7 +23,8 @@ import numpy as np
 
 from .documents import ReadStats, check_input_files, iter_documents, no_text_error
 from .errors import DatasetError
-from .indexed import IndexedDatasetWriter, open_dataset
+from .indexed import IndexedDatasetWriter
+from .token_files import open_dataset
 from .megatron import MegatronWriter
 from .tokenizer import Tokenizer
 
