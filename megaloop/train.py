@@ -28,6 +28,7 @@ from .errors import UserError
 from .model import LoopedLM
 from .optim import lr_factor
 from .parallel import Engine, build_engine
+from .parallel.parallelize import compile_blocks  # noqa: F401 - the tests and benchmarks import it from here
 from .parallel.sharded_optim import optimizer_state_bytes
 
 # Config sections whose change makes a resumed run a different experiment.
@@ -62,19 +63,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config) -> LoopedLM:
-    """Same seed -> same initial weights on every rank and under every layout."""
+def build_model(cfg: Config, device: torch.device | str = "cpu") -> LoopedLM:
+    """Same seed -> same initial weights on every rank and under every layout. On the meta device
+    the model has shapes only; megaloop.parallel.parallelize materialises each rank's part of it
+    with the values this seed gives on the CPU (parallel/meta_init.py replays it)."""
     from . import kernels
     kernels.set_backend(cfg.kernels)  # MEGALOOP_KERNELS in the environment still wins
     torch.manual_seed(cfg.train.seed)
-    return LoopedLM(cfg.model)
-
-
-def compile_blocks(model: LoopedLM) -> None:
-    """Compile each block's forward on its own: a different num_recur at evaluation does not
-    recompile anything, and state-dict keys stay unchanged (no _orig_mod prefix)."""
-    for block in model.blocks():
-        block.forward = torch.compile(block.forward, dynamic=False)
+    with torch.device(device):
+        return LoopedLM(cfg.model)
 
 
 @dataclass
@@ -191,8 +188,9 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg)
     seed_everything(cfg.train.seed)
-    model = build_model(cfg)
-    engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
+    # validates the layout before any collective, builds the model, parallelises it (and compiles
+    # its blocks when train.compile): a transform of the model goes inside this builder
+    engine = build_engine(cfg, lambda where: build_model(cfg, where), device)
     is_main = engine.is_main
     sinks: list = []  # optional live views (TensorBoard, wandb); metrics.jsonl stays the record
     lock = None
@@ -212,8 +210,6 @@ def train(cfg: Config, resume: bool = False, log=print) -> dict:
         engine.barrier()
         loader = PackedLoader([p for p, _ in data.train], [w for _, w in data.train], cfg.model.seq_len,
                               cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
-        if cfg.train.compile:
-            compile_blocks(engine.model)
         step = 0
         guard = DivergenceGuard(cfg.train)
         if latest is not None:

@@ -95,7 +95,7 @@ def test_one_process_is_the_torch_engine_without_a_process_group(monkeypatch):
     for k in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(k, raising=False)
     cfg = _cfg(parallel__zero_stage=2, optim__name="adamw")
-    engine = build_engine(cfg, LoopedLM(cfg.model), torch.device("cpu"))
+    engine = build_engine(cfg, lambda where: LoopedLM(cfg.model), torch.device("cpu"))
     assert isinstance(engine, TorchEngine) and isinstance(engine, Engine)
     assert (engine.is_main, engine.rank, engine.dp_rank, engine.dp_size) == (True, 0, 0, 1)
     x = torch.randint(0, 101, (2, 16))

@@ -4,7 +4,8 @@ Muon / MuonH run on the torch engine.
 
 The step is EngineBase's, with DeepSpeed's hooks: it drives the data-parallel side (gradient
 accumulation, the gradient all-reduce or reduce-scatter, ZeRO partitioning of optimiser state /
-gradients / parameters, and clipping) inside its backward and step. The optimiser is our own MuonAdamW as a client optimiser; points that matter:
+gradients / parameters, and clipping) inside its backward and step. The model arrives cut by parallelize.py; the optimiser is our own
+MuonAdamW (parallelize.make_optimizer) as a client optimiser; points that matter:
   - DeepSpeed refuses untested client optimisers under ZeRO: `zero_allow_untested_optimizer`.
   - Its gradient clipping defaults to 1.0, so ours is always passed explicitly.
   - ZeRO >= 1 hands the optimiser flat partitions: elementwise AdamW is exact there, Muon is not
@@ -24,10 +25,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..optim import build_optimizer
+from ..optim import MuonAdamW
 from .base import EngineBase, finite_step
+from .parallelize import ParallelModel
 from .state import ParallelState
-from .tensor_parallel import apply_tensor_parallel
 
 NO_CLIP = 1e30  # "clip" at a norm no gradient reaches: DeepSpeed then still reports the norm
 
@@ -98,8 +99,12 @@ def ds_config(cfg: Config, dp: int) -> dict:
 
 
 class DeepSpeedEngine(EngineBase):
-    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, st: ParallelState):
+    """DeepSpeed's ZeRO around a model parallelize() cut for this rank (TP only: pp = 1) and the
+    plain optimizer make_optimizer built for it."""
+
+    def __init__(self, cfg: Config, pm: ParallelModel, opt: MuonAdamW, device: torch.device, st: ParallelState):
         super().__init__(cfg, device, st)
+        model = pm.module
         if device.type == "cpu":
             # The CPU shm all-reduce op serves DeepSpeed inference only; building it costs ~70 s.
             # (Through sys.modules: the attribute deepspeed.comm.torch is the torch package.)
@@ -107,14 +112,12 @@ class DeepSpeedEngine(EngineBase):
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         import deepspeed
 
-        apply_tensor_parallel(model, st.tp_group)
         for p in model.parameters():
             if getattr(p, "tp_split_dim", None) is not None:
                 p.tensor_model_parallel = True
-        self.model = model.to(device)
+        self.model = model
         if cfg.parallel.zero_stage == 3:
             _register_external_parameters(model)
-        opt = build_optimizer(model, cfg.optim)
         names = {id(p): n for n, p in model.named_parameters()}
         # each group's parameters by name: DeepSpeed replaces them by flat partitions (ZeRO >= 1)
         self._members = {g["name"]: [(names[id(p)], p) for p in g["params"]] for g in opt.param_groups}
