@@ -2,7 +2,8 @@
 device and parallelize() materialises its part) gives every rank exactly the single process's
 initial weights: each parameter the rank holds equals, bit for bit, its slice of the tensor that
 `train.build_model` gives one process (a ZeRO-3 partition gathered whole first); every parameter
-of another pipeline stage is empty; the CPU generator ends in the single process's state.
+of another pipeline stage is empty; a ZeRO-3 rank keeps only a slice of each matrix; the CPU
+generator ends in the single process's state.
 
     python tests/meta_init_check.py TP PP ZERO OPTIM    (exits non-zero on the first mismatch)
 """
@@ -47,6 +48,9 @@ def main(tp: int, pp: int, zero: int, optim: str) -> None:
                                          f"{(local - want).abs().max().item():.3e})"
         checked += 1
     assert checked, "no parameter was checked"
+    if zero == 3:  # a ZeRO-3 rank keeps a slice of every matrix (norm scales are persisted whole)
+        sliced = [n for n, p in engine.model.named_parameters() if not p.ds_persist]
+        assert sliced and all(p.ds_tensor.numel() < p.ds_numel for p in engine.model.parameters() if not p.ds_persist)
     print(f"rank {engine.rank}: {checked} parameters equal the single process's bit for bit")
     engine.close()
 

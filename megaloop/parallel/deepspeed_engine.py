@@ -98,6 +98,42 @@ def ds_config(cfg: Config, dp: int) -> dict:
     }
 
 
+def _import_deepspeed(device: torch.device):
+    if device.type == "cpu":
+        # The CPU shm all-reduce op serves DeepSpeed inference only; building it costs ~70 s.
+        # (Through sys.modules: the attribute deepspeed.comm.torch is the torch package.)
+        import importlib
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+    return deepspeed
+
+
+def zero3_partitioner(cfg: Config, st: ParallelState, device: torch.device):
+    """At ZeRO-3, what partitions each parameter over the DP group the moment meta
+    initialisation materialises it (parallelize's `partition`), with the settings
+    deepspeed.initialize would use: the rank then never holds the whole model. None below ZeRO-3,
+    where every DP rank keeps the whole weights."""
+    if cfg.parallel.zero_stage != 3:
+        return None
+    deepspeed = _import_deepspeed(device)
+    # DeepSpeed's communication layer over the process group torch.distributed already runs,
+    # as deepspeed.initialize(dist_init_required=False) will set it up
+    from deepspeed.accelerator import get_accelerator
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+    first: list = []
+
+    def partition(p: torch.nn.Parameter) -> None:
+        if first:  # later parameters join the first one's partitioning
+            first[0].convert_to_zero_parameters(param_list=[p])
+            return
+        holder = torch.nn.Module()
+        holder.register_parameter("p", p)
+        deepspeed.zero.Init(module=holder, data_parallel_group=st.dp_group, dtype=torch.float32,
+                            config_dict_or_path=ds_config(cfg, st.layout.dp), mpu=_Mpu(st) if st.layout.tp > 1 else None)
+        first.append(p)
+    return partition
+
+
 class DeepSpeedEngine(EngineBase):
     """DeepSpeed's ZeRO around a model parallelize() cut for this rank (TP only: pp = 1) and the
     plain optimizer make_optimizer built for it."""
@@ -105,12 +141,7 @@ class DeepSpeedEngine(EngineBase):
     def __init__(self, cfg: Config, pm: ParallelModel, opt: MuonAdamW, device: torch.device, st: ParallelState):
         super().__init__(cfg, device, st)
         model = pm.module
-        if device.type == "cpu":
-            # The CPU shm all-reduce op serves DeepSpeed inference only; building it costs ~70 s.
-            # (Through sys.modules: the attribute deepspeed.comm.torch is the torch package.)
-            import importlib
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        import deepspeed
+        deepspeed = _import_deepspeed(device)
 
         for p in model.parameters():
             if getattr(p, "tp_split_dim", None) is not None:

@@ -140,10 +140,11 @@ def init_torch_distributed(rdv: Rendezvous, device: torch.device, timeout_s: int
 def make_engine(cfg: Config, model: torch.nn.Module, device: torch.device, st: ParallelState,
                 compile: bool = False) -> Engine:
     """parallelize the model for st's layout, build its optimizer, and hand both to the engine."""
-    pm = parallelize(model, st, cfg, device, compile)
     if st.layout.world > 1 and choose_engine(cfg) == "deepspeed":
-        from .deepspeed_engine import DeepSpeedEngine
+        from .deepspeed_engine import DeepSpeedEngine, zero3_partitioner
+        pm = parallelize(model, st, cfg, device, compile, zero3_partitioner(cfg, st, device))
         return DeepSpeedEngine(cfg, pm, make_optimizer(pm, cfg, st, shard=False), device, st)
+    pm = parallelize(model, st, cfg, device, compile)
     from .torch_engine import TorchEngine
     return TorchEngine(cfg, pm, make_optimizer(pm, cfg, st, shard=zero_stage_of(cfg, st) > 0), device, st)
 

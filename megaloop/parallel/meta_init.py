@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -52,9 +53,12 @@ class MetaRecipe:
 
 
 @torch.no_grad()
-def materialise(model: nn.Module, recipe: MetaRecipe, seed: int, device: torch.device) -> None:
+def materialise(model: nn.Module, recipe: MetaRecipe, seed: int, device: torch.device,
+                partition: Optional[Callable[[nn.Parameter], None]] = None) -> None:
     """Give a meta model's parameters (already cut to this rank's layout) their storage on
-    `device` and the single process's values; rebuild its computed buffers."""
+    `device` and the single process's values; rebuild its computed buffers. `partition`, when
+    given, takes each parameter as soon as it holds its values (ZeRO-3 keeps a slice of it and
+    frees the rest), so the rank never holds more than one whole parameter beyond its share."""
     torch.manual_seed(seed)  # as train.build_model, before the constructors
     for layer in recipe.constructor_draws:
         layer.to_empty(device="cpu").reset_parameters()  # advances the generator; values discarded
@@ -65,7 +69,9 @@ def materialise(model: nn.Module, recipe: MetaRecipe, seed: int, device: torch.d
         whole = torch.empty(recipe.full_shapes[name])  # on the CPU generator, as the single process
         init(whole)
         p = params[name]  # this rank's shard, or an empty tensor for another stage's parameter
-        _replace(model, name, shard_of(p, whole).to(device) if p.numel() else torch.empty(0, device=device))
+        new = _replace(model, name, shard_of(p, whole).to(device) if p.numel() else torch.empty(0, device=device))
+        if partition is not None and new.numel():
+            partition(new)
         planned.add(name)
         del whole
     missing = set(params) - planned
@@ -76,7 +82,7 @@ def materialise(model: nn.Module, recipe: MetaRecipe, seed: int, device: torch.d
     model.to(device)
 
 
-def _replace(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _replace(model: nn.Module, name: str, value: torch.Tensor) -> nn.Parameter:
     """Swap the meta parameter `name` for one holding `value`, keeping its attributes (the TP
     shard's split dimension and group) and whether it trains."""
     owner, _, leaf = name.rpartition(".")
@@ -85,3 +91,4 @@ def _replace(model: nn.Module, name: str, value: torch.Tensor) -> None:
     new = nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad)
     new.__dict__.update(old.__dict__)
     setattr(module, leaf, new)
+    return new

@@ -17,7 +17,7 @@ build and `parallelize`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -65,9 +65,10 @@ def compile_blocks(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, st: ParallelState, cfg: Config, device: torch.device,
-                compile: bool = False) -> ParallelModel:
+                compile: bool = False, partition: Optional[Callable[[nn.Parameter], None]] = None) -> ParallelModel:
     """This rank's part of `model` under st's layout (see the module doc). A model on the meta
-    device comes out materialised with the values train.build_model's seed gives."""
+    device comes out materialised with the values train.build_model's seed gives; `partition`
+    (ZeRO-3's) takes each parameter as soon as it is materialised."""
     recipe = MetaRecipe.of(model) if is_meta(model) else None  # the full shapes, before TP cuts them
     apply_tensor_parallel(model, st.tp_group)
     lay = st.layout
@@ -87,7 +88,7 @@ def parallelize(model: nn.Module, st: ParallelState, cfg: Config, device: torch.
             p.data = torch.empty(0, dtype=p.dtype, device=p.device)
             p.requires_grad_(False)
     if recipe is not None:
-        materialise(model, recipe, cfg.train.seed, device)
+        materialise(model, recipe, cfg.train.seed, device, partition)
     model = model.to(device)
     if compile:
         compile_blocks(model)
