@@ -16,7 +16,7 @@ build and `parallelize`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -43,11 +43,11 @@ class ParallelModel:
     tied: frozenset = frozenset()        # names of the recurrent group's tied copies (pp > 1)
     tie_group: Optional[dist.ProcessGroup] = None
     tie_leader: bool = True              # this rank's copy is the one counted (norm, checkpoint)
-    params: list = field(init=False)
 
-    def __post_init__(self):
+    @property
+    def params(self) -> list[nn.Parameter]:
         owned = set(self.owned_names)
-        self.params = [p for n, p in self.module.named_parameters() if n in owned]
+        return [p for n, p in self.module.named_parameters() if n in owned]
 
     def named_params(self) -> list[tuple[str, nn.Parameter]]:
         return list(zip(self.owned_names, self.params))
@@ -71,28 +71,31 @@ def parallelize(model: nn.Module, st: ParallelState, cfg: Config, device: torch.
     (ZeRO-3's) takes each parameter as soon as it is materialised."""
     recipe = MetaRecipe.of(model) if is_meta(model) else None  # the full shapes, before TP cuts them
     apply_tensor_parallel(model, st.tp_group)
-    lay = st.layout
-    plan, owned = None, None
-    tie_group, tied, leader = None, frozenset(), True
-    if lay.pp > 1:
-        plans = plan_stages(cfg.model, lay.pp)
-        plan = plans[lay.pp_rank]
-        owned = owned_prefixes(plan)
-        tie_group, leader = _tie_group(st, plans[0].recur_stages)
-        if tie_group is not None:
-            tied = frozenset(n for n, _ in model.named_parameters() if n.startswith(RECURRENT_GROUP))
-    owned_names = [n for n, _ in model.named_parameters() if owned is None or n.startswith(owned)]
-    keep = set(owned_names)
-    for n, p in model.named_parameters():
-        if n not in keep:  # another stage's weights: freed before they are ever materialised
-            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
-            p.requires_grad_(False)
+    pm = _carve_stage(model, st, cfg)
     if recipe is not None:
         materialise(model, recipe, cfg.train.seed, device, partition)
-    model = model.to(device)
+    pm.module = model.to(device)
     if compile:
         compile_blocks(model)
-    return ParallelModel(model, owned_names, plan, tied, tie_group, leader)
+    return pm
+
+
+def _carve_stage(model: nn.Module, st: ParallelState, cfg: Config) -> ParallelModel:
+    """This rank's pipeline stage: its parameters kept, every other stage's emptied (before they
+    are ever materialised, for a meta model), and the tie group of the recurrent group's copies."""
+    lay = st.layout
+    if lay.pp == 1:
+        return ParallelModel(model, [n for n, _ in model.named_parameters()])
+    plans = plan_stages(cfg.model, lay.pp)
+    owned = owned_prefixes(plans[lay.pp_rank])
+    tie_group, leader = _tie_group(st, plans[0].recur_stages)
+    tied = frozenset(n for n, _ in model.named_parameters() if n.startswith(RECURRENT_GROUP)) if tie_group else frozenset()
+    names = [n for n, _ in model.named_parameters() if n.startswith(owned)]
+    for n, p in model.named_parameters():
+        if not n.startswith(owned):
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+            p.requires_grad_(False)
+    return ParallelModel(model, names, plans[lay.pp_rank], tied, tie_group, leader)
 
 
 def _tie_group(st: ParallelState, recur_stages: list[int]) -> tuple[Optional[dist.ProcessGroup], bool]:
