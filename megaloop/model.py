@@ -228,7 +228,7 @@ class LoopedLM(nn.Module):
         blocks = {id(b): n for n, b in self.named_modules() if isinstance(b, Block)}
         for block in self.blocks():
             at = blocks[id(block)]
-            plan += [(f"{at}.{lin}.weight", uniform(d)) for lin in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.fc")]
+            plan += [(f"{at}.{m}.weight", uniform(d)) for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.fc")]
             plan.append((f"{at}.mlp.proj.weight", uniform(self.cfg.mlp_ratio * d)))
         plan += [(n + ".weight", lambda w: w.fill_(1.0)) for n, m in self.named_modules() if isinstance(m, RMSNorm)]
         return plan + self.injection.init_plan("injection.")

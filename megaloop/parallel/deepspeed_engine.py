@@ -4,8 +4,9 @@ Muon / MuonH run on the torch engine.
 
 The step is EngineBase's, with DeepSpeed's hooks: it drives the data-parallel side (gradient
 accumulation, the gradient all-reduce or reduce-scatter, ZeRO partitioning of optimiser state /
-gradients / parameters, and clipping) inside its backward and step. The model arrives cut by parallelize.py; the optimiser is our own
-MuonAdamW (parallelize.make_optimizer) as a client optimiser; points that matter:
+gradients / parameters, and clipping) inside its backward and step. The model arrives cut by
+parallelize.py; the optimiser is our own MuonAdamW (parallelize.make_optimizer) as a client
+optimiser; points that matter:
   - DeepSpeed refuses untested client optimisers under ZeRO: `zero_allow_untested_optimizer`.
   - Its gradient clipping defaults to 1.0, so ours is always passed explicitly.
   - ZeRO >= 1 hands the optimiser flat partitions: elementwise AdamW is exact there, Muon is not
@@ -129,7 +130,8 @@ def zero3_partitioner(cfg: Config, st: ParallelState, device: torch.device):
         holder = torch.nn.Module()
         holder.register_parameter("p", p)
         deepspeed.zero.Init(module=holder, data_parallel_group=st.dp_group, dtype=torch.float32,
-                            config_dict_or_path=ds_config(cfg, st.layout.dp), mpu=_Mpu(st) if st.layout.tp > 1 else None)
+                            config_dict_or_path=ds_config(cfg, st.layout.dp),
+                            mpu=_Mpu(st) if st.layout.tp > 1 else None)
         first.append(p)
     return partition
 

@@ -89,7 +89,7 @@ def _carve_stage(model: nn.Module, st: ParallelState, cfg: Config) -> ParallelMo
     plans = plan_stages(cfg.model, lay.pp)
     owned = owned_prefixes(plans[lay.pp_rank])
     tie_group, leader = _tie_group(st, plans[0].recur_stages)
-    tied = frozenset(n for n, _ in model.named_parameters() if n.startswith(RECURRENT_GROUP)) if tie_group else frozenset()
+    tied = frozenset(n for n, _ in model.named_parameters() if tie_group and n.startswith(RECURRENT_GROUP))
     names = [n for n, _ in model.named_parameters() if n.startswith(owned)]
     for n, p in model.named_parameters():
         if not n.startswith(owned):
