@@ -230,9 +230,10 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if name.startswith(names.VOCAB):
             continue
-        if name.startswith(names.INJECTION) and p.ndim != 2:
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat: its parameter's own shape
+        if name.startswith(names.INJECTION) and ndim != 2:
             lanes.append(p)
-        elif p.ndim == 2:
+        elif ndim == 2:
             matrices.append(p)
         else:
             norms.append(p)

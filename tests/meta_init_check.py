@@ -2,8 +2,9 @@
 device and parallelize() materialises its part) gives every rank exactly the single process's
 initial weights: each parameter the rank holds equals, bit for bit, its slice of the tensor that
 `train.build_model` gives one process (a ZeRO-3 partition gathered whole first); every parameter
-of another pipeline stage is empty; a ZeRO-3 rank keeps only a slice of each matrix; the CPU
-generator ends in the single process's state.
+of another pipeline stage is empty; a ZeRO-3 rank keeps only a slice of each matrix; the
+optimizer puts each parameter in the single process's group; the CPU generator ends in the
+single process's state.
 
     python tests/meta_init_check.py TP PP ZERO OPTIM    (exits non-zero on the first mismatch)
 """
@@ -12,6 +13,7 @@ import sys
 import torch
 
 from megaloop.config import load_config
+from megaloop.optim import param_groups
 from megaloop.parallel import build_engine
 from megaloop.parallel.tensor_parallel import shard_of
 from megaloop.train import build_model
@@ -48,6 +50,16 @@ def main(tp: int, pp: int, zero: int, optim: str) -> None:
                                          f"{(local - want).abs().max().item():.3e})"
         checked += 1
     assert checked, "no parameter was checked"
+    # the optimizer sorts the rank's parameters into the single process's groups (a ZeRO-3
+    # partition is flat: its group follows its parameter's own shape)
+    by_id = {id(p): n for n, p in engine.model.named_parameters()}
+    members = getattr(engine, "_members", None)  # DeepSpeed: the groups by name, before it flattened them
+    got = ({g: sorted(n for n, _ in ps) for g, ps in members.items()} if members is not None else
+           {g["name"]: sorted(by_id[id(p)] for p in g["params"]) for g in engine.optimizer.param_groups})
+    single = build_model(cfg)
+    want = {g["name"]: sorted(n for n, p in single.named_parameters() if n in owned and any(p is q for q in g["params"]))
+            for g in param_groups(single, cfg.optim)}
+    assert got == {g: ns for g, ns in want.items() if ns}, f"optimizer groups {got} != the single process's {want}"
     if zero == 3:  # a ZeRO-3 rank keeps a slice of every matrix (norm scales are persisted whole)
         sliced = [n for n, p in engine.model.named_parameters() if not p.ds_persist]
         assert sliced and all(p.ds_tensor.numel() < p.ds_numel for p in engine.model.parameters() if not p.ds_persist)
