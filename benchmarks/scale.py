@@ -2,7 +2,7 @@
 against one process; prints JSON (and writes it with --out).
 
     python benchmarks/scale.py [--s 24] [--tp 2] [--pp 2] [--steps 3] [--ns-steps 5]
-                               [--out benchmarks/results/scale_cpu_2core.json]
+                               [--out benchmarks/results/scale_cpu_2core.json] [--work DIR [--only single|parallel]]
 
 The model is the reference iso-depth grid's (configs/sweeps/iso_depth.yaml) at size s and r = 4:
 d_model = 64 s rounded up to a multiple of 128 (1536 at s = 24), heads of 128, prelude 2, a group
@@ -137,6 +137,19 @@ def launch(args, nproc: int, tp: int, pp: int, folder: str) -> list[dict]:
     return [json.load(open(os.path.join(folder, f"rank{k}.json"))) for k in range(nproc)]
 
 
+def phase(args, work: str, name: str, nproc: int, tp: int, pp: int):
+    """The launch `name`'s per-rank results: read from `work` when a finished launch left them
+    there (a launch run on its own with --only), else run now (only the one --only names)."""
+    folder = os.path.join(work, name)
+    files = [os.path.join(folder, f"rank{k}.json") for k in range(nproc)]
+    if all(os.path.isfile(f) for f in files) and args.only != name:
+        return [json.load(open(f)) for f in files], None
+    if args.only not in (None, name):
+        return None, None
+    t = time.time()
+    return launch(args, nproc, tp, pp, folder), round(time.time() - t)
+
+
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
@@ -150,6 +163,9 @@ def main() -> None:
     ap.add_argument("--ns-steps", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=5400)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--work", default=None, help="keep the workers' per-rank JSON here (default: a temporary folder)")
+    ap.add_argument("--only", choices=["single", "parallel"], default=None,
+                    help="run one of the two launches into --work; without --only, the missing ones run, then the report")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -159,12 +175,11 @@ def main() -> None:
 
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        t = time.time()
-        single = launch(args, 1, 1, 1, os.path.join(tmp, "single"))[0]
-        single_s = time.time() - t
-        t = time.time()
-        ranks = launch(args, args.tp * args.pp, args.tp, args.pp, os.path.join(tmp, "parallel"))
-        parallel_s = time.time() - t
+        work = args.work or tmp
+        single, single_s = phase(args, work, "single", 1, 1, 1)
+        ranks, parallel_s = phase(args, work, "parallel", args.tp * args.pp, args.tp, args.pp)
+        if args.only:
+            return
     last = [r for r in ranks if r["losses"] and r["eval_loss"] is not None][-1]
     loss_dev = max(rel(a, b) for a, b in zip(last["losses"], single["losses"]))
     eval_dev = rel(last["eval_loss"], single["eval_loss"])
@@ -195,8 +210,8 @@ def main() -> None:
                      "target": 1e-5, "holds": max(loss_dev, eval_dev) <= 1e-5},
         "single": {"share_mb": round(single["share_bytes"]["total"] / MB), "peak_rss_mb": single["peak_rss_mb"]["end"],
                    "startup_rss_mb": single["peak_rss_mb"]["start"], "after_init_rss_mb": single["peak_rss_mb"]["after_init"],
-                   "init_s": single["init_s"], "step_s": single["step_s"], "wall_s": round(single_s)},
-        "ranks": per_rank, "parallel_wall_s": round(parallel_s),
+                   "init_s": single["init_s"], "step_s": single["step_s"], "wall_s": single_s},
+        "ranks": per_rank, "parallel_wall_s": parallel_s,
         "targets": {"peak_rss_at_most_1.5x_share": all(r["peak_rss_over_share"] <= 1.5 for r in per_rank),
                     "no_rank_held_the_whole_model": all(r["init_growth_below_whole_model"] for r in per_rank)},
     }
