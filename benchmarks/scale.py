@@ -180,6 +180,7 @@ def main() -> None:
         ranks, parallel_s = phase(args, work, "parallel", args.tp * args.pp, args.tp, args.pp)
         if args.only:
             return
+    single = single[0]
     last = [r for r in ranks if r["losses"] and r["eval_loss"] is not None][-1]
     loss_dev = max(rel(a, b) for a, b in zip(last["losses"], single["losses"]))
     eval_dev = rel(last["eval_loss"], single["eval_loss"])
