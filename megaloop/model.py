@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -137,17 +137,24 @@ class Injection(nn.Module):
             self.mix = nn.Parameter(torch.empty(R, N, N))
             self.beta = nn.Parameter(torch.empty(R, N))
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        if self.weight is not None:
-            d = self.weight.size(0)
-            self.weight.zero_()
-            self.weight[:, :d].copy_(torch.eye(d))
+    def init_plan(self, prefix: str) -> list[tuple[str, Callable[[torch.Tensor], object]]]:
+        """The adapter's initialisers (deterministic): linear [I | 0]; hyperconnect lane i reads
+        and writes lane i mod N, lanes mix as the identity, beta 1."""
+        def eye_left(w):  # [I | 0]
+            w.zero_()
+            w[:, : w.size(0)].copy_(torch.eye(w.size(0)))
+
+        def one_hot(a):
+            R, N = a.shape
+            a.copy_(F.one_hot(torch.arange(R) % N, N).float())
+
+        def eye_mix(m):
+            m.copy_(torch.eye(m.size(-1)).expand_as(m))
+        plan = [(prefix + "weight", eye_left)] if self.weight is not None else []
         if self.mode == "hyperconnect":
-            R, N = self.alpha.shape
-            self.alpha.copy_(F.one_hot(torch.arange(R) % N, N).float())
-            self.mix.copy_(torch.eye(N).expand(R, N, N))
-            self.beta.fill_(1.0)
+            plan += [(prefix + "alpha", one_hot), (prefix + "mix", eye_mix),
+                     (prefix + "beta", lambda b: b.fill_(1.0))]
+        return plan
 
     def initial_state(self, e: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(e) if self.mode == "additive" else e
@@ -198,29 +205,41 @@ class LoopedLM(nn.Module):
         self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
         self.norm_final = RMSNorm(d, cfg.norm_eps)
         self.head = LMHead(cfg)
-        cos, sin = rotary_tables(cfg.seq_len, cfg.hdim, cfg.rope_base)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_buffers()
         self.reset_parameters()
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The reference study's init: embeddings N(0, 1), head N(0, 1e-3), block matrices
-        uniform with std 1/sqrt(d) (MLP output 1/sqrt(4d)), injection [I | 0], norms 1."""
+        """The reference study's init (init_plan), parameter by parameter."""
+        for name, init in self.init_plan():
+            init(self.get_parameter(name))
+
+    def init_plan(self) -> list[tuple[str, Callable[[torch.Tensor], object]]]:
+        """Each parameter's initialiser, in the order its random draws are taken: embeddings
+        N(0, 1), head N(0, 1e-3), block matrices uniform with std 1/sqrt(d) (MLP output
+        1/sqrt(4d)), norms 1, injection [I | 0]. An initialiser writes a whole tensor of the
+        parameter's full (unsharded) shape, so the meta-device build of a parallel rank
+        (megaloop.parallel.meta_init) replays this list one tensor at a time and keeps its shard."""
+        def uniform(fan_in):
+            bound = math.sqrt(3.0 / fan_in)
+            return lambda w: nn.init.uniform_(w, -bound, bound)
         d = self.cfg.d_model
-        nn.init.normal_(self.embed.weight, std=1.0)
-        nn.init.normal_(self.head.weight, std=1e-3)
+        plan = [("embed.weight", lambda w: nn.init.normal_(w, std=1.0)),
+                ("head.weight", lambda w: nn.init.normal_(w, std=1e-3))]
+        blocks = {id(b): n for n, b in self.named_modules() if isinstance(b, Block)}
         for block in self.blocks():
-            for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.attn.wo, block.mlp.fc):
-                bound = math.sqrt(3.0 / d)
-                nn.init.uniform_(lin.weight, -bound, bound)
-            bound = math.sqrt(3.0 / block.mlp.proj.in_features)
-            nn.init.uniform_(block.mlp.proj.weight, -bound, bound)
-        for m in self.modules():
-            if isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
-        self.injection.reset_parameters()
+            at = blocks[id(block)]
+            plan += [(f"{at}.{m}.weight", uniform(d)) for m in ("attn.wq", "attn.wk", "attn.wv", "attn.wo", "mlp.fc")]
+            plan.append((f"{at}.mlp.proj.weight", uniform(self.cfg.mlp_ratio * d)))
+        plan += [(n + ".weight", lambda w: w.fill_(1.0)) for n, m in self.named_modules() if isinstance(m, RMSNorm)]
+        return plan + self.injection.init_plan("injection.")
+
+    def reset_buffers(self) -> None:
+        """The rotary tables (computed, not learned: rebuilt after a meta-device build)."""
+        cos, sin = rotary_tables(self.cfg.seq_len, self.cfg.hdim, self.cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
 
     def blocks(self):
         return [*self.prelude, *self.recur, *self.coda]

@@ -164,22 +164,24 @@ class MuonAdamW(torch.optim.Optimizer):
         bufs = [self.state[p]["momentum_buffer"] for p in params]
         grads = [p.grad.float() for p in params]
         torch._foreach_lerp_(bufs, grads, 1 - beta)
-        nesterov = torch._foreach_lerp(grads, bufs, beta)
-        ortho: list = [None] * len(params)
+        nesterov = list(torch._foreach_lerp(grads, bufs, beta))
+        del grads
+
+        def apply(i: int, full: torch.Tensor) -> None:
+            p, radius = params[i], self.state[params[i]]["w0_norm"].to(full.device)
+            update = _tp_shard(full, p) * (radius / full.norm().clamp_min(1e-10))
+            p.sub_(update.to(p.dtype), alpha=group["lr"])
+            p.mul_((radius / _frobenius(p).clamp_min(1e-10)).to(p.dtype))
+            nesterov[i] = None  # each update is applied as soon as it exists: one batch of them lives at a time
         batches: dict = {}
         for i, p in enumerate(params):
             if getattr(p, "tp_split_dim", None) is None:
                 batches.setdefault(tuple(p.shape), []).append(i)
             else:  # a TP shard: orthogonalise its whole matrix, one at a time
-                ortho[i] = _tp_whole(nesterov[i], p, lambda u: polar_express(u, steps))
+                apply(i, _tp_whole(nesterov[i], p, lambda u: polar_express(u, steps)))
         for idx in batches.values():
             for i, o in zip(idx, polar_express(torch.stack([nesterov[i] for i in idx]), steps).unbind(0)):
-                ortho[i] = o
-        for p, full in zip(params, ortho):
-            radius = self.state[p]["w0_norm"].to(full.device)
-            update = _tp_shard(full, p) * (radius / full.norm().clamp_min(1e-10))
-            p.sub_(update.to(p.dtype), alpha=group["lr"])
-            p.mul_((radius / _frobenius(p).clamp_min(1e-10)).to(p.dtype))
+                apply(i, o)
 
     def _adamw(self, group: dict, params: list) -> None:
         """torch's own AdamW over `params`: the fused kernel where the device has one
@@ -230,9 +232,10 @@ def param_groups(model, cfg: OptimConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if name.startswith(names.VOCAB):
             continue
-        if name.startswith(names.INJECTION) and p.ndim != 2:
+        ndim = len(getattr(p, "ds_shape", p.shape))  # a ZeRO-3 partition is flat: its parameter's own shape
+        if name.startswith(names.INJECTION) and ndim != 2:
             lanes.append(p)
-        elif p.ndim == 2:
+        elif ndim == 2:
             matrices.append(p)
         else:
             norms.append(p)

@@ -37,6 +37,7 @@ from .observe import build_sinks, check_backends, close_sinks
 from .optim import lr_factor
 from .parallel import Engine, StepStats, build_engine
 from .parallel.engines import rendezvous_from_env
+from .parallel.parallelize import compile_blocks  # noqa: F401 - the tests and benchmarks import it from here
 from .parallel.sharded_optim import optimizer_state_bytes
 
 # Config sections whose change makes a resumed run a different experiment.
@@ -71,19 +72,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: Config) -> LoopedLM:
-    """Same seed -> same initial weights on every rank and under every layout."""
+def build_model(cfg: Config, device: torch.device | str = "cpu") -> LoopedLM:
+    """Same seed -> same initial weights on every rank and under every layout. On the meta device
+    the model has shapes only; megaloop.parallel.parallelize materialises each rank's part of it
+    with the values this seed gives on the CPU (parallel/meta_init.py replays it)."""
     from . import kernels
     kernels.set_backend(cfg.kernels)  # MEGALOOP_KERNELS in the environment still wins
     torch.manual_seed(cfg.train.seed)
-    return LoopedLM(cfg.model)
-
-
-def compile_blocks(model: LoopedLM) -> None:
-    """Compile each block's forward on its own: a different num_recur at evaluation does not
-    recompile anything, and state-dict keys stay unchanged (no _orig_mod prefix)."""
-    for block in model.blocks():
-        block.forward = torch.compile(block.forward, dynamic=False)
+    with torch.device(device):
+        return LoopedLM(cfg.model)
 
 
 @dataclass
@@ -195,10 +192,18 @@ def train(cfg: Config, resume: bool = False, log=print, hooks: Optional[TrainHoo
     device = setup_process(cfg)
     claim = claim_run_dir(cfg, resume, log)  # before anything expensive: a busy run directory stops here
     try:
-        model = build_model(cfg)
-        converted = convert_for_fp8(model, cfg, device)  # precision fp8: before the engine shards or compiles
-        engine = build_engine(cfg, model, device)  # validates the parallel layout before any collective
-        return run(cfg, model, engine, device, claim, log, hooks, converted)
+        built: dict = {}
+
+        def build(where: torch.device) -> LoopedLM:
+            """The model on `where` (the CPU, or meta on a parallel rank), its linears in float8
+            under precision fp8: every transform of the model happens here, before parallelize()."""
+            built["model"] = build_model(cfg, where)
+            built["fp8"] = convert_for_fp8(built["model"], cfg, device)
+            return built["model"]
+
+        # validates the layout before any collective, then builds, parallelises and compiles the model
+        engine = build_engine(cfg, build, device)
+        return run(cfg, built["model"], engine, device, claim, log, hooks, built["fp8"])
     finally:
         claim.release()
 
@@ -296,8 +301,6 @@ class Trainer:
         self.data = ensure_prepared(cfg.data, cfg.model.vocab_size, log=log if self.is_main else (lambda *a: None))
         self.loader = PackedLoader([p for p, _ in self.data.train], [w for _, w in self.data.train], cfg.model.seq_len,
                                    cfg.train.micro_batch_size, cfg.train.seed, engine.dp_rank, engine.dp_size)
-        if cfg.train.compile:
-            compile_blocks(engine.model)
         self.guard = DivergenceGuard(cfg.train)
         self.checkpoints = ckpt.Checkpointer(cfg.train.run_dir, engine, cfg.train.keep_checkpoints,
                                              {"config": cfg.to_dict(), "n_once": self.counts.n_once}, hooks)

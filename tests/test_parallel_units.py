@@ -95,7 +95,7 @@ def test_one_process_is_the_torch_engine_without_a_process_group(monkeypatch):
     for k in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
         monkeypatch.delenv(k, raising=False)
     cfg = _cfg(parallel__zero_stage=2, optim__name="adamw")
-    engine = build_engine(cfg, LoopedLM(cfg.model), torch.device("cpu"))
+    engine = build_engine(cfg, lambda where: LoopedLM(cfg.model), torch.device("cpu"))
     assert isinstance(engine, TorchEngine) and isinstance(engine, Engine)
     assert (engine.is_main, engine.rank, engine.dp_rank, engine.dp_size) == (True, 0, 0, 1)
     x = torch.randint(0, 101, (2, 16))
@@ -132,3 +132,19 @@ def test_deepspeed_config_passes_our_clipping_explicitly():
     assert c["gradient_clipping"] == 0.5 and c["zero_allow_untested_optimizer"] is True
     assert c["zero_optimization"]["stage"] == 3 and c["train_batch_size"] == 8 * 2 * 4
     assert ds_config(_cfg(optim__grad_clip="null"), dp=1)["gradient_clipping"] == NO_CLIP
+
+
+def test_build_engine_compiles_the_blocks_only_when_asked(monkeypatch):
+    """parallelize() compiles each block's forward (torch.compile, lazily) when train.compile is
+    set, as `megaloop train` used to after building the engine, and leaves them eager otherwise."""
+    import torch
+
+    from megaloop.model import LoopedLM
+
+    for k in ("WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(k, raising=False)
+    for on in (False, True):
+        cfg = _cfg(train__compile=on)
+        engine = build_engine(cfg, lambda where: LoopedLM(cfg.model), torch.device("cpu"))
+        compiled = [hasattr(b.forward, "_torchdynamo_orig_callable") for b in engine.model.blocks()]
+        assert compiled == [on] * len(compiled)

@@ -162,7 +162,6 @@ class EngineBase:
 
     def close(self) -> None:
         # Destroying the group at exit avoids occasional aborts at shutdown (see REFERENCES).
-        from . import state
         if self.failfast is not None:  # before the last barrier: a rank that finished may now exit
             self.failfast.stop()
         if self.world > 1 and dist.is_initialized():
@@ -170,4 +169,3 @@ class EngineBase:
                 dist.barrier()
             finally:
                 dist.destroy_process_group()
-        state.destroy()

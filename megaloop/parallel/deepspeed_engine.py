@@ -4,7 +4,9 @@ Muon / MuonH run on the torch engine.
 
 The step is EngineBase's, with DeepSpeed's hooks: it drives the data-parallel side (gradient
 accumulation, the gradient all-reduce or reduce-scatter, ZeRO partitioning of optimiser state /
-gradients / parameters, and clipping) inside its backward and step. The optimiser is our own MuonAdamW as a client optimiser; points that matter:
+gradients / parameters, and clipping) inside its backward and step. The model arrives cut by
+parallelize.py; the optimiser is our own MuonAdamW (parallelize.make_optimizer) as a client
+optimiser; points that matter:
   - DeepSpeed refuses untested client optimisers under ZeRO: `zero_allow_untested_optimizer`.
   - Its gradient clipping defaults to 1.0, so ours is always passed explicitly.
   - ZeRO >= 1 hands the optimiser flat partitions: elementwise AdamW is exact there, Muon is not
@@ -24,10 +26,10 @@ import torch
 import torch.distributed as dist
 
 from ..config import Config
-from ..optim import build_optimizer
+from ..optim import MuonAdamW
 from .base import EngineBase, finite_step
+from .parallelize import ParallelModel
 from .state import ParallelState
-from .tensor_parallel import apply_tensor_parallel
 
 NO_CLIP = 1e30  # "clip" at a norm no gradient reaches: DeepSpeed then still reports the norm
 
@@ -97,24 +99,58 @@ def ds_config(cfg: Config, dp: int) -> dict:
     }
 
 
-class DeepSpeedEngine(EngineBase):
-    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, st: ParallelState):
-        super().__init__(cfg, device, st)
-        if device.type == "cpu":
-            # The CPU shm all-reduce op serves DeepSpeed inference only; building it costs ~70 s.
-            # (Through sys.modules: the attribute deepspeed.comm.torch is the torch package.)
-            import importlib
-            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-        import deepspeed
+def _import_deepspeed(device: torch.device):
+    if device.type == "cpu":
+        # The CPU shm all-reduce op serves DeepSpeed inference only; building it costs ~70 s.
+        # (Through sys.modules: the attribute deepspeed.comm.torch is the torch package.)
+        import importlib
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    import deepspeed
+    return deepspeed
 
-        apply_tensor_parallel(model, st.tp_group)
+
+def zero3_partitioner(cfg: Config, st: ParallelState, device: torch.device):
+    """At ZeRO-3, what partitions each parameter over the DP group the moment meta
+    initialisation materialises it (parallelize's `partition`), with the settings
+    deepspeed.initialize would use: the rank then never holds the whole model. None below ZeRO-3,
+    where every DP rank keeps the whole weights."""
+    if cfg.parallel.zero_stage != 3:
+        return None
+    deepspeed = _import_deepspeed(device)
+    # DeepSpeed's communication layer over the process group torch.distributed already runs,
+    # as deepspeed.initialize(dist_init_required=False) will set it up
+    from deepspeed.accelerator import get_accelerator
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), dist_init_required=False)
+    first: list = []
+
+    def partition(p: torch.nn.Parameter) -> None:
+        if first:  # later parameters join the first one's partitioning
+            first[0].convert_to_zero_parameters(param_list=[p])
+            return
+        holder = torch.nn.Module()
+        holder.register_parameter("p", p)
+        deepspeed.zero.Init(module=holder, data_parallel_group=st.dp_group, dtype=torch.float32,
+                            config_dict_or_path=ds_config(cfg, st.layout.dp),
+                            mpu=_Mpu(st) if st.layout.tp > 1 else None)
+        first.append(p)
+    return partition
+
+
+class DeepSpeedEngine(EngineBase):
+    """DeepSpeed's ZeRO around a model parallelize() cut for this rank (TP only: pp = 1) and the
+    plain optimizer make_optimizer built for it."""
+
+    def __init__(self, cfg: Config, pm: ParallelModel, opt: MuonAdamW, device: torch.device, st: ParallelState):
+        super().__init__(cfg, device, st)
+        model = pm.module
+        deepspeed = _import_deepspeed(device)
+
         for p in model.parameters():
             if getattr(p, "tp_split_dim", None) is not None:
                 p.tensor_model_parallel = True
-        self.model = model.to(device)
+        self.model = model
         if cfg.parallel.zero_stage == 3:
             _register_external_parameters(model)
-        opt = build_optimizer(model, cfg.optim)
         names = {id(p): n for n, p in model.named_parameters()}
         # each group's parameters by name: DeepSpeed replaces them by flat partitions (ZeRO >= 1)
         self._members = {g["name"]: [(names[id(p)], p) for p in g["params"]] for g in opt.param_groups}

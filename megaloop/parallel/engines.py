@@ -19,6 +19,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,13 @@ import torch.distributed as dist
 from ..config import Config, ConfigError
 from . import failfast, state
 from .engine_api import Engine
+from .parallelize import make_optimizer, parallelize, zero_stage_of
 from .pipeline import check_pipeline
 from .state import Layout, ParallelState, make_layout
+
+# Builds the model (train.build_model, with any transform of it) on the device it is given: the
+# CPU for a single process, the meta device for a rank of a parallel layout.
+ModelBuilder = Callable[[torch.device], torch.nn.Module]
 
 
 @dataclass(frozen=True)
@@ -164,18 +170,30 @@ def check_same_config(cfg: Config, rank: int) -> None:
                     f"same config file and --set overrides")
 
 
-def local_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
+def make_engine(cfg: Config, model: torch.nn.Module, device: torch.device, st: ParallelState,
+                compile: bool = False) -> Engine:
+    """parallelize the model for st's layout, build its optimizer, and hand both to the engine."""
+    if st.layout.world > 1 and choose_engine(cfg) == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine, zero3_partitioner
+        pm = parallelize(model, st, cfg, device, compile, zero3_partitioner(cfg, st, device))
+        return DeepSpeedEngine(cfg, pm, make_optimizer(pm, cfg, st, shard=False), device, st)
+    pm = parallelize(model, st, cfg, device, compile)
+    from .torch_engine import TorchEngine
+    return TorchEngine(cfg, pm, make_optimizer(pm, cfg, st, shard=zero_stage_of(cfg, st) > 0), device, st)
+
+
+def local_engine(cfg: Config, model: torch.nn.Module, device: torch.device, compile: bool = False) -> Engine:
     """The torch engine on this process alone (world size 1: no process group, no collective),
     whatever cfg.parallel says: for `megaloop eval` and other single-process tools on a plain model."""
-    from .torch_engine import TorchEngine
-    return TorchEngine(cfg, model, device, ParallelState(Layout(1, 1, 1)))
+    return make_engine(cfg, model, device, ParallelState(Layout(1, 1, 1)), compile)
 
 
-def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> Engine:
-    """The engine for the launch environment and the config. One process: the torch engine at
-    world size 1 (ZeRO has nothing to shard there). Several: the layout is validated on every
-    rank before any collective, then torch.distributed starts and DeepSpeed runs where ZeRO asks
-    for it, the torch engine everywhere else."""
+def build_engine(cfg: Config, build_model: ModelBuilder, device: torch.device) -> Engine:
+    """The engine for the launch environment and the config. One process: the model built on the
+    CPU, the torch engine at world size 1 (ZeRO has nothing to shard there). Several: the layout
+    is validated on every rank before any collective, then torch.distributed starts, each rank
+    builds the model on the meta device and parallelize() materialises its own part, and
+    DeepSpeed runs where ZeRO asks for it, the torch engine everywhere else."""
     rdv = rendezvous_from_env()  # also raises when a rendezvous variable is missing
     p = cfg.parallel
     if rdv.world == 1:
@@ -183,7 +201,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> E
             raise ConfigError(
                 f"parallel.tp={p.tp} x parallel.pp={p.pp} needs {p.tp * p.pp} processes, but this is a single "
                 f"process. Launch with launch/torchrun.sh --nproc {p.tp * p.pp} (or set tp=pp=1)")
-        return local_engine(cfg, model, device)
+        return local_engine(cfg, build_model(torch.device("cpu")), device, cfg.train.compile)
     layout = validate_layout(cfg, rdv.world, rdv.rank)  # before any collective: errors on every rank
     if device.type == "cuda":
         device = torch.device("cuda", rdv.local_rank)
@@ -192,12 +210,7 @@ def build_engine(cfg: Config, model: torch.nn.Module, device: torch.device) -> E
     try:
         check_same_config(cfg, rdv.rank)
         st = state.initialize(layout)
-        if choose_engine(cfg) == "deepspeed":
-            from .deepspeed_engine import DeepSpeedEngine
-            engine = DeepSpeedEngine(cfg, model, device, st)
-        else:
-            from .torch_engine import TorchEngine
-            engine = TorchEngine(cfg, model, device, st)
+        engine = make_engine(cfg, build_model(torch.device("meta")), device, st, cfg.train.compile)
     except BaseException as e:
         peer = watch.fail(e)
         if peer is None:

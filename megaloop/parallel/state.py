@@ -76,6 +76,8 @@ def make_layout(world: int, tp: int, pp: int, rank: int = 0) -> Layout:
 
 @dataclass
 class ParallelState:
+    """This rank's layout and its process groups (None where the layout has no such group)."""
+
     layout: Layout
     tp_group: Optional[dist.ProcessGroup] = None
     dp_group: Optional[dist.ProcessGroup] = None
@@ -85,13 +87,14 @@ class ParallelState:
     dp_ranks: list[int] = field(default_factory=list)
     tp_ranks: list[int] = field(default_factory=list)
 
-
-_STATE: Optional[ParallelState] = None
+    def pp_neighbour(self, offset: int) -> int:
+        """Global rank of the stage `offset` away in this rank's pipeline (same tp and dp index)."""
+        return self.pp_ranks[self.layout.pp_rank + offset]
 
 
 def initialize(layout: Layout) -> ParallelState:
-    """Create all TP, DP, PP and model-parallel groups (collective: call on every rank)."""
-    global _STATE
+    """Create all TP, DP, PP and model-parallel groups (collective: call on every rank). The
+    returned state is the one record of this rank's groups: it is passed to whatever needs them."""
     st = ParallelState(layout)
     for kind in ("tp", "dp", "pp", "mp"):
         for ranks in getattr(layout, f"{kind}_groups")():
@@ -100,71 +103,4 @@ def initialize(layout: Layout) -> ParallelState:
                 setattr(st, f"{kind}_group", group)
                 if kind != "mp":
                     setattr(st, f"{kind}_ranks", ranks)
-    _STATE = st
     return st
-
-
-def destroy() -> None:
-    global _STATE
-    _STATE = None
-
-
-def get_state() -> ParallelState:
-    if _STATE is None:
-        raise RuntimeError("megaloop.parallel.state.initialize() has not been called")
-    return _STATE
-
-
-def is_initialized() -> bool:
-    return _STATE is not None
-
-
-# Helpers every module uses; they answer for a single process too (size 1, rank 0, no group).
-def get_tp_group() -> Optional[dist.ProcessGroup]:
-    return _STATE.tp_group if _STATE else None
-
-
-def get_tp_size() -> int:
-    return _STATE.layout.tp if _STATE else 1
-
-
-def get_tp_rank() -> int:
-    return _STATE.layout.tp_rank if _STATE else 0
-
-
-def get_dp_group() -> Optional[dist.ProcessGroup]:
-    return _STATE.dp_group if _STATE else None
-
-
-def get_dp_size() -> int:
-    return _STATE.layout.dp if _STATE else 1
-
-
-def get_dp_rank() -> int:
-    return _STATE.layout.dp_rank if _STATE else 0
-
-
-def get_pp_group() -> Optional[dist.ProcessGroup]:
-    return _STATE.pp_group if _STATE else None
-
-
-def get_pp_size() -> int:
-    return _STATE.layout.pp if _STATE else 1
-
-
-def get_pp_rank() -> int:
-    return _STATE.layout.pp_rank if _STATE else 0
-
-
-def is_pipeline_first() -> bool:
-    return get_pp_rank() == 0
-
-
-def is_pipeline_last() -> bool:
-    return get_pp_rank() == get_pp_size() - 1
-
-
-def pp_neighbour(offset: int) -> int:
-    """Global rank of the stage `offset` away in this rank's pipeline (same tp and dp index)."""
-    st = get_state()
-    return st.pp_ranks[st.layout.pp_rank + offset]

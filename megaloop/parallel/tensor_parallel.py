@@ -16,12 +16,13 @@ and MLP outputs are row-parallel (partial sums all-reduced). Activations between
 replicated, so norms, the injection adapter and hyperconnect lanes run unchanged and get
 identical gradients on every TP rank (the backward all-reduce in `copy_to_tp_region` sums the
 partial input gradients of the column-parallel layers). The model is dropout-free, so no RNG
-state has to be coordinated; `RNGTracker` is there for code that adds randomness under TP.
+state has to be coordinated.
+
+The layers also take a weight on the meta device (shapes only): a parallel rank cuts its meta
+model here and materialises only its shards (meta_init.py, through `shard_of`).
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 from typing import Optional
 
 import torch
@@ -86,21 +87,6 @@ class _GatherFromTP(torch.autograd.Function):
         return g.chunk(_size(ctx.group), -1)[_rank(ctx.group)].contiguous(), None
 
 
-class _ScatterToTP(torch.autograd.Function):
-    """Keep this rank's slice of the last dim; backward gathers the slices."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.chunk(_size(group), -1)[_rank(group)].contiguous()
-
-    @staticmethod
-    def backward(ctx, g):
-        parts = [torch.empty_like(g) for _ in range(_size(ctx.group))]
-        dist.all_gather(parts, g.contiguous(), group=ctx.group)
-        return torch.cat(parts, -1), None
-
-
 def copy_to_tp_region(x, group):
     return x if _size(group) == 1 else _CopyToTP.apply(x, group)
 
@@ -111,43 +97,6 @@ def reduce_from_tp_region(x, group):
 
 def gather_from_tp_region(x, group):
     return x if _size(group) == 1 else _GatherFromTP.apply(x, group)
-
-
-def scatter_to_tp_region(x, group):
-    return x if _size(group) == 1 else _ScatterToTP.apply(x, group)
-
-
-# ----------------------------------------------------------------------------- RNG
-class RNGTracker:
-    """Named RNG states for randomness under TP: the "model-parallel" state is seeded per TP rank
-    (different dropout masks on different shards of a sharded activation), while the default
-    generator stays identical across TP ranks (same masks on replicated activations)."""
-
-    def __init__(self) -> None:
-        self.states: dict[str, torch.Tensor] = {}
-
-    def add(self, name: str, seed: int) -> None:
-        prev = torch.get_rng_state()
-        torch.manual_seed(seed)
-        self.states[name] = torch.get_rng_state()
-        torch.set_rng_state(prev)
-
-    @contextlib.contextmanager
-    def fork(self, name: str = "model-parallel"):
-        prev = torch.get_rng_state()
-        torch.set_rng_state(self.states[name])
-        try:
-            yield
-        finally:
-            self.states[name] = torch.get_rng_state()
-            torch.set_rng_state(prev)
-
-
-RNG_TRACKER = RNGTracker()
-
-
-def seed_tp_rng(seed: int, tp_rank: int) -> None:
-    RNG_TRACKER.add("model-parallel", seed + 2718 + tp_rank)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -224,65 +173,13 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_tp_region(out, self.group)
 
 
-class _VocabParallelSoftcapCE(torch.autograd.Function):
-    """Mean cross-entropy of softcapped logits whose vocab is split across the TP group.
-
-    The max and the sum of exponentials are all-reduced, so each rank only materialises its own
-    [tokens, V/tp] block. Returns this rank's partial grad of the hidden states (the caller's
-    copy_to_tp_region sums them)."""
-
-    @staticmethod
-    def forward(ctx, h, w, targets, softcap, group, vocab_start, vocab_valid, ignore_index):
-        z = F.linear(h, w).float()
-        c = softcap * torch.tanh(z / softcap) if softcap else z
-        cols = torch.arange(vocab_start, vocab_start + w.size(0), device=h.device)
-        c = c.masked_fill((cols >= vocab_valid).unsqueeze(0), float("-inf"))
-        m = c.max(-1).values
-        dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-        e = torch.exp(c - m.unsqueeze(-1))
-        s = e.sum(-1)
-        dist.all_reduce(s, group=group)
-        local_t = targets - vocab_start
-        mine = (local_t >= 0) & (local_t < w.size(0))
-        ct = c.gather(1, local_t.clamp(0, w.size(0) - 1).unsqueeze(1)).squeeze(1)
-        ct = torch.where(mine, ct, torch.zeros_like(ct))
-        dist.all_reduce(ct, group=group)
-        valid = targets != ignore_index
-        n = valid.sum().clamp(min=1)
-        per = (torch.log(s) + m - ct) * valid
-        ctx.save_for_backward(h, w, e / s.unsqueeze(-1), local_t, mine & valid, valid, z)
-        ctx.softcap, ctx.n = softcap, n
-        return per.sum() / n
-
-    @staticmethod
-    def backward(ctx, g):
-        h, w, p, local_t, mine, valid, z = ctx.saved_tensors
-        grad = p * valid.unsqueeze(-1)
-        rows = mine.nonzero().squeeze(1)
-        grad[rows, local_t[rows]] -= 1.0
-        grad = grad * (g / ctx.n)
-        if ctx.softcap:
-            grad = grad * (1 - torch.tanh(z / ctx.softcap) ** 2)
-        grad = grad.to(h.dtype)
-        return grad @ w, grad.t() @ h, None, None, None, None, None, None
-
-
-def _kernel_supports_tp() -> bool:
-    try:
-        return "tp_group" in inspect.signature(K.softcap_cross_entropy).parameters
-    except (AttributeError, TypeError, ValueError):
-        return False
-
-
 def vocab_parallel_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  softcap: Optional[float], group, vocab_start: int, vocab_valid: int,
                                  ignore_index: int = -100) -> torch.Tensor:
     """h [N, d] replicated, weight [V/tp, d] local shard -> mean loss over non-ignored targets."""
-    h = copy_to_tp_region(h, group)
-    if _kernel_supports_tp():  # the fused, chunked kernel (megaloop.kernels)
-        return K.softcap_cross_entropy(h, weight, targets, softcap, ignore_index=ignore_index, tp_group=group,
-                                       vocab_start=vocab_start, vocab_valid=vocab_valid)
-    return _VocabParallelSoftcapCE.apply(h, weight, targets, softcap, group, vocab_start, vocab_valid, ignore_index)
+    h = copy_to_tp_region(h, group)  # the fused, chunked kernel all-reduces its max and sums over the group
+    return K.softcap_cross_entropy(h, weight, targets, softcap, ignore_index=ignore_index, tp_group=group,
+                                   vocab_start=vocab_start, vocab_valid=vocab_valid)
 
 
 class VocabParallelHead(nn.Module):
@@ -325,7 +222,8 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
 
 
 def shard_of(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's slice of `full` for the shard `p` (pads vocab rows the way the layers do)."""
+    """This rank's slice of `full` for the shard `p` (pads vocab rows the way the layers do);
+    `full` itself for a parameter that is not sharded."""
     dim, group = getattr(p, "tp_split_dim", None), getattr(p, "tp_group", None)
     if dim is None or _size(group) == 1:
         return full

@@ -1,10 +1,10 @@
 """TP x PP x DP training on plain torch.distributed: Muon, MuonH or AdamW, ZeRO stage 0, 1 or 2;
 also the single process, which is this engine at world size 1 (no process group, every collective
-skipped).
+skipped). The model arrives cut by parallelize.py, with its optimizer (make_optimizer).
 
-- TP: the model's linears, embedding and head are swapped for shards (tensor_parallel.py).
+- TP: the model's linears, embedding and head are shards (tensor_parallel.py).
 - PP: this rank runs one stage (pipeline.py) under torch.distributed.pipelining's 1F1B schedule
-  over the step's micro-batches; the parameters of other stages are dropped from this rank.
+  over the step's micro-batches; the parameters of other stages are not on this rank.
 - DP: gradients are averaged over the data-parallel group in flat buckets after backward. At
   ZeRO 1 / 2 the optimiser is ShardedMuonAdamW (sharded_optim.py): whole parameters partitioned
   over the DP ranks, state on the owner only, ZeRO-2 reducing each gradient to its owner.
@@ -22,73 +22,37 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from ..config import Config
-from ..optim import MuonAdamW, param_groups
-from ..param_names import RECURRENT_GROUP
+from ..optim import MuonAdamW
 from .base import EngineBase
 from .engine_api import Batch, autocast_for
-from .pipeline import StageModule, eval_units, owned_prefixes, plan_stages, recv_tuple, run_units, send_tuple
-from .sharded_optim import ShardedMuonAdamW
+from .parallelize import ParallelModel, zero_stage_of
+from .pipeline import StageModule, eval_units, recv_tuple, run_units, send_tuple
 from .state import ParallelState
-from .tensor_parallel import apply_tensor_parallel
 
 BUCKET_ELEMS = 25_000_000  # gradient all-reduce bucket (elements): large enough to amortise latency
 
 
 class TorchEngine(EngineBase):
-    def __init__(self, cfg: Config, model: torch.nn.Module, device: torch.device, st: ParallelState):
+    """The step, evaluation and collectives over a model parallelize() cut for this rank."""
+
+    def __init__(self, cfg: Config, pm: ParallelModel, optimizer: MuonAdamW, device: torch.device,
+                 st: ParallelState):
         super().__init__(cfg, device, st)
         lay = st.layout
-        apply_tensor_parallel(model, st.tp_group)
-        self.model = model.to(device)
-        self.plan = None
-        self.tie_group, self.tied, self.tie_leader = None, set(), True
-        owned = None
-        if lay.pp > 1:
-            plans = plan_stages(cfg.model, lay.pp)
-            self.plan = plans[lay.pp_rank]
-            owned = owned_prefixes(self.plan)
-            self._make_tie_groups(plans[0].recur_stages)
-        self.owned_names = [n for n, _ in model.named_parameters() if owned is None or n.startswith(owned)]
-        names = set(self.owned_names)
-        for n, p in model.named_parameters():
-            if n not in names:  # another stage's weights: free them on this rank
-                p.data = torch.empty(0, dtype=p.dtype, device=device)
-                p.requires_grad_(False)
-        self.params = [p for n, p in model.named_parameters() if n in names]
-        keep = {id(p) for p in self.params}
-        groups = [dict(g, params=[p for p in g["params"] if id(p) in keep]) for g in param_groups(model, cfg.optim)]
-        groups = [g for g in groups if g["params"]]
-        self.zero_stage = cfg.parallel.zero_stage if lay.dp > 1 else 0  # one replica: nothing to shard
-        if self.zero_stage:
-            by_id = {id(p): n for n, p in model.named_parameters()}
-            self.optimizer = ShardedMuonAdamW(groups, by_id, st)
-        else:
-            self.optimizer = MuonAdamW(groups)
+        self.model, self.plan = pm.module, pm.plan
+        self.owned_names, self.params = pm.owned_names, pm.params
+        self.tied, self.tie_group, self.tie_leader = pm.tied, pm.tie_group, pm.tie_leader
+        self.optimizer = optimizer
+        self.zero_stage = zero_stage_of(cfg, st)
         # The parameters whose gradients enter the global norm: each counted once over the layout.
-        self.counted = [p for n, p in zip(self.owned_names, self.params)
-                        if (getattr(p, "tp_split_dim", None) is not None or lay.tp_rank == 0)  # TP replicas once
-                        and (n not in self.tied or self.tie_leader)]                      # tied copies once
+        self.counted_names = pm.counted_names()  # tied copies once
+        self.counted = [p for n, p in pm.named_params() if n in self.counted_names
+                        and (getattr(p, "tp_split_dim", None) is not None or lay.tp_rank == 0)]  # TP replicas once
         self._schedules: dict[int, object] = {}
         self._recur = cfg.model.num_recur  # this step's recurrence count (read by the pipeline stage)
         self._pipe_stage = None
 
     # ------------------------------------------------------------------ pipeline plumbing
-    def _make_tie_groups(self, recur_stages: list[int]) -> None:
-        """Groups over the stages that hold a copy of the recurrent group, one per (tp, dp)
-        index. Created on every rank in the same order (new_group is collective)."""
-        lay = self.st.layout
-        if len(recur_stages) < 2:
-            return
-        for d in range(lay.dp):
-            for t in range(lay.tp):
-                ranks = [lay.rank_of(t, d, s) for s in recur_stages]
-                g = dist.new_group(ranks)
-                if lay.rank in ranks:
-                    self.tie_group = g
-        if self.tie_group is not None:
-            self.tied = {n for n, _ in self.model.named_parameters() if n.startswith(RECURRENT_GROUP)}
-        self.tie_leader = lay.pp_rank == recur_stages[0]
-
     def _schedule(self, n_micro: int):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
@@ -187,13 +151,11 @@ class TorchEngine(EngineBase):
         super()._eval_reduce(tot, replicas)
 
     def _relay_forward(self, x: torch.Tensor, y: torch.Tensor, r: int) -> Optional[torch.Tensor]:
-        from .state import pp_neighbour
-
         plan = self.plan
-        carry = (x,) if plan.first else recv_tuple(pp_neighbour(-1), self.device)
+        carry = (x,) if plan.first else recv_tuple(self.st.pp_neighbour(-1), self.device)
         out = run_units(self.model, eval_units(plan, self.cfg.model, r), carry, plan.first, plan.last, r)
         if not plan.last:
-            send_tuple(out, pp_neighbour(1), self.device)
+            send_tuple(out, self.st.pp_neighbour(1), self.device)
             return None
         return self.model.head.loss(out[0], y)
 
@@ -203,8 +165,7 @@ class TorchEngine(EngineBase):
         recurrent group from its first stage only."""
         from .dcp_state import save, state_dict
 
-        counted = {n for n in self.owned_names if n not in self.tied or self.tie_leader}
-        named = [(n, p) for n, p in self.model.named_parameters() if n in counted]
+        named = [(n, p) for n, p in self.model.named_parameters() if n in self.counted_names]
         return save(path, state_dict(named, self.optimizer), background)
 
     def load_files(self, path: str) -> None:
