@@ -16,7 +16,6 @@ once spent, saying so in the output.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ except Exception:  # pragma: no cover
     import kernels as K  # type: ignore
 
 from megaloop.kernels import dispatch  # noqa: E402
+from emit import emit  # benchmarks/emit.py (scripts run with benchmarks/ on sys.path)
 
 
 # ----------------------------------------------------------------------------- cases
@@ -284,11 +284,7 @@ def main(argv=None):
     if skipped:
         out["skipped_time_budget"] = skipped
     out["elapsed_s"] = round(time.time() - t_start, 1)
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megaloop.data.documents import iter_documents  # noqa: E402
+from emit import emit  # noqa: E402  (benchmarks/emit.py: scripts run with benchmarks/ on sys.path)
 
 
 def bundled_documents() -> list[str]:
@@ -170,11 +171,7 @@ def main() -> None:
         row.update(scale_x_bundled=scale, chars=bundled_chars * scale, workers=args.rss_workers,
                    loadavg_1m_after=round(os.getloadavg()[0], 2))
         result["rss"].append(row)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

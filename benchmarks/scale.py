@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from emit import emit  # benchmarks/emit.py (scripts run with benchmarks/ on sys.path)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -216,11 +217,7 @@ def main() -> None:
         "targets": {"peak_rss_at_most_1.5x_share": all(r["peak_rss_over_share"] <= 1.5 for r in per_rank),
                     "no_rank_held_the_whole_model": all(r["init_growth_below_whole_model"] for r in per_rank)},
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(report, args.out)
 
 
 if __name__ == "__main__":
