@@ -3,7 +3,14 @@ import gzip
 import os
 import random
 
-import pytest
+# The kernel tests run Triton under its interpreter on the CPU, which works only when
+# TRITON_INTERPRET=1 is set before anything imports triton. torchao and megatron-core import it
+# too, from test modules collected before the kernel tests, so it is set here, before collection.
+# (MEGALOOP_TEST_DEVICE=cuda runs the compiled kernels instead: kernels/testing.py.)
+if os.environ.get("MEGALOOP_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 WORDS = ("the king queen castle night sword love death crown heart speak lord lady honour fair "
          "sweet time world friend blood hand eye fool good noble true man woman war peace").split()

@@ -402,8 +402,8 @@ def test_sampled_sweep_plan_run_collect(tmp_path, capsys):
     assert "2 runs, 5 rows" in capsys.readouterr().out
     with open(os.path.join(out, "fit_table.csv")) as f:
         lines = f.read().splitlines()
-    assert lines[0] == ("n_once,n_rec,r,tokens,loss,run,variant,flops,"
-                        "tokens_per_param,vocab_size,skipped_steps")
+    assert lines[0] == ("n_once,n_rec,r,tokens,loss,run,variant,flops,seed,n_adapter,"
+                        "tokens_per_param,vocab_size,skipped_steps,tokens_by_dataset")
     table = list(csv.DictReader(lines))
     s = json.load(open(os.path.join(out, "runs", "randdepth_r2_s2_c3e8", "summary.json")))
     assert s["recur_sampling"] == "poisson_lognormal" and set(s["val_loss_by_r"]) == {"1", "2", "4"}

@@ -111,7 +111,10 @@ def test_bf16_tracks_fp32():
     l32, _ = run_steps(fp32, batches)
     l16, _ = run_steps(bf16, batches)
     assert l32[-1] < 0.5 * l32[0]  # it learned something, so tracking is not trivially true
-    assert abs(l16[-1] - l32[-1]) <= 0.02 * l32[-1], (l32[-1], l16[-1])
+    # the mean of the last 10 steps: one step's loss is one batch's, and at the task's floor the
+    # two runs' single-batch losses scatter by ~2 % on their own (1.681 vs 1.645 at step 50 here)
+    tail32, tail16 = sum(l32[-10:]) / 10, sum(l16[-10:]) / 10
+    assert abs(tail16 - tail32) <= 0.02 * tail32, (tail32, tail16, l32[-1], l16[-1])
 
 
 def _grads(model, idx, tgt):
