@@ -8,7 +8,8 @@
 #
 # 36 runs, of which 18 are branches (their decay only is trained): 8.82e13 FLOPs spent against
 # 1.07e14 unbranched (0.823, from `sweep plan`). Unmeasured so far; over an hour on a 2-core CPU.
-# Rerunning continues where it stopped: finished runs are skipped, branches wait for their trunks.
+# JOBS=N runs N at once (each with cores / N threads); THREADS=T pins every run to T torch threads
+# (e.g. JOBS=1 THREADS=1 beside another study). Rerunning continues where it stopped: finished runs are skipped, branches wait for their trunks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SWEEP_DIR="${1:-runs/cpu_study_branched}"
@@ -20,7 +21,7 @@ JOBS="${JOBS:-2}"
 start=$(date +%s)
 megaloop sweep plan configs/sweeps/cpu_study_branched.yaml --out "$SWEEP_DIR"
 rc=0
-megaloop sweep run "$SWEEP_DIR" --jobs "$JOBS" || rc=$?
+megaloop sweep run "$SWEEP_DIR" --jobs "$JOBS" ${THREADS:+--set train.threads="$THREADS"} || rc=$?
 trained=$(date +%s)
 megaloop sweep collect "$SWEEP_DIR"
 mkdir -p "$OUT"
