@@ -19,7 +19,7 @@ PARAMS = ["phi", "E", "A", "alpha", "B", "beta"]
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "megaloop.analysis.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=600)
 
 
 def test_fit_json_and_plots_end_to_end(tmp_path):
