@@ -44,6 +44,7 @@ setup(
         "data": ["pyarrow>=14", "zstandard>=0.22", "datasets>=3.0", "tokenizers>=0.20"],
         "dev": ["torchao==0.18.0", "pyarrow>=14", "zstandard>=0.22", "datasets>=3.0", "tokenizers>=0.20", "megatron-core>=0.16.1,<0.17", "pytest", "pytest-xdist", "triton>=3.0", "deepspeed>=0.15", "nbclient", "nbformat", "ipykernel", "tensorboard", "wandb", "transformers>=5.0", "lm-eval>=0.4.13"],
     },
-    package_data={"megaloop.inference.tasks": ["*/*.yaml", "*/*.jsonl", "*/*.py", "*/*.md"]},
+    package_data={"megaloop.inference.tasks": ["*/*.yaml", "*/*.jsonl", "*/*.py", "*/*.md"],
+                  "megaloop.sweep": ["templates/*.in"]},
     entry_points={"console_scripts": ["megaloop=megaloop.cli:main"]},
 )

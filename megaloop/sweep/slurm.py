@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import shlex
+import re
 import shutil
 import stat
 import subprocess
@@ -127,6 +128,17 @@ def check_partition(partition: Optional[str]) -> Optional[str]:
     return None
 
 
+
+TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates")
+
+
+def fill_template(file_name: str, values: dict[str, str]) -> str:
+    """The bash script templates/FILE_NAME with every @key@ replaced by values[key] (bash keeps its
+    own $ and braces, so the scripts read as the shell files they are)."""
+    with open(os.path.join(TEMPLATES, file_name)) as f:
+        text = f.read()
+    return re.sub(r"@([a-z_]+)@", lambda m: values[m.group(1)], text)
+
 def render(sweep_dir: str, opts: SlurmOptions) -> dict[str, str]:
     """{file name: text} for sweep.sbatch, tasks.tsv and submit.sh (nothing written here)."""
     _check(opts)
@@ -165,164 +177,13 @@ def render(sweep_dir: str, opts: SlurmOptions) -> dict[str, str]:
     directives += opts.extra_sbatch
     env_setup = opts.env_setup or default_env_setup()
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sbatch = f"""#!/bin/bash
-# megaloop sweep {manifest.get('name', '')}: {len(rows)} runs, one array task per run.
-# Submit with {sweep_abs}/submit.sh (per-run time limits, skips finished, queued and running runs), or directly:
-#   sbatch {sweep_abs}/sweep.sbatch        (every task gets the longest run's time limit)
-{chr(10).join('#SBATCH ' + d for d in directives)}
-set -euo pipefail
-
-SWEEP_DIR={q(sweep_abs)}
-WORKDIR={q(workdir)}          # where the sweep was planned: relative data paths resolve here
-MEGALOOP_ROOT={q(repo)}   # for the launchers in launch/
-TASK_ID="${{SLURM_ARRAY_TASK_ID:?run this script as a SLURM array task (sbatch), or set SLURM_ARRAY_TASK_ID}}"
-
-row=$(awk -F'\\t' -v id="$TASK_ID" '$1 == id' "$SWEEP_DIR/tasks.tsv")
-if [ -z "$row" ]; then
-  echo "megaloop sweep: no run with index $TASK_ID in $SWEEP_DIR/tasks.tsv" >&2
-  exit 1
-fi
-IFS=$'\\t' read -r _ NAME GPUS TIME_LIMIT TRUNK <<< "$row"
-RUN_DIR="$SWEEP_DIR/runs/$NAME"
-CONFIG="$RUN_DIR/config.yaml"
-if [ -f "$RUN_DIR/summary.json" ]; then
-  echo "megaloop sweep: $NAME is finished (summary.json exists); skipping"
-  exit 0
-fi
-# A live training holds RUN_DIR/.lock (megaloop/run_lock.py): another job is on this run already.
-held_elsewhere() {{
-  command -v flock >/dev/null 2>&1 && [ -f "$RUN_DIR/.lock" ] && ! flock -n -s "$RUN_DIR/.lock" true
-}}
-if held_elsewhere; then
-  echo "megaloop sweep: $NAME is being trained by another process ($(cat "$RUN_DIR/.lock")); skipping"
-  exit 0
-fi
-
-cd "$WORKDIR"
-set +u  # activation scripts (conda, modules) often read unset variables
-{env_setup}
-set -u
-NPROC=$(( GPUS > 0 ? GPUS : 1 ))  # one process per GPU; a CPU-only run is one threaded process
-if [ -z "${{OMP_NUM_THREADS:-}}" ]; then  # threads per process follow the allocation
-  OMP_NUM_THREADS=$(( ${{SLURM_CPUS_PER_TASK:-$NPROC}} / NPROC ))
-  export OMP_NUM_THREADS=$(( OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1 ))
-fi
-[ -n "${{MEGALOOP_DRY_RUN:-}}" ] || rm -f "$RUN_DIR/FAILED"
-if [ "${{TRUNK:--}}" != "-" ] && [ -z "${{MEGALOOP_DRY_RUN:-}}" ]; then
-  # a budget branch: start from its trunk's checkpoint at its decay start (megaloop/sweep/branch.py)
-  python -m megaloop.cli sweep branch "$SWEEP_DIR" "$NAME"
-fi
-TRAIN_ARGS=("$CONFIG" --resume --set "train.run_dir=$RUN_DIR" --set train.progress=false)
-if [ -x "$MEGALOOP_ROOT/launch/torchrun.sh" ]; then
-  LAUNCH=("$MEGALOOP_ROOT/launch/torchrun.sh" --nproc "$NPROC" "${{TRAIN_ARGS[@]}}")
-else
-  LAUNCH=(torchrun --standalone --nnodes 1 --nproc-per-node "$NPROC" -m megaloop.cli train "${{TRAIN_ARGS[@]}}")
-fi
-if [ "$GPUS" -gt 0 ]; then where="$GPUS GPUs"; else where="CPU only"; fi
-echo "megaloop sweep: $NAME on $(hostname) with $where, $NPROC process(es) x $OMP_NUM_THREADS thread(s)," \
-  "limit $TIME_LIMIT: ${{LAUNCH[*]}}"
-if [ -n "${{MEGALOOP_DRY_RUN:-}}" ]; then  # check what a task would run, without training
-  exit 0
-fi
-rc=0
-"${{LAUNCH[@]}}" || rc=$?
-if [ "$rc" -ne 0 ]; then
-  if held_elsewhere; then  # lost the race to another job: it trains the run, this is no failure
-    echo "megaloop sweep: $NAME was started by another process first ($(cat "$RUN_DIR/.lock")); leaving it to it"
-    exit 0
-  fi
-  printf 'exit status %s (SLURM job %s_%s)\nlog: %s/logs/%s_%s.out\n' "$rc" "${{SLURM_ARRAY_JOB_ID:-?}}" \
-    "$TASK_ID" "$SWEEP_DIR" "${{SLURM_ARRAY_JOB_ID:-?}}" "$TASK_ID" > "$RUN_DIR/FAILED"
-  exit "$rc"
-fi
-"""
     groups = "\n".join(f"submit {hhmmss(m)} {id_ranges(ids).replace(',', ' ')}" for m, ids in sorted(by_time.items()))
     groups += "".join(f"\nsubmit_branch {hhmmss(m)} {i} {t}" for i, t, m in branches)
-    submit = f"""#!/bin/bash
-# Submit the runs of sweep {manifest.get('name', '')} that are neither finished nor in the queue, one
-# array per time limit. Safe to rerun any time: runs with a summary.json are left out, and so are
-# runs whose task is queued or running (squeue lists this user's tasks of this sweep.sbatch); the
-# others resume from their last checkpoint.
-# Dry run: SBATCH=echo bash {sweep_abs}/submit.sh   (SQUEUE=none: do not ask the queue)
-set -euo pipefail
-SWEEP_DIR={q(sweep_abs)}
-SBATCH="${{SBATCH:-sbatch}}"
-SQUEUE="${{SQUEUE:-squeue}}"
-mkdir -p "$SWEEP_DIR/logs"
-pending=0 finished=0 in_queue=0
-
-# " 3 5 7 ": the array indices of this sweep's tasks that are pending, running or completing
-queued=" "
-queued_jobs=" "
-declare -A jobof=()  # task index -> the array job this call submitted it in
-if [ "$SQUEUE" = none ]; then
-  echo "megaloop sweep: SQUEUE=none: queued and running tasks are not checked"
-elif command -v "$SQUEUE" >/dev/null 2>&1; then
-  if ! out=$("$SQUEUE" --noheader --array --user="$(id -un)" --name={q(name)} --format='%K %o %F' 2>&1); then
-    echo "megaloop sweep: $SQUEUE failed, so queued runs cannot be told from unfinished ones: $(tail -n 1 <<< "$out")" >&2
-    echo "megaloop sweep: fix SLURM and rerun, or rerun with SQUEUE=none to submit every unfinished run" >&2
-    exit 1
-  fi
-  queued=" $(awk -v script="$SWEEP_DIR/sweep.sbatch" '$2 == script {{printf "%s ", $1}}' <<< "$out")"
-  # " 3:1234 ": task index -> its array job, for the branches that wait for a queued trunk
-  queued_jobs=" $(awk -v script="$SWEEP_DIR/sweep.sbatch" '$2 == script && $3 != "" {{printf "%s:%s ", $1, $3}}' <<< "$out")"
-elif [ "$SBATCH" = sbatch ]; then
-  echo "megaloop sweep: $SQUEUE not found: run this on a SLURM login node (or set SQUEUE=none)" >&2
-  exit 1
-else
-  echo "megaloop sweep: $SQUEUE not found: queued and running tasks are not checked"
-fi
-
-submit() {{  # TIME_LIMIT TASK_ID...
-  local limit=$1 ids=() spec id name list
-  shift
-  for spec in "$@"; do
-    for id in $(seq "${{spec%-*}}" "${{spec#*-}}"); do
-      name=$(awk -F'\\t' -v id="$id" '$1 == id {{print $2}}' "$SWEEP_DIR/tasks.tsv")
-      if [ -f "$SWEEP_DIR/runs/$name/summary.json" ]; then
-        finished=$((finished + 1))
-      elif [[ "$queued" == *" $id "* ]]; then
-        in_queue=$((in_queue + 1))
-      else
-        ids+=("$id")
-      fi
-    done
-  done
-  [ "${{#ids[@]}}" -gt 0 ] || return 0
-  pending=$((pending + ${{#ids[@]}}))
-  # ids -> SLURM ranges: 0 1 2 5 -> 0-2,5
-  list=$(printf '%s\\n' "${{ids[@]}}" | awk 'NR == 1 {{ s = p = $1; next }} $1 == p + 1 {{ p = $1; next }}
-    {{ printf "%s%s,", s, (s == p ? "" : "-" p); s = p = $1 }} END {{ printf "%s%s", s, (s == p ? "" : "-" p) }}')
-  out=$("$SBATCH" --array="$list{throttle}" --time="$limit" "$SWEEP_DIR/sweep.sbatch")
-  echo "$out"
-  jid=$(sed -n 's/^Submitted batch job \\([0-9][0-9]*\\).*/\\1/p' <<< "$out")
-  for id in "${{ids[@]}}"; do jobof[$id]=${{jid:-?}}; done
-}}
-
-submit_branch() {{  # TIME_LIMIT TASK_ID TRUNK_TASK_ID: a budget branch runs after its trunk (afterok)
-  local limit=$1 id=$2 trunk=$3 name tname job dep=()
-  name=$(awk -F'\\t' -v id="$id" '$1 == id {{print $2}}' "$SWEEP_DIR/tasks.tsv")
-  tname=$(awk -F'\\t' -v id="$trunk" '$1 == id {{print $2}}' "$SWEEP_DIR/tasks.tsv")
-  if [ -f "$SWEEP_DIR/runs/$name/summary.json" ]; then finished=$((finished + 1)); return 0; fi
-  if [[ "$queued" == *" $id "* ]]; then in_queue=$((in_queue + 1)); return 0; fi
-  if [ ! -f "$SWEEP_DIR/runs/$tname/summary.json" ]; then
-    job=${{jobof[$trunk]:-}}
-    if [ -z "$job" ] && [[ "$queued_jobs" == *" $trunk:"* ]]; then
-      job=${{queued_jobs#* $trunk:}}; job=${{job%% *}}
-    fi
-    if [ -z "$job" ]; then
-      echo "megaloop sweep: $name branches from $tname, which is neither finished nor queued; submit again once it is"
-      return 0
-    fi
-    dep=(--dependency="afterok:${{job}}_$trunk")
-  fi
-  pending=$((pending + 1))
-  "$SBATCH" --array="$id" --time="$limit" "${{dep[@]}}" "$SWEEP_DIR/sweep.sbatch"
-}}
-
-{groups}
-echo "megaloop sweep: submitted $pending run(s) of {len(rows)} ($finished finished, $in_queue queued or running)"
-"""
+    values = {"sweep_name": manifest.get("name", ""), "n_runs": str(len(rows)), "sweep_dir": sweep_abs,
+              "sweep_dir_q": q(sweep_abs), "workdir_q": q(workdir), "repo_q": q(repo), "env_setup": env_setup,
+              "directives": "\n".join("#SBATCH " + d for d in directives), "job_name_q": q(name),
+              "throttle": throttle, "groups": groups}
+    sbatch, submit = (fill_template(f, values) for f in ("sweep.sbatch.in", "submit.sh.in"))
     return {"sweep.sbatch": sbatch, "tasks.tsv": "\n".join(tasks) + "\n", "submit.sh": submit}
 
 
