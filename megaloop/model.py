@@ -7,8 +7,9 @@
 
 Per-element work (norms, rotary + QK-norm, ReLU^2, the recurrence step, the fused head loss)
 goes through `megaloop.kernels`, with the backend the model is built with (`kernels=`, the
-config's `kernels:` entry: auto | triton | torch), which every module that calls a kernel carries. Parallelism is applied from outside (megaloop.parallel): tensor parallelism
-swaps the linears and the head, pipeline parallelism calls the stage methods below one at a time.
+config's `kernels:` entry: auto | triton | torch), which every module that calls a kernel carries.
+Parallelism is applied from outside (megaloop.parallel): tensor parallelism swaps the linears and
+the head, pipeline parallelism calls the stage methods below one at a time.
 """
 from __future__ import annotations
 

@@ -115,7 +115,6 @@ def test_triton_modules_define_their_kernels_plainly():
     triton = pytest.importorskip("triton")
     from triton.runtime.interpreter import InterpretedFunction
 
-    from megaloop.kernels import qk_norm_rope, recurrence, relu_squared, rms_norm, softcap_ce  # noqa: F401
     from megaloop.kernels.triton import common
     from megaloop.kernels.triton import recurrence as t_rec
     from megaloop.kernels.triton import rms_norm as t_rms
