@@ -83,7 +83,8 @@ def make_cases(device, dtype, gpu):
 
         def relu2(d=d):
             x = rnd(N, 4 * d)
-            return (x,), {"triton": lambda: K.relu_squared(x, backend="triton"), "ref": (K.relu_squared_reference, (x,))}
+            return (x,), {"triton": lambda: K.relu_squared(x, backend="triton"),
+                          "ref": (K.relu_squared_reference, (x,))}
         cases.append(("relu_squared", {"tokens": N, "width": 4 * d}, relu2))
 
         for mode in ("additive", "linear"):
