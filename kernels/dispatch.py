@@ -3,7 +3,8 @@
 The backend is a value the caller passes in: every public op takes ``backend=`` (a
 :class:`KernelBackend`, or its name), and the model is built with the one that the config's
 ``kernels:`` entry names (``LoopedLM(cfg.model, kernels=cfg.kernels)``); its modules carry it to
-every op they call. Nothing here reads the environment or a module-level setting to choose.
+every op they call. No environment variable or module-level setting chooses the backend
+(TRITON_INTERPRET, Triton's own switch, only decides whether a forced ``triton`` can run on CPU).
 
 - ``torch``: always the reference.
 - ``triton``: always the Triton kernels. On a CUDA tensor they are compiled; on a CPU tensor they
