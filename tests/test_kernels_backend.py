@@ -4,8 +4,11 @@ that builds a model: train, eval, generate (the model's own and the cached decod
 
 The tests record the backend handed to every kernel call (KernelBackend.use_triton, wrapped: the
 real decision still runs). The run is configured with `kernels: torch`, not the default `auto`, so
-a path that built its model without the config's value would record 'auto' and fail.
+a path that built its model without the config's value would record 'auto' and fail. Last, its
+export, switched to `kernels: triton`, is evaluated: every kernel call then runs Triton (under the
+interpreter on CPU).
 """
+import shutil
 import os
 
 import pytest
@@ -20,21 +23,22 @@ from megaloop.pretrained import load_pretrained
 CONFIGURED = "torch"
 
 
-def record_into(names: list, monkeypatch) -> list:
-    """From now on (until monkeypatch undoes it) every kernel call appends its backend's name."""
+def record_into(calls: list, monkeypatch) -> list:
+    """From now on (until monkeypatch undoes it) every kernel call appends (its backend's name,
+    whether it ran Triton)."""
     decide = KernelBackend.use_triton
 
     def recording(self, tensor):
-        names.append(self.name)
-        return decide(self, tensor)
+        calls.append((self.name, decide(self, tensor)))
+        return calls[-1][1]
 
     monkeypatch.setattr(KernelBackend, "use_triton", recording)
-    return names
+    return calls
 
 
 @pytest.fixture
 def backends_used(monkeypatch):
-    """The names of the backends the kernel calls were given, in order."""
+    """(backend name, Triton or not) of every kernel call, in order."""
     return record_into([], monkeypatch)
 
 
@@ -47,9 +51,12 @@ def run(tmp_path_factory, tiny_corpus, data_cache):
     return root
 
 
-def _only_configured(names):
-    assert names, "no kernel call was recorded"
-    assert set(names) == {CONFIGURED}, f"kernel calls ran with {sorted(set(names))}, configured {CONFIGURED!r}"
+def _only_configured(calls, configured=CONFIGURED):
+    assert calls, "no kernel call was recorded"
+    names = {name for name, _ in calls}
+    assert names == {configured}, f"kernel calls ran with {sorted(names)}, configured {configured!r}"
+    if configured == "torch":
+        assert not any(ran for _, ran in calls), "a kernel call ran Triton under kernels: torch"
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +103,19 @@ def test_export_keeps_the_configured_backend(trained, backends_used):
     idx = torch.zeros(1, 4, dtype=torch.long)
     model(idx, idx)
     _only_configured(backends_used)
+
+
+def test_a_switched_config_switches_the_implementation(trained, backends_used):
+    """Contract: the same weights with `kernels: triton` in their config.yaml run every kernel call
+    of `megaloop eval` through Triton (the torch run above ran none)."""
+    pytest.importorskip("triton")
+    src, out = trained[0] / "export", trained[0] / "export_triton"
+    if not src.exists():
+        assert main(["export", str(trained[0] / "run"), "--out", str(src)]) == 0
+    shutil.copytree(src, out)
+    cfg = yaml.safe_load(open(out / "config.yaml"))
+    cfg["kernels"] = "triton"
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["eval", str(out), "--recur", "1"]) == 0
+    _only_configured(backends_used, "triton")
+    assert all(ran for _, ran in backends_used)
