@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Pretraining and scaling-law measurement for looped language models",
     python_requires=">=3.10",
-    packages=["megaloop", "megaloop.data", "megaloop.inference", "megaloop.inference.hf_modeling", "megaloop.inference.tasks", "megaloop.parallel", "megaloop.sweep", "megaloop.commands", "megaloop.kernels", "megaloop.analysis"],
+    packages=["megaloop", "megaloop.data", "megaloop.inference", "megaloop.inference.hf_modeling", "megaloop.inference.tasks", "megaloop.parallel", "megaloop.sweep", "megaloop.commands", "megaloop.kernels", "megaloop.kernels.triton", "megaloop.analysis"],
     package_dir={
         "megaloop": "megaloop",
         "megaloop.kernels": "kernels",

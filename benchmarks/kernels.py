@@ -5,7 +5,7 @@
 On CUDA: bf16, 16k tokens (8 x 2048), widths 1024 and 4096, vocab 32768 for the fused head +
 softcap CE; each op timed with triton.testing.do_bench (median ms) forward and forward+backward,
 with the peak extra memory of one forward+backward (torch.cuda.max_memory_allocated minus what
-was allocated before). Implementations: "triton" (megaloop.kernels forced to Triton), "eager"
+was allocated before). Implementations: "triton" (the ops with backend="triton"), "eager"
 (the PyTorch reference of each op) and "compile" (torch.compile of that reference).
 
 Without CUDA the Triton kernels cannot be timed ("triton": "needs a CUDA GPU"); the reference
@@ -33,7 +33,6 @@ try:  # installed as megaloop.kernels; fall back to the folder when not installe
 except Exception:  # pragma: no cover
     import kernels as K  # type: ignore
 
-from megaloop.kernels import dispatch  # noqa: E402
 from emit import emit  # benchmarks/emit.py (scripts run with benchmarks/ on sys.path)
 
 
@@ -60,13 +59,13 @@ def make_cases(device, dtype, gpu):
     for d in widths:
         def rms(d=d):
             x, w = rnd(N, d), rnd(d, scale=0.1).detach().add_(1).requires_grad_()
-            return (x, w), {"triton": lambda: K.rms_norm(x, w, 1e-6),
+            return (x, w), {"triton": lambda: K.rms_norm(x, w, 1e-6, backend="triton"),
                             "ref": (K.rms_norm_reference, (x, w, 1e-6))}
         cases.append(("rms_norm", {"tokens": N, "d": d}, rms))
 
         def add_rms(d=d):
             x, r, w = rnd(N, d), rnd(N, d), rnd(d, scale=0.1).detach().add_(1).requires_grad_()
-            return (x, r, w), {"triton": lambda: K.add_rms_norm(x, r, w, 1e-6),
+            return (x, r, w), {"triton": lambda: K.add_rms_norm(x, r, w, 1e-6, backend="triton"),
                                "ref": (K.add_rms_norm_reference, (x, r, w, 1e-6))}
         cases.append(("add_rms_norm", {"tokens": N, "d": d}, add_rms))
 
@@ -78,13 +77,14 @@ def make_cases(device, dtype, gpu):
             q = qkv[..., : Hq * D].view(B, T, Hq, D)
             k = qkv[..., Hq * D: (Hq + Hk) * D].view(B, T, Hk, D)
             cos, sin = _rope(T, D, device)
-            return (qkv,), {"triton": lambda: K.qk_norm_rope(q, k, cos, sin, 1e-6),
+            return (qkv,), {"triton": lambda: K.qk_norm_rope(q, k, cos, sin, 1e-6, backend="triton"),
                             "ref": (lambda a, b: K.qk_norm_rope_reference(a, b, cos, sin, 1e-6), (q, k))}
         cases.append(("qk_norm_rope", {"B": B, "T": T, "Hq": d // 128, "Hk": max(1, d // 512), "D": 128}, qk))
 
         def relu2(d=d):
             x = rnd(N, 4 * d)
-            return (x,), {"triton": lambda: K.relu_squared(x), "ref": (K.relu_squared_reference, (x,))}
+            return (x,), {"triton": lambda: K.relu_squared(x, backend="triton"),
+                          "ref": (K.relu_squared_reference, (x,))}
         cases.append(("relu_squared", {"tokens": N, "width": 4 * d}, relu2))
 
         for mode in ("additive", "linear"):
@@ -92,7 +92,7 @@ def make_cases(device, dtype, gpu):
                 h, e, w = rnd(N, d), rnd(N, d), rnd(d, scale=0.1).detach().add_(1).requires_grad_()
                 W = rnd(d, 2 * d, scale=d ** -0.5) if mode == "linear" else None
                 ins = (h, e, w) + ((W,) if W is not None else ())
-                return ins, {"triton": lambda: K.recur_norm_inject(h, e, w, 1e-6, mode, W),
+                return ins, {"triton": lambda: K.recur_norm_inject(h, e, w, 1e-6, mode, W, backend="triton"),
                              "ref": (lambda a, b, c, *Wm: K.recur_norm_inject_reference(a, b, c, 1e-6, mode,
                                                                                          Wm[0] if Wm else None), ins)}
             cases.append((f"recur_norm_inject[{mode}]", {"tokens": N, "d": d}, rec))
@@ -107,7 +107,8 @@ def make_cases(device, dtype, gpu):
             def both_ref(L, s_, a, M_, b):
                 return K.hc_combine_reference(L, a), K.hc_update_reference(L, s_, M_, b)
             return (lanes, s, alpha, M, beta), {
-                "triton": lambda: (K.hc_combine(lanes, alpha), K.hc_update(lanes, s, M, beta)),
+                "triton": lambda: (K.hc_combine(lanes, alpha, backend="triton"),
+                           K.hc_update(lanes, s, M, beta, backend="triton")),
                 "ref": (both_ref, (lanes, s, alpha, M, beta))}
         cases.append(("hc_combine+hc_update", {"lanes": 2, "tokens": N, "d": d}, hc))
 
@@ -115,8 +116,8 @@ def make_cases(device, dtype, gpu):
             h = rnd(N, d)
             w = rnd(V, d, scale=0.001 * 30)
             t = torch.randint(0, V, (N,), device=device)
-            return (h, w), {"triton": lambda: K.softcap_cross_entropy(h, w, t, 15.0),
-                            "torch_chunked": lambda: K.softcap_cross_entropy(h, w, t, 15.0),
+            return (h, w), {"triton": lambda: K.softcap_cross_entropy(h, w, t, 15.0, backend="triton"),
+                            "torch_chunked": lambda: K.softcap_cross_entropy(h, w, t, 15.0, backend="torch"),
                             "ref": (lambda a, b: K.softcap_cross_entropy_reference(a, b, t, 15.0), (h, w))}
         cases.append(("softcap_cross_entropy", {"tokens": N, "d": d, "vocab": V}, ce))
     return cases
@@ -203,7 +204,7 @@ def main(argv=None):
     dtype = torch.bfloat16 if gpu else torch.float32
     budget = args.budget if args.budget is not None else (160.0 if gpu else 100.0)
     t_start = time.time()
-    triton_ok = gpu and dispatch.triton_available()
+    triton_ok = gpu and K.triton_available()
     try:
         import triton
 
@@ -248,17 +249,14 @@ def main(argv=None):
             impls = []
             if pass_no == 1:
                 if triton_ok:
-                    impls.append(("triton", "triton", fns["triton"]))
+                    impls.append(("triton", fns["triton"]))
                 if "torch_chunked" in fns:
-                    impls.append(("torch_chunked", "torch", fns["torch_chunked"]))
-                impls.append(("eager", None, lambda: ref_fn(*ref_args)))
+                    impls.append(("torch_chunked", fns["torch_chunked"]))
+                impls.append(("eager", lambda: ref_fn(*ref_args)))
             elif compile_ok:
                 compiled = torch.compile(ref_fn, dynamic=False)
-                impls.append(("compile", None, lambda: compiled(*ref_args)))
-            for impl, be, fn in impls:
-                old = os.environ.get("MEGALOOP_KERNELS")
-                if be:
-                    os.environ["MEGALOOP_KERNELS"] = be
+                impls.append(("compile", lambda: compiled(*ref_args)))
+            for impl, fn in impls:
                 try:
                     entry["impl"][impl] = measure(fn, inputs, device)
                 except Exception as exc:  # report and go on (e.g. compile unavailable, OOM)
@@ -271,12 +269,6 @@ def main(argv=None):
                         traceback.print_exc()
                     if gpu:
                         torch.cuda.empty_cache()
-                finally:
-                    if be:
-                        if old is None:
-                            os.environ.pop("MEGALOOP_KERNELS", None)
-                        else:
-                            os.environ["MEGALOOP_KERNELS"] = old
             del inputs, fns
             if gpu:
                 torch.cuda.empty_cache()

@@ -56,7 +56,6 @@ import torch
 from megaloop.accounting import count_params, flops_per_token
 from megaloop.config import Config, load_config
 from megaloop.parallel import Engine, autocast_for, local_engine
-from megaloop.kernels import set_backend
 from megaloop.mfu import cpu_model, measure_matmul_flops, native_bf16_matmul, peak_flops
 from megaloop.fp8 import convert_for_fp8, float8_config, kernel_name
 from megaloop.train import build_model, compile_blocks
@@ -106,7 +105,6 @@ class Variant:
         self.batch = fixed_batch(self.cfg, device)
 
     def step(self) -> float:
-        set_backend(self.cfg.kernels)  # a process-wide switch: variants with kernels on and off alternate
         sync(self.engine.device)
         t0 = time.perf_counter()
         stats = self.engine.train_step([self.batch], 1.0)  # .item() inside: the step has finished

@@ -21,8 +21,9 @@ loss = mean over non-ignored rows of  logsumexp(z) - z[target],  z = softcap*tan
 - Columns with global id >= vocab_valid are padding: logit -inf, zero gradient (also without
   tensor parallelism).
 
-Backends: Triton (a per-chunk kernel doing the softcap, online max/sum-exp, target pick and the
-in-place gradient of the logits) or the same chunked algorithm in plain torch. The unfused
+Backends (``backend``): Triton (megaloop.kernels.triton.softcap_ce, a per-chunk kernel doing the
+softcap, online max/sum-exp, target pick and the in-place gradient of the logits) or the same
+chunked algorithm in plain torch. The unfused
 reference ``softcap_cross_entropy_reference`` (F.linear -> softcap -> F.cross_entropy) is for
 tests.
 """
@@ -34,10 +35,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import backend_for, cdiv, interpret_mode, lazy_jit, next_pow2
-
-tl = None  # triton.language and cast_out are bound by dispatch.LazyKernel on the first launch
-cast_out = None  # (so triton stays optional and is never imported with this package)
+from .dispatch import AUTO, Backend, next_pow2, use_triton
 
 
 # ----------------------------------------------------------------------------- unfused reference
@@ -51,103 +49,6 @@ def softcap_cross_entropy_reference(hidden, weight, targets, softcap, ignore_ind
         pad = torch.arange(logits.shape[-1], device=logits.device) >= vocab_valid
         logits = logits.masked_fill(pad, float("-inf"))
     return F.cross_entropy(logits, targets.reshape(-1), ignore_index=ignore_index)
-
-
-# ----------------------------------------------------------------------------- triton kernel
-def _softcap_ce_kernel(
-    LOGITS, TGT, LSE, M_OUT, SE_OUT, ZT_OUT, SCALE,
-    n_rows, V, stride_l, local_valid, vocab_start, ignore_index, cap,
-    HAS_CAP: tl.constexpr, DO_STATS: tl.constexpr, DO_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < n_rows
-    rows64 = rows.to(tl.int64)
-    tgt = tl.load(TGT + rows, mask=rmask, other=0)
-    valid = rmask & (tgt != ignore_index)
-    tloc = tgt - vocab_start
-    base = LOGITS + rows64[:, None] * stride_l
-    if DO_STATS:
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        se = tl.zeros([BLOCK_M], tl.float32)
-        zt = tl.zeros([BLOCK_M], tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            lmask = rmask[:, None] & (cols < V)[None, :]
-            l = tl.load(base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
-            if HAS_CAP:
-                x = l / cap
-                t = tl.exp(-2.0 * tl.abs(x))
-                th = (1.0 - t) / (1.0 + t)
-                z = cap * tl.where(x < 0, -th, th)
-            else:
-                z = l
-            ok = rmask[:, None] & (cols < local_valid)[None, :]
-            z = tl.where(ok, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            se = se * tl.exp(m - m_safe) + tl.sum(tl.exp(z - m_safe[:, None]), axis=1)
-            m = m_new
-            hit = ok & (cols[None, :] == tloc[:, None]) & valid[:, None]
-            zt += tl.sum(tl.where(hit, z, 0.0), axis=1)
-        tl.store(M_OUT + rows, m, mask=rmask)
-        tl.store(SE_OUT + rows, se, mask=rmask)
-        tl.store(ZT_OUT + rows, zt, mask=rmask)
-        lse = m + tl.log(tl.where(se > 0, se, 1.0))  # se == 0 only on padding rows
-    else:
-        lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-    if DO_GRAD:
-        scale = tl.load(SCALE)
-        rscale = tl.where(valid, scale, 0.0)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            lmask = rmask[:, None] & (cols < V)[None, :]
-            l = tl.load(base + cols[None, :], mask=lmask, other=0.0).to(tl.float32)
-            ok = rmask[:, None] & (cols < local_valid)[None, :]
-            if HAS_CAP:
-                x = l / cap
-                t = tl.exp(-2.0 * tl.abs(x))
-                th = (1.0 - t) / (1.0 + t)
-                th = tl.where(x < 0, -th, th)
-                z = cap * th
-            else:
-                z = l
-            p = tl.where(ok, tl.exp(z - lse[:, None]), 0.0)
-            hit = ok & (cols[None, :] == tloc[:, None]) & valid[:, None]
-            g = p - tl.where(hit, 1.0, 0.0)
-            if HAS_CAP:
-                g = g * (1.0 - th * th)
-            g = g * rscale[:, None]
-            tl.store(base + cols[None, :], cast_out(g, LOGITS.dtype.element_ty), mask=lmask)
-
-
-_ce_kernel = lazy_jit(_softcap_ce_kernel)
-
-
-def _triton_chunk(logits, tgt, softcap, local_valid, vocab_start, ignore_index, scale, phase, lse=None):
-    """phase: 'stats' -> (m, se, zt); 'grad' (needs lse); 'fused' -> (m, se, zt) + grad in place."""
-    C, V = logits.shape
-    dev = logits.device
-    block_v = min(next_pow2(V), 1 << 14 if interpret_mode() else 4096)
-    target = (1 << 16) if interpret_mode() else 4096
-    block_m = max(1, min(next_pow2(C), target // block_v))
-    grid = (cdiv(C, block_m),)
-    do_stats = phase in ("stats", "fused")
-    do_grad = phase in ("grad", "fused")
-    m = torch.empty(C, device=dev, dtype=torch.float32) if do_stats else None
-    se = torch.empty_like(m) if do_stats else None
-    zt = torch.empty_like(m) if do_stats else None
-    dummy = scale
-    _ce_kernel[grid](
-        logits, tgt, lse if lse is not None else dummy,
-        m if do_stats else dummy, se if do_stats else dummy, zt if do_stats else dummy, scale,
-        C, V, logits.stride(0), int(local_valid), int(vocab_start), int(ignore_index),
-        float(softcap) if softcap is not None else 1.0,
-        HAS_CAP=softcap is not None, DO_STATS=do_stats, DO_GRAD=do_grad,
-        BLOCK_M=block_m, BLOCK_V=block_v, num_warps=8 if block_m * block_v >= 4096 else 4,
-    )
-    return m, se, zt
 
 
 # ----------------------------------------------------------------------------- torch chunk math
@@ -206,7 +107,7 @@ def _tp_size(group):
 class SoftcapCEFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, softcap, ignore_index, tp_group, vocab_start, vocab_valid,
-                chunk_size, use_triton, need_grad):
+                chunk_size, chunk_fn, need_grad):
         d = hidden.shape[-1]
         h2 = hidden.reshape(-1, d)
         tg = targets.reshape(-1)
@@ -219,7 +120,6 @@ class SoftcapCEFn(torch.autograd.Function):
         need_h = need_grad and ctx.needs_input_grad[0]
         need_w = need_grad and ctx.needs_input_grad[1]
         do_grad = need_h or need_w
-        chunk_fn = _triton_chunk if use_triton else _torch_chunk
 
         n_valid = (tg != ignore_index).sum()
         scale = (1.0 / n_valid.clamp(min=1).to(torch.float32)).reshape(1)
@@ -301,9 +201,11 @@ class SoftcapCEFn(torch.autograd.Function):
 def softcap_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                           softcap: Optional[float], ignore_index: int = -100, tp_group=None,
                           vocab_start: int = 0, vocab_valid: Optional[int] = None,
-                          chunk_size: Optional[int] = None) -> torch.Tensor:
+                          chunk_size: Optional[int] = None, backend: Backend = AUTO) -> torch.Tensor:
     """Mean cross-entropy of softcap(hidden @ weight.T) against targets, without full logits."""
-    use_triton = backend_for(hidden) == "triton"
+    chunk_fn = _torch_chunk
+    if use_triton(backend, hidden):
+        from .triton.softcap_ce import triton_chunk as chunk_fn
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return SoftcapCEFn.apply(hidden, weight, targets, softcap, ignore_index, tp_group, vocab_start,
-                             vocab_valid, chunk_size, use_triton, need_grad)
+                             vocab_valid, chunk_size, chunk_fn, need_grad)

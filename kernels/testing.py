@@ -6,19 +6,7 @@ import os
 
 import torch
 
-
-@contextlib.contextmanager
-def backend(name: str):
-    """Force a backend through MEGALOOP_KERNELS for the duration of the block."""
-    old = os.environ.get("MEGALOOP_KERNELS")
-    os.environ["MEGALOOP_KERNELS"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MEGALOOP_KERNELS", None)
-        else:
-            os.environ["MEGALOOP_KERNELS"] = old
+from .dispatch import KernelBackend
 
 
 DEVICE_ENV = "MEGALOOP_TEST_DEVICE"  # cpu (default): Triton interpreter; cuda: compiled kernels on the GPU
@@ -88,27 +76,34 @@ _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
         torch.int32: "*i32"}
 
 
+class _CompileTarget(KernelBackend):
+    """The Triton kernels on any tensor: under compile_only the launches compile, nothing runs."""
+
+    def use_triton(self, tensor: torch.Tensor) -> bool:
+        return True
+
+
 @contextlib.contextmanager
 def compile_only(arch: int = 90, n_sms: int = 132):
-    """Within the block, every Triton launch of the ops is compiled for CUDA sm_<arch> (through
-    ptxas, no GPU needed) with the GPU launch sizes, instead of being run. Outputs are left
-    uninitialised. Yields a list that receives (kernel name, constexprs, error or None).
+    """Within the block, every Triton kernel launch is compiled for CUDA sm_<arch> (through ptxas,
+    no GPU needed) with the GPU launch sizes, instead of being run; run the ops with
+    ``backend=COMPILE_TARGET`` on CPU tensors. Outputs are left uninitialised. Yields a list that
+    receives (kernel name, constexprs, error or None).
     """
-    import sys
-
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
-    from . import dispatch
+    from .triton import common, rms_norm
 
+    if common.INTERPRET:
+        raise RuntimeError("compile_only needs the kernels imported without TRITON_INTERPRET")
     target = GPUTarget("cuda", arch, 32)
     results = []
     seen = set()
 
-    def getitem(self, grid):
-        jf = self._get()
-
+    def getitem(jf, grid):
         def launch(*args, **kw):
             opts = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
             values = dict(zip(jf.arg_names, args))
@@ -141,26 +136,22 @@ def compile_only(arch: int = 90, n_sms: int = 132):
 
         return launch
 
-    mods = [sys.modules[f"{__package__}.{n}"] for n in ("rms_norm", "qk_norm_rope", "relu_squared", "recurrence",
-                                                         "softcap_ce")]
-    saved = [(dispatch.LazyKernel, "__getitem__", dispatch.LazyKernel.__getitem__),
-             (dispatch, "interpret_mode", dispatch.interpret_mode), (dispatch, "num_sms", dispatch.num_sms)]
-    for m in mods:
-        saved.append((m, "backend_for", m.backend_for))
-        if hasattr(m, "interpret_mode"):
-            saved.append((m, "interpret_mode", m.interpret_mode))
+    # (JITFunction inherits __getitem__; setting it on the class shadows it for the block)
+    saved = [(JITFunction, "__getitem__", JITFunction.__dict__.get("__getitem__")),
+             (rms_norm, "num_sms", rms_norm.num_sms)]
     try:
-        dispatch.LazyKernel.__getitem__ = getitem
-        dispatch.interpret_mode = lambda: False
-        dispatch.num_sms = lambda device: n_sms
-        for m in mods:
-            m.backend_for = lambda t: "triton"
-            if hasattr(m, "interpret_mode"):
-                m.interpret_mode = lambda: False
+        JITFunction.__getitem__ = getitem
+        rms_norm.num_sms = lambda device: n_sms  # the persistent backward's grid, as on an H100
         yield results
     finally:
         for obj, name, val in saved:
-            setattr(obj, name, val)
+            if val is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, val)
+
+
+COMPILE_TARGET = _CompileTarget("triton")
 
 
 def compile_check(arch: int = 90):
@@ -175,9 +166,10 @@ def compile_check(arch: int = 90):
     from .recurrence import hc_combine, hc_update, recur_norm_inject
     from .relu_squared import relu_squared
     from .rms_norm import add_rms_norm, rms_norm
-    from .softcap_ce import _triton_chunk
+    from .triton.softcap_ce import triton_chunk
 
     dt = torch.bfloat16
+    tri = COMPILE_TARGET
 
     def run(f):
         try:
@@ -193,29 +185,29 @@ def compile_check(arch: int = 90):
             x = torch.randn(64, d, dtype=dt, requires_grad=True)
             r = torch.randn(64, d, dtype=dt, requires_grad=True)
             w = torch.ones(d, dtype=dt, requires_grad=True)
-            run(lambda: rms_norm(x, w, 1e-6).sum().backward())
-            run(lambda: rms_norm(x, None, 1e-6).sum().backward())
-            run(lambda: torch.autograd.backward(list(add_rms_norm(x, r, w, 1e-6)), ones_like_all([x, x])))
-            run(lambda: torch.autograd.backward(list(recur_norm_inject(x, r, w, 1e-6, "additive")),
+            run(lambda: rms_norm(x, w, 1e-6, backend=tri).sum().backward())
+            run(lambda: rms_norm(x, None, 1e-6, backend=tri).sum().backward())
+            run(lambda: torch.autograd.backward(list(add_rms_norm(x, r, w, 1e-6, backend=tri)), ones_like_all([x, x])))
+            run(lambda: torch.autograd.backward(list(recur_norm_inject(x, r, w, 1e-6, "additive", backend=tri)),
                                                 ones_like_all([x, x])))
         x = torch.randn(64, 4096, dtype=dt, requires_grad=True)
-        run(lambda: relu_squared(x).sum().backward())
+        run(lambda: relu_squared(x, backend=tri).sum().backward())
         for n in (2, 3):
             L = torch.randn(n, 64, 1024, dtype=dt, requires_grad=True)
             s = torch.randn(64, 1024, dtype=dt, requires_grad=True)
             a, M, b = (torch.ones(n, requires_grad=True), torch.eye(n, requires_grad=True),
                        torch.ones(n, requires_grad=True))
-            run(lambda: hc_combine(L, a).float().sum().backward())
-            run(lambda: hc_update(L, s, M, b).float().sum().backward())
+            run(lambda: hc_combine(L, a, backend=tri).float().sum().backward())
+            run(lambda: hc_update(L, s, M, b, backend=tri).float().sum().backward())
         q = torch.randn(2, 16, 8, 128, dtype=dt, requires_grad=True)
         k = torch.randn(2, 16, 2, 128, dtype=dt, requires_grad=True)
         run(lambda: torch.autograd.backward(
-            list(qk_norm_rope(q, k, torch.ones(16, 64), torch.zeros(16, 64))), ones_like_all([q, k])))
+            list(qk_norm_rope(q, k, torch.ones(16, 64), torch.zeros(16, 64), backend=tri)), ones_like_all([q, k])))
         for V, cap in ((32768, 15.0), (1001, None)):
             lg, t, sc = torch.randn(64, V, dtype=dt), torch.zeros(64, dtype=torch.int64), torch.ones(1)
             for phase in ("fused", "stats"):
-                run(lambda: _triton_chunk(lg, t, cap, V - 1, 0, -100, sc, phase))
-            run(lambda: _triton_chunk(lg, t, cap, V - 1, 0, -100, sc, "grad", lse=torch.zeros(64)))
+                run(lambda: triton_chunk(lg, t, cap, V - 1, 0, -100, sc, phase))
+            run(lambda: triton_chunk(lg, t, cap, V - 1, 0, -100, sc, "grad", lse=torch.zeros(64)))
     return results
 
 

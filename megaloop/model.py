@@ -6,9 +6,10 @@
            -> coda blocks (once) -> RMSNorm -> untied LM head -> logit softcap -> cross-entropy
 
 Per-element work (norms, rotary + QK-norm, ReLU^2, the recurrence step, the fused head loss)
-goes through `megaloop.kernels`, which picks a fused Triton kernel on CUDA and the PyTorch
-reference elsewhere. Parallelism is applied from outside (megaloop.parallel): tensor parallelism
-swaps the linears and the head, pipeline parallelism calls the stage methods below one at a time.
+goes through `megaloop.kernels`, with the backend the model is built with (`kernels=`, the
+config's `kernels:` entry: auto | triton | torch), which every module that calls a kernel carries.
+Parallelism is applied from outside (megaloop.parallel): tensor parallelism swaps the linears and
+the head, pipeline parallelism calls the stage methods below one at a time.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import kernels as K
 from .config import ModelConfig, recurrences
+from .kernels.dispatch import KernelBackend, as_backend
 
 IGNORE_INDEX = -100  # a target that adds nothing to the loss (the cross-entropy's ignore_index)
 
@@ -35,13 +37,13 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 class RMSNorm(nn.Module):
     """RMSNorm with a learnable scale (initialised to ones)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, kernels: KernelBackend):
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernels = eps, kernels
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return K.rms_norm(x, self.weight, self.eps)
+        return K.rms_norm(x, self.weight, self.eps, self.kernels)
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,10 +69,10 @@ class Attention(nn.Module):
     projections (fewer local heads) runs through the same code.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: KernelBackend):
         super().__init__()
         d, hd = cfg.d_model, cfg.hdim
-        self.head_dim, self.eps = hd, cfg.norm_eps
+        self.head_dim, self.eps, self.kernels = hd, cfg.norm_eps, kernels
         self.wq = nn.Linear(d, cfg.n_head * hd, bias=False)
         self.wk = nn.Linear(d, cfg.kv_heads * hd, bias=False)
         self.wv = nn.Linear(d, cfg.kv_heads * hd, bias=False)
@@ -84,7 +86,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)
         k = self.wk(x).view(B, T, -1, self.head_dim)
         v = self.wv(x).view(B, T, -1, self.head_dim)
-        q, k = K.qk_norm_rope(q, k, cos[:T], sin[:T], self.eps)
+        q, k = K.qk_norm_rope(q, k, cos[:T], sin[:T], self.eps, self.kernels)
         y = causal_attention(q, k, v.to(q.dtype)) if cache is None else cache(q, k, v.to(q.dtype))
         return self.wo(y.reshape(B, T, -1))
 
@@ -92,28 +94,30 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """ReLU^2 MLP, no biases."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: KernelBackend):
         super().__init__()
+        self.kernels = kernels
         self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(K.relu_squared(self.fc(x)))
+        return self.proj(K.relu_squared(self.fc(x), self.kernels))
 
 
 class Block(nn.Module):
     """Pre-norm transformer block; the residual add before the MLP norm is fused."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: KernelBackend):
         super().__init__()
-        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
-        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mlp = MLP(cfg)
+        self.kernels = kernels
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps, kernels)
+        self.attn = Attention(cfg, kernels)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps, kernels)
+        self.mlp = MLP(cfg, kernels)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None) -> torch.Tensor:
         a = self.attn(self.norm1(x), cos, sin, cache)
-        y, h = K.add_rms_norm(a, x, self.norm2.weight, self.norm2.eps)
+        y, h = K.add_rms_norm(a, x, self.norm2.weight, self.norm2.eps, self.kernels)
         return h + self.mlp(y)
 
 
@@ -163,8 +167,9 @@ class Injection(nn.Module):
 class LMHead(nn.Module):
     """Untied head + logit softcap + cross-entropy (fused and chunked in megaloop.kernels)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: KernelBackend):
         super().__init__()
+        self.kernels = kernels
         self.softcap = cfg.logit_softcap
         self.vocab_size = cfg.vocab_size
         self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.d_model))
@@ -177,7 +182,8 @@ class LMHead(nn.Module):
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over targets != IGNORE_INDEX."""
-        return K.softcap_cross_entropy(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.softcap)
+        return K.softcap_cross_entropy(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1), self.softcap,
+                                       backend=self.kernels)
 
 
 @dataclass
@@ -192,19 +198,22 @@ class RecurrenceState:
 
 
 class LoopedLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernels: KernelBackend | str = "auto"):
+        """kernels: the kernel backend every op of the model runs with (megaloop.kernels.dispatch);
+        a run builds it from its config's `kernels:` entry (train.build_model, pretrained.load_pretrained)."""
         super().__init__()
         self.cfg = cfg
+        self.kernels = kernels = as_backend(kernels)
         d = cfg.d_model
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.norm_emb = RMSNorm(d, cfg.norm_eps)
-        self.prelude = nn.ModuleList(Block(cfg) for _ in range(cfg.n_prelude))
-        self.recur = nn.ModuleList(Block(cfg) for _ in range(cfg.n_recur_block))
+        self.norm_emb = RMSNorm(d, cfg.norm_eps, kernels)
+        self.prelude = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_prelude))
+        self.recur = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_recur_block))
         self.injection = Injection(cfg)
-        self.norm_recur = RMSNorm(d, cfg.norm_eps)
-        self.coda = nn.ModuleList(Block(cfg) for _ in range(cfg.n_coda))
-        self.norm_final = RMSNorm(d, cfg.norm_eps)
-        self.head = LMHead(cfg)
+        self.norm_recur = RMSNorm(d, cfg.norm_eps, kernels)
+        self.coda = nn.ModuleList(Block(cfg, kernels) for _ in range(cfg.n_coda))
+        self.norm_final = RMSNorm(d, cfg.norm_eps, kernels)
+        self.head = LMHead(cfg, kernels)
         self.reset_buffers()
         self.reset_parameters()
 
@@ -301,8 +310,8 @@ class LoopedLM(nn.Module):
         if inj.mode == "hyperconnect":
             R = inj.alpha.size(0)  # per-recurrence parameters; reused cyclically if evaluated at r > R
             for i in range(start, stop):
-                s = self.norm_recur(self._group(K.hc_combine(aux, inj.alpha[i % R])))
-                aux = K.hc_update(aux, s, inj.mix[i % R], inj.beta[i % R])
+                s = self.norm_recur(self._group(K.hc_combine(aux, inj.alpha[i % R], self.kernels)))
+                aux = K.hc_update(aux, s, inj.mix[i % R], inj.beta[i % R], self.kernels)
             return s, aux
         # linear: every pass reads the same e, so its half of u = W [e ; s] is computed once
         e_half = K.inject_e_half(aux, inj.weight) if inj.mode == "linear" else None
@@ -311,7 +320,7 @@ class LoopedLM(nn.Module):
             h = self._group(u)
             if i + 1 < stop:
                 s, u = K.recur_norm_inject(h, aux, self.norm_recur.weight, self.norm_recur.eps, inj.mode, inj.weight,
-                                           e_half)
+                                           e_half, self.kernels)
             else:
                 s = self.norm_recur(h)
         return s, aux

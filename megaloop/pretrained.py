@@ -20,12 +20,13 @@ def tokenizer_path(cfg: Config, log=lambda *a: None) -> str:
 
 
 def load_pretrained(path: str, device: str = "cpu") -> tuple[LoopedLM, Config, Optional[str]]:
-    """(model in eval mode, config, tokenizer path or None) from an export folder or a run dir."""
+    """(model in eval mode, config, tokenizer path or None) from an export folder or a run dir. The
+    model runs its kernels with the backend its config.yaml names (`kernels:`)."""
     cfg_path = os.path.join(path, "config.yaml")
     if not os.path.isfile(cfg_path):
         raise UserError(f"{path} is not a run directory or an export folder (no config.yaml)")
     cfg = load_config(cfg_path)
-    model = LoopedLM(cfg.model)
+    model = LoopedLM(cfg.model, kernels=cfg.kernels)
     weights = os.path.join(path, "model.safetensors")
     if os.path.isfile(weights):
         from safetensors.torch import load_file

@@ -75,12 +75,11 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: Config, device: torch.device | str = "cpu") -> LoopedLM:
     """Same seed -> same initial weights on every rank and under every layout. On the meta device
     the model has shapes only; megaloop.parallel.parallelize materialises each rank's part of it
-    with the values this seed gives on the CPU (parallel/meta_init.py replays it)."""
-    from . import kernels
-    kernels.set_backend(cfg.kernels)  # MEGALOOP_KERNELS in the environment still wins
+    with the values this seed gives on the CPU (parallel/meta_init.py replays it). The model runs
+    its kernels with the backend cfg.kernels names."""
     torch.manual_seed(cfg.train.seed)
     with torch.device(device):
-        return LoopedLM(cfg.model)
+        return LoopedLM(cfg.model, kernels=cfg.kernels)
 
 
 @dataclass

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megaloop.kernels import qk_norm_rope, qk_norm_rope_reference
-from megaloop.kernels.testing import atol_for, backend, check_close, ref_dtype
+from megaloop.kernels.testing import atol_for, check_close, ref_dtype
 
 triton = pytest.importorskip("triton")
 
@@ -41,8 +41,7 @@ def test_qk_norm_rope_matches_reference(B, T, Hq, Hk, D, dtype):
         ql = q.detach().to(dt).requires_grad_()
         kl = k.detach().to(dt).requires_grad_()
         if tag == "tri":
-            with backend("triton"):
-                qo, ko = qk_norm_rope(ql, kl, cos, sin, 1e-6)
+            qo, ko = qk_norm_rope(ql, kl, cos, sin, 1e-6, backend="triton")
         else:
             qo, ko = qk_norm_rope_reference(ql, kl, cos, sin, 1e-6)
         assert qo.dtype == dt and qo.shape == (B, T, Hq, D) and ko.shape == (B, T, Hk, D)
@@ -57,8 +56,9 @@ def test_qk_norm_rope_broadcast_tables_and_nograd():
     q = torch.randn(B, T, H, D)
     k = torch.randn(B, T, H, D)
     cos, sin = _rope_tables(T, D)
-    with backend("triton"), torch.no_grad():
-        qo, ko = qk_norm_rope(q, k, cos.view(1, T, 1, D // 2).bfloat16(), sin.view(1, T, 1, D // 2).bfloat16(), 1e-6)
+    with torch.no_grad():
+        qo, ko = qk_norm_rope(q, k, cos.view(1, T, 1, D // 2).bfloat16(), sin.view(1, T, 1, D // 2).bfloat16(), 1e-6,
+                              backend="triton")
     qr, kr = qk_norm_rope_reference(q, k, cos.bfloat16(), sin.bfloat16(), 1e-6)
     torch.testing.assert_close(qo, qr, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ko, kr, rtol=1e-5, atol=1e-5)

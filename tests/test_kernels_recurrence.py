@@ -16,7 +16,7 @@ from megaloop.kernels import (
     recur_norm_inject,
     recur_norm_inject_reference,
 )
-from megaloop.kernels.testing import atol_for, backend, check_close, ref_dtype
+from megaloop.kernels.testing import atol_for, check_close, ref_dtype
 
 triton = pytest.importorskip("triton")
 
@@ -41,8 +41,7 @@ def test_recur_norm_inject_matches_reference(shape, mode, dtype):
         hl, el, wl = (t.detach().to(dt).requires_grad_() for t in (h, e, w))
         Wl = W.detach().to(dt).requires_grad_() if W is not None else None
         if tag == "tri":
-            with backend("triton"):
-                s, u = recur_norm_inject(hl, el, wl, 1e-6, mode, Wl)
+            s, u = recur_norm_inject(hl, el, wl, 1e-6, mode, Wl, backend="triton")
         else:
             s, u = recur_norm_inject_reference(hl, el, wl, 1e-6, mode, Wl)
         assert s.dtype == dt and u.dtype == dt and u.shape == shape
@@ -98,10 +97,8 @@ def test_inject_and_first_pass(mode):
     e = torch.randn(2, 5, 64, generator=g)
     W = torch.cat([torch.eye(64), torch.zeros(64, 64)], dim=1)  # the [I | 0] init
     s = e.clone()
-    for be in ("torch", "triton"):
-        with backend(be):
-            u = inject(e, s, mode, W if mode == "linear" else None)
-        torch.testing.assert_close(u, inject_reference(e, s, mode, W))
+    u = inject(e, s, mode, W if mode == "linear" else None)  # the same torch code in every backend
+    torch.testing.assert_close(u, inject_reference(e, s, mode, W))
     if mode == "linear":
         torch.testing.assert_close(u, e)
     with pytest.raises(ValueError):
@@ -125,9 +122,8 @@ def test_hyperconnect_matches_reference(N, shape, dtype):
         pdt = torch.float64 if dt == torch.float64 else torch.float32
         al, Ml, bl = (p.detach().to(pdt).requires_grad_() for p in (alpha, M, beta))
         if tag == "tri":
-            with backend("triton"):
-                u = hc_combine(Ll, al)
-                new = hc_update(Ll, sl, Ml, bl)
+            u = hc_combine(Ll, al, backend="triton")
+            new = hc_update(Ll, sl, Ml, bl, backend="triton")
         else:
             u = hc_combine_reference(Ll, al)
             new = hc_update_reference(Ll, sl, Ml, bl)
@@ -145,9 +141,9 @@ def test_hyperconnect_matches_reference(N, shape, dtype):
 def test_hyperconnect_list_input_and_nograd():
     lanes = [torch.randn(3, 40) for _ in range(2)]
     alpha = torch.tensor([1.0, 0.0])
-    with backend("triton"), torch.no_grad():
-        u = hc_combine(lanes, alpha)
-        new = hc_update(lanes, u, torch.eye(2), torch.ones(2))
+    with torch.no_grad():
+        u = hc_combine(lanes, alpha, backend="triton")
+        new = hc_update(lanes, u, torch.eye(2), torch.ones(2), backend="triton")
     torch.testing.assert_close(u, lanes[0])
     torch.testing.assert_close(new, torch.stack([lanes[0] + u, lanes[1] + u]))
 
@@ -160,8 +156,7 @@ def test_references_equal_plain_formulas():
     W = torch.randn(d, 2 * d, generator=g, dtype=torch.float64)
     plain = torch.stack([W[:, :d] @ e[i] + W[:, d:] @ s[i] for i in range(4)])
     torch.testing.assert_close(inject_reference(e, s, "linear", W), plain)
-    with backend("torch"):
-        torch.testing.assert_close(inject(e, s, "linear", W), plain)  # the no-concat matmuls
+    torch.testing.assert_close(inject(e, s, "linear", W), plain)  # the no-concat matmuls
     lanes = torch.randn(N, 4, d, generator=g, dtype=torch.float64)
     alpha = torch.randn(N, generator=g, dtype=torch.float64)
     M = torch.randn(N, N, generator=g, dtype=torch.float64)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from megaloop.kernels import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
-from megaloop.kernels.testing import atol_for, backend, check_close, ref_dtype
+from megaloop.kernels.testing import atol_for, check_close, ref_dtype
 
 triton = pytest.importorskip("triton")
 
@@ -39,8 +39,7 @@ def test_rms_norm_matches_reference(shape, dtype, weight):
     for tag, dt, fn in [("tri", dtype, rms_norm), ("pt", dtype, rms_norm_reference), ("ref", rd, rms_norm_reference)]:
         xl, wl = _leaves(x, w, dtype=dt)
         if tag == "tri":
-            with backend("triton"):
-                y = fn(xl, wl, 1e-6)
+            y = fn(xl, wl, 1e-6, backend="triton")
         else:
             y = fn(xl, wl, 1e-6)
         assert y.dtype == dt
@@ -63,8 +62,7 @@ def test_add_rms_norm_matches_reference(shape, dtype):
                         ("ref", rd, add_rms_norm_reference)]:
         xl, rl, wl = _leaves(x, r, w, dtype=dt)
         if tag == "tri":
-            with backend("triton"):
-                y, h = fn(xl, rl, wl, 1e-6)
+            y, h = fn(xl, rl, wl, 1e-6, backend="triton")
         else:
             y, h = fn(xl, rl, wl, 1e-6)
         assert y.dtype == dt and h.dtype == dt
@@ -78,20 +76,18 @@ def test_rms_norm_noncontiguous_nograd_and_partial_grads():
     base = torch.randn(4, 9, 3 * 130)
     x = base[..., 130:260]  # a non-contiguous view
     w = torch.randn(130)
-    with backend("triton"), torch.no_grad():
-        y = rms_norm(x, w, 1e-5)
+    with torch.no_grad():
+        y = rms_norm(x, w, 1e-5, backend="triton")
     torch.testing.assert_close(y, rms_norm_reference(x, w, 1e-5), rtol=1e-5, atol=1e-5)
     # only the weight needs a gradient
     wl = w.clone().requires_grad_()
-    with backend("triton"):
-        rms_norm(x, wl, 1e-5).sum().backward()
+    rms_norm(x, wl, 1e-5, backend="triton").sum().backward()
     wr = w.clone().requires_grad_()
     rms_norm_reference(x, wr, 1e-5).sum().backward()
     torch.testing.assert_close(wl.grad, wr.grad, rtol=1e-4, atol=1e-4)
     # only h used downstream of add_rms_norm (the norm output unused)
     xl, rl = x.clone().requires_grad_(), x.clone().requires_grad_()
-    with backend("triton"):
-        _, h = add_rms_norm(xl, rl, w, 1e-5)
+    _, h = add_rms_norm(xl, rl, w, 1e-5, backend="triton")
     h.sum().backward()
     assert torch.equal(xl.grad, torch.ones_like(x)) and torch.equal(rl.grad, torch.ones_like(x))
 

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from megaloop.kernels import softcap_cross_entropy, softcap_cross_entropy_reference
-from megaloop.kernels.testing import backend, check_close, ref_dtype, test_device
+from megaloop.kernels.testing import check_close, ref_dtype, test_device
 
 triton = pytest.importorskip("triton")
 
@@ -45,8 +45,7 @@ def _run(fn, h, w, t, dt, **kw):
 def test_softcap_ce_matches_reference(N, d, V, cap, chunk, vv, be, dtype):
     h, w, t = _data(N, d, V, dtype, vocab_valid=vv, n_ignore=min(3, N - 1))
     kw = dict(softcap=cap, vocab_valid=vv)
-    with backend(be):
-        tri = _run(softcap_cross_entropy, h, w, t, dtype, chunk_size=chunk, **kw)
+    tri = _run(softcap_cross_entropy, h, w, t, dtype, chunk_size=chunk, backend=be, **kw)
     pt = _run(softcap_cross_entropy_reference, h, w, t, dtype, **kw)
     ref = _run(softcap_cross_entropy_reference, h, w, t, ref_dtype(dtype), **kw)
     assert tri[0].dtype == torch.float32 and tri[1].dtype == dtype and tri[2].dtype == dtype
@@ -59,13 +58,12 @@ def test_softcap_ce_matches_reference(N, d, V, cap, chunk, vv, be, dtype):
 
 def test_softcap_ce_grad_output_scaling_nograd_and_3d():
     h, w, t = _data(24, 16, 130, torch.float32)
-    with backend("triton"):
-        hl = h.view(2, 12, 16).clone().requires_grad_()
-        wl = w.clone().requires_grad_()
-        loss = softcap_cross_entropy(hl, wl, t.view(2, 12), 15.0, chunk_size=7)
-        (3.0 * loss).backward()
-        with torch.no_grad():
-            loss_ng = softcap_cross_entropy(h, w, t, 15.0)
+    hl = h.view(2, 12, 16).clone().requires_grad_()
+    wl = w.clone().requires_grad_()
+    loss = softcap_cross_entropy(hl, wl, t.view(2, 12), 15.0, chunk_size=7, backend="triton")
+    (3.0 * loss).backward()
+    with torch.no_grad():
+        loss_ng = softcap_cross_entropy(h, w, t, 15.0, backend="triton")
     hr, wr = h.clone().requires_grad_(), w.clone().requires_grad_()
     ref = softcap_cross_entropy_reference(hr, wr, t, 15.0)
     (3.0 * ref).backward()
@@ -75,8 +73,7 @@ def test_softcap_ce_grad_output_scaling_nograd_and_3d():
     torch.testing.assert_close(wl.grad, wr.grad)
     # only the weight needs a gradient (frozen hidden): still right
     wl2 = w.clone().requires_grad_()
-    with backend("triton"):
-        softcap_cross_entropy(h, wl2, t, 15.0, chunk_size=5).backward()
+    softcap_cross_entropy(h, wl2, t, 15.0, chunk_size=5, backend="triton").backward()
     torch.testing.assert_close(wl2.grad, wr.grad / 3.0)
 
 
@@ -105,9 +102,8 @@ def _tp_check(rank, world, V_pad, vocab_valid, be):
     v0 = rank * shard
     hl = h.clone().requires_grad_()
     wl = w_full[v0:v0 + shard].clone().requires_grad_()
-    with backend(be):
-        loss = softcap_cross_entropy(hl, wl, t, 15.0, tp_group=dist.group.WORLD, vocab_start=v0,
-                                     vocab_valid=vocab_valid, chunk_size=8)
+    loss = softcap_cross_entropy(hl, wl, t, 15.0, tp_group=dist.group.WORLD, vocab_start=v0,
+                                 vocab_valid=vocab_valid, chunk_size=8, backend=be)
     loss.backward()
     gh = hl.grad.clone()
     dist.all_reduce(gh)  # what the caller's copy-to-tensor-parallel-region backward does

@@ -50,7 +50,7 @@ class Decoder:
         # One-token steps (every decoded token) take the lean path of step.py.
         self.steps = {part: [TokenBlock(b) for b in getattr(model, part)] for part in ("prelude", "recur", "coda")}
         self.rotations = RopeRotations(model, p.dtype)
-        self.row_norms = {id(n): RowNorm(n.weight.size(0), n.eps, n.weight.detach(), p.dtype, p.device)
+        self.row_norms = {id(n): RowNorm(n.weight.size(0), n.eps, n.weight.detach(), p.dtype, p.device, n.kernels)
                           for n in (model.norm_emb, model.norm_recur, model.norm_final)}
         w = model.injection.weight
         if w is not None:  # linear injection W [e ; s], as two transposed halves (see _injector)
@@ -140,8 +140,8 @@ class Decoder:
             keep = None if judge is None or bool(active.all()) else active
             if lanes_mode:
                 a, M, b = inj.alpha[i % R_lane], inj.mix[i % R_lane], inj.beta[i % R_lane]
-                h, last = self._group(K.hc_combine(state, a), i, rope, keep, last)
-                new_state = K.hc_update(state, self._norm(m.norm_recur, h), M, b)
+                h, last = self._group(K.hc_combine(state, a, m.kernels), i, rope, keep, last)
+                new_state = K.hc_update(state, self._norm(m.norm_recur, h), M, b, m.kernels)
                 new_out = new_state.sum(0)
             else:
                 h, last = self._group(inject(state), i, rope, keep, last)

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from .. import kernels as K
+from ..kernels.dispatch import AUTO, KernelBackend
 from ..model import Block
 
 
@@ -55,14 +56,15 @@ class RowNorm:
     in one addcmul; rsqrt), which cost less than torch.rms_norm's composite (about 5 against 9
     us a row on the CPU we measured); other dtypes go through K.rms_norm (fp32 statistics)."""
 
-    def __init__(self, dim: int, eps: float, weight: Optional[torch.Tensor], dtype: torch.dtype, device=None):
-        self.weight, self.eps, self.inv_dim = weight, eps, 1.0 / dim
+    def __init__(self, dim: int, eps: float, weight: Optional[torch.Tensor], dtype: torch.dtype, device=None,
+                 kernels: KernelBackend = AUTO):
+        self.weight, self.eps, self.inv_dim, self.kernels = weight, eps, 1.0 / dim, kernels
         self.plain = dtype in (torch.float32, torch.float64) and (weight is None or weight.dtype == dtype)
         self.eps_t = torch.tensor(eps, dtype=dtype, device=device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.plain:
-            return K.rms_norm(x, self.weight, self.eps)
+            return K.rms_norm(x, self.weight, self.eps, self.kernels)
         n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
         y = x * torch.addcmul(self.eps_t, n, n, value=self.inv_dim).rsqrt_()
         return y if self.weight is None else y.mul_(self.weight)
@@ -91,9 +93,10 @@ class TokenBlock:
         self.head_dim = a.head_dim
         self.hq, self.hk = w.size(0) // a.head_dim, a.wk.weight.size(0) // a.head_dim
         d = block.norm1.weight.size(0)
-        self.norm1 = RowNorm(d, block.norm1.eps, None, w.dtype, w.device)
-        self.norm2 = RowNorm(d, block.norm2.eps, None, w.dtype, w.device)
-        self.qk_norm = RowNorm(a.head_dim, a.eps, None, torch.promote_types(w.dtype, torch.float32), w.device)
+        self.norm1 = RowNorm(d, block.norm1.eps, None, w.dtype, w.device, block.kernels)
+        self.norm2 = RowNorm(d, block.norm2.eps, None, w.dtype, w.device, block.kernels)
+        self.qk_norm = RowNorm(a.head_dim, a.eps, None, torch.promote_types(w.dtype, torch.float32), w.device,
+                               block.kernels)
 
     def __call__(self, x: torch.Tensor, rot: torch.Tensor, cache, layer: int,
                  keep: Optional[torch.Tensor] = None, fallback: Optional[tuple] = None):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .. import fp8
 from .. import kernels as K
+from ..kernels.dispatch import AUTO, KernelBackend
 
 
 # ----------------------------------------------------------------------------- communication ops
@@ -175,20 +176,22 @@ class VocabParallelEmbedding(nn.Module):
 
 def vocab_parallel_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                                  softcap: Optional[float], group, vocab_start: int, vocab_valid: int,
-                                 ignore_index: int = -100) -> torch.Tensor:
+                                 ignore_index: int = -100, kernels: KernelBackend = AUTO) -> torch.Tensor:
     """h [N, d] replicated, weight [V/tp, d] local shard -> mean loss over non-ignored targets."""
     h = copy_to_tp_region(h, group)  # the fused, chunked kernel all-reduces its max and sums over the group
     return K.softcap_cross_entropy(h, weight, targets, softcap, ignore_index=ignore_index, tp_group=group,
-                                   vocab_start=vocab_start, vocab_valid=vocab_valid)
+                                   vocab_start=vocab_start, vocab_valid=vocab_valid, backend=kernels)
 
 
 class VocabParallelHead(nn.Module):
     """The untied LM head with its (padded) vocab rows split across the TP group."""
 
-    def __init__(self, full_weight: torch.Tensor, softcap: Optional[float], group):
+    def __init__(self, full_weight: torch.Tensor, softcap: Optional[float], group,
+                 kernels: KernelBackend = AUTO):
         super().__init__()
         tp, rank = _size(group), _rank(group)
         self.group, self.softcap, self.vocab_size = group, softcap, full_weight.size(0)
+        self.kernels = kernels
         padded = _pad_rows(full_weight, padded_vocab(self.vocab_size, tp))
         self.weight = _mark(nn.Parameter(_shard(padded, 0, rank, tp)), 0, group, self.vocab_size)
         self.vocab_start = rank * self.weight.size(0)
@@ -201,7 +204,8 @@ class VocabParallelHead(nn.Module):
 
     def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(h.reshape(-1, h.size(-1)), self.weight, targets.reshape(-1),
-                                            self.softcap, self.group, self.vocab_start, self.vocab_size)
+                                            self.softcap, self.group, self.vocab_start, self.vocab_size,
+                                            kernels=self.kernels)
 
 
 # ----------------------------------------------------------------------------- model surgery
@@ -217,7 +221,7 @@ def apply_tensor_parallel(model: nn.Module, group) -> nn.Module:
         m.fc = ColumnParallelLinear(m.fc.weight, group, fp8.config_of(m.fc))
         m.proj = RowParallelLinear(m.proj.weight, group, fp8.config_of(m.proj))
     model.embed = VocabParallelEmbedding(model.embed.weight, group)
-    model.head = VocabParallelHead(model.head.weight, model.head.softcap, group)
+    model.head = VocabParallelHead(model.head.weight, model.head.softcap, group, model.head.kernels)
     return model
 
 
