@@ -25,7 +25,8 @@ CASES = {
     # process start-up dominates this test; the single-process checks live in test_parallel_units.
     "layout_not_dividing_world": (2, "torchrun", ["parallel.tp=2", "parallel.pp=2", "model.n_head=4",
                                                   "model.n_kv_head=4"], "does not divide the world size 2"),
-    "heads_not_divisible_by_tp": (2, "torchrun", ["parallel.tp=2"], "must divide model.n_head=3"),
+    "heads_not_divisible_by_tp": (2, "torchrun", ["parallel.tp=2", "model.d_model=192", "model.n_head=3",
+                                                  "model.n_kv_head=3"], "must divide model.n_head=3"),
     "more_stages_than_units": (2, "torchrun", ["parallel.pp=2", "model.n_prelude=0", "model.n_coda=0",
                                                "model.num_recur=1"], "more pipeline stages than the model has"),
     "slurm_without_master_addr": (2, "slurm", [], "MASTER_ADDR"),
