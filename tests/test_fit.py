@@ -61,6 +61,7 @@ def test_batched_multistart_no_worse_than_scipy_loop():
     assert f_batched <= best * (1 + 1e-9)
 
 
+@pytest.mark.slow  # three bootstrapped fits of the 116-run grid: a small study
 def test_recovers_reference_parameters():
     """From tables drawn from the reference law on the 116-run grid with 0.5 % lognormal noise,
     the fit recovers phi within 0.08 and its 95 % interval covers the truth in >= 2 of 3 seeds,

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from megaloop.analysis.make_example import synthetic_table
 
@@ -22,6 +23,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # the fit CLI in a subprocess with a bootstrap and plots
 def test_fit_json_and_plots_end_to_end(tmp_path):
     """fit --json on a variant table prints one JSON object with the contract keys, per-variant
     fits with dphi intervals and the iso-FLOP frontier (the joint fit is tested in-process);
@@ -53,6 +55,7 @@ def test_fit_json_and_plots_end_to_end(tmp_path):
         assert (tmp_path / "plots" / f"{stem}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # the fit CLI in subprocesses
 def test_fit_text_output_and_errors(tmp_path):
     """Default output is human-readable with phi, its interval and the goodness of fit; an
     n_rec = 0 table says phi is not identifiable, in the one phi line too; --keep-diverged is

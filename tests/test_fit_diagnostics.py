@@ -25,6 +25,7 @@ def _table(params: dict | None = None, seed: int = 0, noise: float = 0.005, rs=(
     return df
 
 
+@pytest.mark.slow  # profile likelihoods over several simulated tables: a small study
 def test_profile_intervals_cover_the_truth():
     """Contract: on tables drawn from the reference law (116 runs, 0.5 % noise) the 95 % profile
     intervals cover the generating parameters: phi in >= 6 of 8 tables, all six parameters
@@ -108,6 +109,7 @@ def test_runs_diverged_by_their_record_are_excluded_and_listed():
     assert fit.objective == pytest.approx(ref.objective, rel=1e-9)
 
 
+@pytest.mark.slow  # several fits: a small study
 def test_holdout_predicts_the_largest_budget_and_catches_a_break():
     """Contract: `holdout` refits without the largest budget's runs and predicts them. On a table
     that follows the law the error is at the noise level (RMSE(log) < 3 x 0.5 %); when the

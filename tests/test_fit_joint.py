@@ -58,6 +58,7 @@ def _joint(df, n_boot=60, **kw):
                         power_sims=0, with_sensitivity=kw.pop("with_sensitivity", False), **kw), fits
 
 
+@pytest.mark.slow  # joint fits with a paired bootstrap
 def test_level_only_probe_prefers_per_variant_level_and_covers_zero():
     """A probe that differs from the baseline only in level (same phi, A 8 % higher): the robust
     LR test rejects the shared-level model, dphi is reported under the per-variant-level model,
@@ -104,6 +105,7 @@ def test_cell_bootstrap_keeps_seeds_and_matched_cells_together():
         assert (wp[:, match == m] == wp[:, match == m][:, :1]).all()
 
 
+@pytest.mark.slow  # two bootstraps of a joint fit
 def test_paired_bootstrap_narrower_than_unpaired_on_correlated_cells():
     """With a large disturbance shared by both variants at each design point (and little
     independent noise), the paired bootstrap's dphi interval is narrower than the unpaired
@@ -132,6 +134,7 @@ def test_seed_noise_recovered_by_budget():
     assert seed_noise(df[df["seed"] == "0"]) is None
 
 
+@pytest.mark.slow  # a dozen joint fits
 def test_sensitivity_rows_and_survival():
     """The sensitivity table has the reference, E free / fixed at two values, every budget left
     out, the adapter moved to N_once and squared loss; on a table with phi = 0.5 and a probe at
@@ -160,6 +163,7 @@ def test_conclusions_survival_logic():
     assert q["survives"] is None and "not distinguishable" in q["conclusion"]
 
 
+@pytest.mark.slow  # simulated studies
 def test_power_monotone_and_noise_sensitive():
     """Detection rates rise with the simulated dphi (from ~5 % or less at 0 to 1 at a large
     shift), and more noise gives a larger minimum detectable dphi."""

@@ -36,6 +36,7 @@ def _suite():
     return mod
 
 
+@pytest.mark.slow  # the GPU suite in a subprocess
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU: run the suite itself")
 def test_gpu_suite_stops_at_its_cuda_check(tmp_path):
     out = tmp_path / "suite.json"

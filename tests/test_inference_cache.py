@@ -22,7 +22,9 @@ def prompt(B=2, T=5, V=97, seed=0):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("mode", MODES)
+# the default injection mode (linear) in the quick subset; the other modes, each tens of seconds of
+# uncached decoding, with the slow tests
+@pytest.mark.parametrize("mode", [m if m == "linear" else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
 def test_cached_greedy_equals_uncached(mode):
     """Contract: with one cache slot per recurrence, cached greedy decoding gives the same tokens
     as recomputing the window for every token, at several r (with GQA, every injection mode), and

@@ -217,6 +217,7 @@ def _cases() -> dict[str, list[str]]:
     return cases
 
 
+@pytest.mark.slow  # two gloo processes per injection mode
 def test_pipeline_pp2_every_injection_mode(tmp_path):
     """PP=2 (2 processes, 1F1B over 2 micro-batches, `megaloop train` itself: tests/layouts.py)
     equals the single process (losses to 1e-5 per step, final weights to 5e-5 (5e-3 embedding and

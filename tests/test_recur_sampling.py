@@ -376,6 +376,7 @@ def test_random_depth_probes_plan(tmp_path):
     assert main(["sweep", "plan", str(bad), "--out", str(tmp_path / "bad")]) == 2
 
 
+@pytest.mark.slow  # a sweep of subprocess trainings
 def test_sampled_sweep_plan_run_collect(tmp_path, capsys):
     """Contract: plan -> run -> collect with a fixed-r run and a sampled-depth run of the same
     shape: the sampled run's table rows are one at r = round(E[r]) under its variant (named like

@@ -69,6 +69,7 @@ def _state_bytes(run) -> list[int]:
     return run.summary["optim_state_bytes"]
 
 
+@pytest.mark.slow  # two gloo processes per optimiser
 def test_dp2_sharded_muon_muonh_equal_single_process(tmp_path, data):
     """DP=2, 2 processes, torch engine: muon and muonh at ZeRO 1 and 2 (and AdamW at ZeRO 2 on the
     same engine) equal the single process; state only on its owner; checkpoints resume exactly."""
@@ -106,6 +107,7 @@ def test_dp2_sharded_muon_muonh_equal_single_process(tmp_path, data):
     assert len(sizes) == 2 and min(sizes) > 0.3 * sum(sizes), f"each owner writes its own share: {sizes}"
 
 
+@pytest.mark.slow  # four gloo processes
 def test_sharded_muon_muonh_with_tp2_and_pp2(tmp_path, data):
     """4 processes: TP=2 x DP=2 (the owning replica's TP pair gathers each sharded matrix whole)
     and PP=2 x DP=2 at r=4 (each stage partitions its own parameters; the recurrent group's tied

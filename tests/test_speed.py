@@ -63,6 +63,7 @@ def run_steps(cfg, batches, compiled=False):
     return [engine.train_step([b], 1.0).loss for b in batches], model
 
 
+@pytest.mark.slow  # torch.compile (inductor) of the blocks
 def test_compile_matches_eager():
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -84,6 +85,7 @@ def test_compile_matches_eager():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@pytest.mark.slow  # torch.compile (inductor) of the blocks
 def test_compiled_blocks_have_no_graph_breaks():
     torch._dynamo.reset()
     from torch._dynamo.utils import counters
@@ -103,6 +105,7 @@ def test_compiled_blocks_have_no_graph_breaks():
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
 
 
+@pytest.mark.slow  # two compiled trainings
 def test_bf16_tracks_fp32():
     # lr high enough that both reach the task's floor by step 50: mid-descent, a trajectory a few
     # steps ahead would differ by more than rounding (seen: 3 % at lr 3e-3, 0.4 % at 1e-2)
