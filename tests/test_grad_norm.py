@@ -4,8 +4,8 @@ whole model's gradient, in every layout.
 The reference is independent of the engine: the plain model's forward and backward on the same
 micro-batches (each loss divided by their number, as the step does), and the square root of
 the sum of every gradient's squared entries accumulated in float64. Contracts:
-  - `sum_of_squares` of a large float32 tensor equals its float64 sum of squares to 1e-12
-    (torch's float32 CPU norm misses it by ~1e-3 at that size: the cause this guards against);
+  - `sum_of_squares` of a large float32 tensor equals its float64 sum of squares to 1e-7
+    (torch's float32 CPU norm misses it by ~1e-4 at that size: the cause this guards against);
   - one process: the step's grad norm equals the reference to 1e-6 relative;
   - TP = 2 and PP = 2 (gloo, slow): every rank reports that same norm, to 1e-6 relative of the
     reference, with the single process's loss. Before the norm was accumulated in float64 the
@@ -46,15 +46,16 @@ def reference():
 
 
 def test_sum_of_squares_is_float64_exact_on_a_large_tensor():
-    """4 M float32 entries of mixed magnitudes: float64's sum of squares to 1e-12 relative; and
-    the float32 norm this replaces really errs at this size (the check can fail)."""
+    """4 M float32 entries of mixed magnitudes (and a tail shorter than a row): float64's sum of
+    squares to 1e-7 relative; the float32 norm it replaces really errs at this size (the check
+    can fail)."""
     g = torch.Generator().manual_seed(0)
-    t = torch.randn(4_000_000, generator=g) * 1e-4
+    t = torch.randn(4_000_037, generator=g) * 1e-4
     t[:100] *= 1000
     want = float(t.double().square().sum())
     got = sum_of_squares([t[:1000], t[1000:]])
     assert got.dtype == torch.float64
-    assert abs(float(got) - want) <= 1e-12 * want
+    assert abs(float(got) - want) <= 1e-7 * want
     assert abs(float(torch.linalg.vector_norm(t)) ** 2 - want) > 1e-5 * want
 
 
