@@ -83,9 +83,16 @@ def _tp_whole(update: torch.Tensor, p: torch.Tensor, fn) -> torch.Tensor:
         return fn(update)
     import torch.distributed as dist
 
-    parts = [torch.empty_like(update) for _ in range(dist.get_world_size(p.tp_group))]
-    dist.all_gather(parts, update.contiguous(), group=p.tp_group)
-    return fn(torch.cat(parts, p.tp_split_dim))
+    n, shard = dist.get_world_size(p.tp_group), update.contiguous()
+    if p.tp_split_dim == 0:  # the shards are consecutive rows: gathered straight into the whole matrix
+        whole = shard.new_empty((n * shard.size(0), *shard.shape[1:]))
+        dist.all_gather_single(whole, shard, group=p.tp_group)
+    else:
+        parts = [torch.empty_like(shard) for _ in range(n)]
+        dist.all_gather(parts, shard, group=p.tp_group)
+        whole = torch.cat(parts, p.tp_split_dim)
+        del parts  # not kept beside the whole matrix while fn runs
+    return fn(whole)
 
 
 def _tp_shard(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
