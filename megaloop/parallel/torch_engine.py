@@ -37,8 +37,8 @@ NORM_ROW = 128  # gradient entries per float32 partial sum of squares (sum_of_sq
 
 
 def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The sum of the squared entries of `grads`: float32 sums over rows of NORM_ROW entries,
-    added up in float64 (a 0-d float64 tensor).
+    """The sum of the squared entries of `grads`: the float32 norms of rows of NORM_ROW entries,
+    squared and added up in float64 (a 0-d float64 tensor).
 
     Not torch.nn.utils.get_total_norm: torch's float32 L2 norm on a CPU sums each SIMD lane into
     one float32 accumulator, without the cascade summation `sum` uses (pytorch/pytorch#169237),
