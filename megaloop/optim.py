@@ -83,9 +83,16 @@ def _tp_whole(update: torch.Tensor, p: torch.Tensor, fn) -> torch.Tensor:
         return fn(update)
     import torch.distributed as dist
 
-    parts = [torch.empty_like(update) for _ in range(dist.get_world_size(p.tp_group))]
-    dist.all_gather(parts, update.contiguous(), group=p.tp_group)
-    return fn(torch.cat(parts, p.tp_split_dim))
+    n, shard = dist.get_world_size(p.tp_group), update.contiguous()
+    if p.tp_split_dim == 0:  # the shards are consecutive rows: gathered straight into the whole matrix
+        whole = shard.new_empty((n * shard.size(0), *shard.shape[1:]))
+        dist.all_gather_single(whole, shard, group=p.tp_group)
+    else:
+        parts = [torch.empty_like(shard) for _ in range(n)]
+        dist.all_gather(parts, shard, group=p.tp_group)
+        whole = torch.cat(parts, p.tp_split_dim)
+        del parts  # not kept beside the whole matrix while fn runs
+    return fn(whole)
 
 
 def _tp_shard(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -162,26 +169,31 @@ class MuonAdamW(torch.optim.Optimizer):
                 st["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
                 st["w0_norm"] = _frobenius(p)
         bufs = [self.state[p]["momentum_buffer"] for p in params]
-        grads = [p.grad.float() for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - beta)
-        nesterov = list(torch._foreach_lerp(grads, bufs, beta))
-        del grads
+        torch._foreach_lerp_(bufs, [p.grad.float() for p in params], 1 - beta)
+
+        def nesterov(i: int, out=None) -> torch.Tensor:
+            # made when its matrix is orthogonalised, not for every matrix up front: the step's
+            # transient memory is then one batch of matrices, not a copy of every gradient
+            return torch.lerp(params[i].grad.float(), bufs[i], beta, out=out)
 
         def apply(i: int, full: torch.Tensor) -> None:
             p, radius = params[i], self.state[params[i]]["w0_norm"].to(full.device)
             update = _tp_shard(full, p) * (radius / full.norm().clamp_min(1e-10))
             p.sub_(update.to(p.dtype), alpha=group["lr"])
             p.mul_((radius / _frobenius(p).clamp_min(1e-10)).to(p.dtype))
-            nesterov[i] = None  # each update is applied as soon as it exists: one batch of them lives at a time
         batches: dict = {}
         for i, p in enumerate(params):
             if getattr(p, "tp_split_dim", None) is None:
                 batches.setdefault(tuple(p.shape), []).append(i)
             else:  # a TP shard: orthogonalise its whole matrix, one at a time
-                apply(i, _tp_whole(nesterov[i], p, lambda u: polar_express(u, steps)))
-        for idx in batches.values():
-            for i, o in zip(idx, polar_express(torch.stack([nesterov[i] for i in idx]), steps).unbind(0)):
+                apply(i, _tp_whole(nesterov(i), p, lambda u: polar_express(u, steps)))
+        for shape, idx in batches.items():
+            stacked = torch.empty((len(idx), *shape), dtype=torch.float32, device=params[idx[0]].device)
+            for j, i in enumerate(idx):
+                nesterov(i, out=stacked[j])
+            for i, o in zip(idx, polar_express(stacked, steps).unbind(0)):
                 apply(i, o)
+            del stacked
 
     def _adamw(self, group: dict, params: list) -> None:
         """torch's own AdamW over `params`: the fused kernel where the device has one

@@ -9,7 +9,11 @@ The reference is `train.build_model` on one process (seeded, built on the CPU). 
     (tests/meta_init_check.py, run as the ranks; gloo);
   - on one process, a meta build parallelized for the trivial layout equals the direct build
     bit for bit, for every injection mode, and `megaloop params`' counts do not depend on it;
-  - the replay is sensitive: leaving out the constructors' default draws changes the weights.
+  - the replay is sensitive: leaving out the constructors' default draws changes the weights;
+  - under precision fp8 (torchao's Float8Linear swapped in between the build and parallelize(),
+    as train.py does), the same holds, on one process and on TP=2 / PP=2 ranks, and every rank
+    runs the same linears in float8 as the single process (a Float8Linear, or a TP shard
+    carrying its float8 config).
 """
 from __future__ import annotations
 
@@ -60,6 +64,31 @@ def test_meta_build_equals_the_direct_build_on_one_process(injection):
     assert sum(p.numel() for p in meta.parameters()) == count_params(cfg.model).total
 
 
+def test_meta_build_with_float8_linears_equals_the_direct_build():
+    """precision fp8: the blocks' linears are Float8Linear (a torchao subclass of nn.Linear) by the
+    time parallelize() materialises them; they were nn.Linear when the single process built
+    them, drawing their default init. The materialised meta build is still bitwise the direct
+    fp8 build, with the same linears converted, and the generator ends in the same state."""
+    pytest.importorskip("torchao")
+    from megaloop.fp8 import convert_for_fp8
+    cfg = load_config(raw={"model": {"d_model": 128, "n_head": 2, "n_kv_head": 2, "vocab_size": 101, "seq_len": 16,
+                                     "n_prelude": 1, "n_recur_block": 1, "n_coda": 1, "num_recur": 2},
+                           "parallel": {"precision": "fp8"}, "train": {"steps": 1, "seed": 77, "device": "cpu"}})
+    cpu = torch.device("cpu")
+    meta = build_model(cfg, "meta")
+    converted_meta = convert_for_fp8(meta, cfg, cpu)
+    meta = parallelize(meta, ParallelState(Layout(1, 1, 1)), cfg, cpu).module
+    rng_meta = torch.get_rng_state()
+    direct = build_model(cfg)
+    converted = convert_for_fp8(direct, cfg, cpu)
+    assert len(converted) == 18 and converted_meta == converted
+    assert torch.equal(rng_meta, torch.get_rng_state())
+    want, got = direct.state_dict(), meta.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
 def test_replay_without_the_constructors_draws_differs(monkeypatch):
     """The check can fail: a replay that skips nn.Linear's / nn.Embedding's constructor draws
     starts init_plan on another part of the random stream, and the weights differ."""
@@ -77,14 +106,19 @@ def test_init_plan_initialises_every_parameter_once():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("nproc,tp,pp,zero,optim", [
-    (2, 2, 1, 0, "muon"),
-    (2, 1, 2, 0, "muonh"),
-    (4, 2, 2, 0, "muonh"),
-    (2, 1, 1, 3, "adamw"),
-], ids=["tp2", "pp2", "tp2xpp2", "zero3"])
-def test_each_rank_holds_the_single_process_weights(nproc, tp, pp, zero, optim):
-    """Each rank's shards (ZeRO-3: gathered over DP) equal the single process's tensors bitwise."""
-    for r in spawn(nproc, [CHECK, str(tp), str(pp), str(zero), optim], timeout=300, module=None):
+@pytest.mark.parametrize("nproc,tp,pp,zero,optim,precision", [
+    (2, 2, 1, 0, "muon", "fp32"),
+    (2, 1, 2, 0, "muonh", "fp32"),
+    (4, 2, 2, 0, "muonh", "fp32"),
+    (2, 1, 1, 3, "adamw", "fp32"),
+    (2, 2, 1, 0, "muonh", "fp8"),
+    (2, 1, 2, 0, "muonh", "fp8"),
+], ids=["tp2", "pp2", "tp2xpp2", "zero3", "tp2_fp8", "pp2_fp8"])
+def test_each_rank_holds_the_single_process_weights(nproc, tp, pp, zero, optim, precision):
+    """Each rank's shards (ZeRO-3: gathered over DP) equal the single process's tensors bitwise;
+    under fp8 each rank also runs exactly the single process's linears in float8."""
+    if precision == "fp8":
+        pytest.importorskip("torchao")
+    for r in spawn(nproc, [CHECK, str(tp), str(pp), str(zero), optim, precision], timeout=300, module=None):
         assert r.returncode == 0, r.stdout[-4000:]
         assert "equal the single process's bit for bit" in r.stdout

@@ -7,7 +7,10 @@ constructors of torch's own layers (nn.Linear, nn.Embedding) take their default 
 then LoopedLM.reset_parameters overwrites every parameter from its `init_plan`, drawing again.
 A rank replays that random stream draw for draw:
   - the same seed;
-  - the constructors' draws, each into a scratch copy of its layer (values thrown away);
+  - the constructors' draws, each into a scratch copy of its layer (values thrown away), as the
+    torch.nn class the layer was built as: a layer swapped after the build for a subclass that
+    takes over its parameters (torchao's Float8Linear for an nn.Linear under precision fp8,
+    megaloop/fp8.py) drew nothing itself, but the nn.Linear it replaced drew in the single process;
   - `init_plan` one parameter at a time, into a whole tensor of the parameter's full shape, of
     which the rank keeps its tensor-parallel shard, or nothing for another pipeline stage's
     parameter (whose draws are still taken, so the stream stays in step).
@@ -32,10 +35,22 @@ def is_meta(model: nn.Module) -> bool:
     return any(p.is_meta for p in model.parameters())
 
 
+def _torch_layer(m: nn.Module) -> Optional[type]:
+    """The torch.nn layer class `m` is or derives from that defines the default init its
+    constructor draws (nn.Linear for torchao's Float8Linear too); None for megaloop's modules."""
+    for cls in type(m).__mro__:
+        if cls.__module__.startswith("torch.nn.") and "reset_parameters" in vars(cls):
+            return cls
+    return None
+
+
 def _draws_in_constructor(m: nn.Module) -> bool:
     """torch's own layers draw their default init in their constructor (kaiming-uniform,
-    N(0, 1)); megaloop's modules draw nothing there."""
-    return type(m).__module__.startswith("torch.nn.") and hasattr(m, "reset_parameters")
+    N(0, 1)); megaloop's modules draw nothing there. A subclass standing in for such a layer
+    after the build (Float8Linear) counts as the layer it replaced: the single process built
+    that layer, drawing, before converting it. Matching by type(m).__module__ alone missed
+    every float8 linear and shifted the whole random stream of an fp8 rank (issue 27)."""
+    return _torch_layer(m) is not None
 
 
 @dataclass
@@ -61,7 +76,7 @@ def materialise(model: nn.Module, recipe: MetaRecipe, seed: int, device: torch.d
     frees the rest), so the rank never holds more than one whole parameter beyond its share."""
     torch.manual_seed(seed)  # as train.build_model, before the constructors
     for layer in recipe.constructor_draws:
-        layer.to_empty(device="cpu").reset_parameters()  # advances the generator; values discarded
+        _torch_layer(layer).reset_parameters(layer.to_empty(device="cpu"))  # advances the generator; values discarded
         layer.to_empty(device="meta")
     params = dict(model.named_parameters())
     planned = set()

@@ -9,8 +9,9 @@ skipped). The model arrives cut by parallelize.py, with its optimizer (make_opti
   ZeRO 1 / 2 the optimiser is ShardedMuonAdamW (sharded_optim.py): whole parameters partitioned
   over the DP ranks, state on the owner only, ZeRO-2 reducing each gradient to its owner.
 Then one global gradient norm (each parameter counted once: TP shards summed, replicated and
-tied copies counted once), clipping exactly like torch.nn.utils.clip_grad_norm_, and the
-optimizer step, all in EngineBase's shared step, so every layout reproduces the single process.
+tied copies counted once; squares added up in float64, see `sum_of_squares`), clipping exactly
+like torch.nn.utils.clip_grad_norm_, and the optimizer step, all in EngineBase's shared step, so
+every layout reproduces the single process.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+from torch.nn.utils import clip_grads_with_norm_
 
 from ..config import Config
 from ..optim import MuonAdamW
@@ -30,6 +31,35 @@ from .pipeline import StageModule, eval_units, recv_tuple, run_units, send_tuple
 from .state import ParallelState
 
 BUCKET_ELEMS = 25_000_000  # gradient all-reduce bucket (elements): large enough to amortise latency
+
+
+NORM_ROW = 128  # gradient entries per float32 partial sum of squares (sum_of_squares)
+
+
+def sum_of_squares(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The sum of the squared entries of `grads`: the float32 norms of rows of NORM_ROW entries,
+    squared and added up in float64 (a 0-d float64 tensor).
+
+    Not torch.nn.utils.get_total_norm: torch's float32 L2 norm on a CPU sums each SIMD lane into
+    one float32 accumulator, without the cascade summation `sum` uses (pytorch/pytorch#169237),
+    so its error grows with the tensor's size: -1.3e-3 relative on the 8.4 M-element head gradient
+    of the s = 4 model, -6e-3 on 25 M elements. A TP shard, half the size, errs by less, and the
+    grad norm differed between layouts by up to 6e-4 (benchmarks/scale.py). Short rows keep each
+    float32 sum exact to ~1e-7 whatever the tensor's size (4e-8 measured on 25 M entries), and
+    the same arithmetic in every layout. Not `dtype=torch.float64`: that casts a whole float64
+    copy of each gradient (twice its bytes, at the step's memory peak); the partial sums are
+    1 / NORM_ROW of it."""
+    partial = []
+    for g in grads:
+        flat = g.detach().reshape(-1)
+        whole_rows = flat.numel() // NORM_ROW * NORM_ROW
+        if whole_rows:
+            partial.append(torch.linalg.vector_norm(flat[:whole_rows].view(-1, NORM_ROW), dim=1, dtype=torch.float32))
+        if whole_rows < flat.numel():
+            partial.append(torch.linalg.vector_norm(flat[whole_rows:], dtype=torch.float32).reshape(1))
+    if not partial:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.cat(partial).double().square().sum()
 
 
 class TorchEngine(EngineBase):
@@ -125,17 +155,16 @@ class TorchEngine(EngineBase):
                 bucket, size = [], 0
 
     def _clip_grads(self) -> float:
-        """The global grad norm over the whole model replica, then clip_grad_norm_'s scaling. On
-        one process this is torch.nn.utils.clip_grad_norm_ itself, operation for operation."""
-        norm = get_total_norm([p.grad for p in self.counted if p.grad is not None]).to(self.device)
+        """The global grad norm over the whole model replica (sums of squares in float64: this
+        rank's share, summed over TP x PP and, under ZeRO-2, DP), then clip_grad_norm_'s scaling
+        by the float32 norm."""
+        sq = sum_of_squares([p.grad for p in self.counted if p.grad is not None]).to(self.device)
         lay = self.st.layout
-        if lay.tp * lay.pp > 1 or self.zero_stage == 2:
-            sq = norm.float().square()
-            if lay.tp * lay.pp > 1:  # this rank's share: sum the squares over TP x PP
-                dist.all_reduce(sq, group=self.st.mp_group)
-            if self.zero_stage == 2:  # each rank holds its owned gradients only
-                dist.all_reduce(sq, group=self.st.dp_group)
-            norm = sq.sqrt()
+        if lay.tp * lay.pp > 1:  # this rank's share: sum the squares over TP x PP
+            dist.all_reduce(sq, group=self.st.mp_group)
+        if self.zero_stage == 2:  # each rank holds its owned gradients only
+            dist.all_reduce(sq, group=self.st.dp_group)
+        norm = sq.sqrt().float()
         clip_grads_with_norm_(self.params, self.cfg.optim.grad_clip or float("inf"), norm)
         return float(norm)
 
