@@ -12,7 +12,6 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # API -> (the release that introduced it, where it is called, how it is found there)
 NEWER_APIS = {
-    "torch.nn.utils.get_total_norm": ((2, 6), "megaloop/parallel", "get_total_norm("),
     "torch.nn.utils.clip_grads_with_norm_": ((2, 6), "megaloop/parallel", "clip_grads_with_norm_("),
     "scaled_dot_product_attention(enable_gqa=...)": ((2, 5), "megaloop/model.py", "enable_gqa="),
 }
@@ -41,4 +40,4 @@ def test_torch_floor_covers_every_newer_api_the_code_calls():
     for api, (since, where, needle) in NEWER_APIS.items():
         assert needle in _source(where), f"{api} is no longer called in {where}: drop it from NEWER_APIS"
         assert floor >= since, f"setup.py says torch>={floor[0]}.{floor[1]}, but {api} needs {since[0]}.{since[1]}"
-    assert hasattr(torch.nn.utils, "get_total_norm") and hasattr(torch.nn.utils, "clip_grads_with_norm_")
+    assert hasattr(torch.nn.utils, "clip_grads_with_norm_")
