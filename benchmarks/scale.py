@@ -205,22 +205,29 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--s", type=int, default=24)
+def layout_arguments(doc: str, s: int, steps: int, ns_steps: int, timeout: float) -> argparse.ArgumentParser:
+    """The options this benchmark and scale_phases.py share: the model size, the layout, the steps and
+    the hidden worker mode."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--s", type=int, default=s)
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--pp", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--ns-steps", type=int, default=5)
-    ap.add_argument("--timeout", type=float, default=5400)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--ns-steps", type=int, default=ns_steps)
+    ap.add_argument("--timeout", type=float, default=timeout)
     ap.add_argument("--out", default=None)
     ap.add_argument("--exact-allocator", action="store_true",
                     help="glibc returns every freed tensor of 64 KiB or more to the OS: peak RSS = the live peak")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> None:
+    ap = layout_arguments(__doc__, s=24, steps=3, ns_steps=5, timeout=5400)
     ap.add_argument("--work", default=None, help="keep the workers' per-rank JSON here (default: a temporary folder)")
     ap.add_argument("--only", choices=["single", "parallel"], default=None,
                     help="run one of the two launches into --work; without --only, the missing ones run, then the report")
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)

@@ -19,7 +19,6 @@ a diagnostic, not part of any contract.
 """
 from __future__ import annotations
 
-import argparse
 import ctypes
 import importlib
 import json
@@ -28,7 +27,7 @@ import sys
 import tempfile
 
 from emit import emit  # benchmarks/emit.py (scripts run with benchmarks/ on sys.path)
-from scale import EXACT_ALLOCATOR, batches, model_config
+from scale import EXACT_ALLOCATOR, batches, layout_arguments, model_config
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -119,18 +118,8 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--s", type=int, default=12)
-    ap.add_argument("--tp", type=int, default=2)
-    ap.add_argument("--pp", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2)
-    ap.add_argument("--ns-steps", type=int, default=1)
-    ap.add_argument("--exact-allocator", action="store_true")
+    ap = layout_arguments(__doc__, s=12, steps=2, ns_steps=1, timeout=3600)
     ap.add_argument("--trim", action="store_true")
-    ap.add_argument("--timeout", type=float, default=3600)
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
