@@ -107,7 +107,6 @@ def worker(args) -> None:
     import torch
 
     from megaloop.accounting import count_params
-    from megaloop.config import load_config
     from megaloop.parallel import build_engine
     from megaloop.parallel.sharded_optim import optimizer_state_bytes
     from megaloop.train import build_model
@@ -122,12 +121,7 @@ def worker(args) -> None:
         import torch.distributed.pipelining  # noqa: F401  (torch.fx, sympy)
         torch.empty(1, device="meta").normal_()  # torch's Python meta kernels (the meta build's random init)
     modules_mb = peak_rss_mb()
-    cfg = load_config(raw={
-        "model": model_config(args.s),
-        "optim": {"name": "muonh", "lr": 0.014, "embed_lr": 0.2, "head_lr": 0.004, "norm_lr": 0.005,
-                  "betas": [0.8, 0.95], "eps": 1e-10, "momentum": 0.95, "ns_steps": args.ns_steps},
-        "train": {"steps": args.steps, "seed": 1337, "device": "cpu", "micro_batch_size": 1, "grad_accum": 2},
-        "parallel": {"tp": args.tp, "pp": args.pp}})
+    cfg = run_config(args)
     t0 = time.time()
     engine = build_engine(cfg, lambda where: build_model(cfg, where), torch.device("cpu"))
     init_s, init_mb = time.time() - t0, peak_rss_mb()
@@ -203,6 +197,19 @@ def phase(args, work: str, name: str, nproc: int, tp: int, pp: int):
 
 def rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-30)
+
+
+def run_config(args):
+    """The benchmark's run: the s-model with MuonH at the reference's settings, two micro-batches of
+    one sequence, on the given TP x PP layout."""
+    from megaloop.config import load_config
+
+    return load_config(raw={
+        "model": model_config(args.s),
+        "optim": {"name": "muonh", "lr": 0.014, "embed_lr": 0.2, "head_lr": 0.004, "norm_lr": 0.005,
+                  "betas": [0.8, 0.95], "eps": 1e-10, "momentum": 0.95, "ns_steps": args.ns_steps},
+        "train": {"steps": args.steps, "seed": 1337, "device": "cpu", "micro_batch_size": 1, "grad_accum": 2},
+        "parallel": {"tp": args.tp, "pp": args.pp}})
 
 
 def layout_arguments(doc: str, s: int, steps: int, ns_steps: int, timeout: float) -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 from emit import emit  # benchmarks/emit.py (scripts run with benchmarks/ on sys.path)
-from scale import EXACT_ALLOCATOR, batches, layout_arguments, model_config
+from scale import EXACT_ALLOCATOR, batches, layout_arguments, model_config, run_config
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -83,18 +83,12 @@ def worker(args) -> None:
     torch.empty(1, device="meta").normal_()
     ph.mark("modules")
 
-    from megaloop.config import load_config
     from megaloop.parallel import build_engine
     pz = importlib.import_module("megaloop.parallel.parallelize")  # the module (the package exports its function)
     from megaloop.parallel.sharded_optim import optimizer_state_bytes
     from megaloop.train import build_model
 
-    cfg = load_config(raw={
-        "model": model_config(args.s),
-        "optim": {"name": "muonh", "lr": 0.014, "embed_lr": 0.2, "head_lr": 0.004, "norm_lr": 0.005,
-                  "betas": [0.8, 0.95], "eps": 1e-10, "momentum": 0.95, "ns_steps": args.ns_steps},
-        "train": {"steps": args.steps, "seed": 1337, "device": "cpu", "micro_batch_size": 1, "grad_accum": 2},
-        "parallel": {"tp": args.tp, "pp": args.pp}})
+    cfg = run_config(args)
     wrap(pz, "apply_tensor_parallel", lambda: ph.mark("build"))  # the meta model and its recipe are built by then
     wrap(pz, "materialise", lambda: ph.mark("materialise", trim=True))
     engine = build_engine(cfg, lambda where: build_model(cfg, where), torch.device("cpu"))
